@@ -1,0 +1,151 @@
+"""The `distillery` command.
+
+    distillery validate [FILE]                   check a pipelines file; exit 2 naming the bad field
+    distillery list [--file FILE]                the pipelines a file defines
+    distillery run PIPELINE [--set k=v ...]      run one pipeline now (ephemeral Prefect API unless PREFECT_API_URL)
+    distillery serve [--pipelines a,b]           one Prefect deployment per pipeline, served from this process
+
+Exit codes: 0 success, 1 a stage failed, 2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+PACKAGED_FILE = Path(__file__).resolve().parents[1] / "pipelines.yaml"
+
+
+def default_file() -> str:
+    local = Path("pipelines.yaml")
+    return str(local.resolve() if local.exists() else PACKAGED_FILE)
+
+
+def _fail(lines: list[str], code: int = 2) -> int:
+    for line in lines:
+        print(line, file=sys.stderr)
+    return code
+
+
+def cmd_validate(args) -> int:
+    from distillery.config import ConfigError, load_file
+
+    try:
+        f = load_file(args.file)
+    except ConfigError as e:
+        return _fail(e.lines)
+    print(f"{args.file}: ok ({len(f.pipelines)} pipelines: {', '.join(f.pipelines)})")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from distillery.config import ConfigError, load_file
+
+    try:
+        f = load_file(args.file)
+    except ConfigError as e:
+        return _fail(e.lines)
+    for name, p in f.pipelines.items():
+        print(f"{name:14s} {' → '.join(p.stages):60s} {p.description}")
+    return 0
+
+
+def _offline_if_local(cfg) -> None:
+    """Nothing in the pipeline needs the hub: say so, so no library waits on a network that is not there."""
+    evals = Path(__file__).resolve().parents[1] / "evals"
+    needs_hub = (
+        cfg.data.source == "hub"
+        or any(not ref.startswith(("demo:", "/")) for ref in (cfg.teacher.path, cfg.student.path))
+        or any(not (evals / t).is_dir() for t in cfg.evaluate.tasks)
+    )
+    if not needs_hub:
+        for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            os.environ.setdefault(var, "1")
+
+
+def cmd_run(args) -> int:
+    from distillery.config import ConfigError, load_pipeline, parse_overrides
+
+    try:
+        cfg = load_pipeline(args.file, args.pipeline, parse_overrides(args.set))
+    except ConfigError as e:
+        return _fail(e.lines)
+    _offline_if_local(cfg)
+    from flows.distill import distill
+
+    try:
+        distill(pipeline=args.pipeline, overrides=args.set, config_file=str(Path(args.file).resolve()),
+                track=not args.no_track)
+    except KeyboardInterrupt:
+        return _fail(["distillery: interrupted"], 130)
+    except Exception as e:  # the traceback is in Prefect's log above; end with one line saying what failed
+        return _fail([f"distillery: pipeline {args.pipeline} failed: {type(e).__name__}: {e}".splitlines()[0]], 1)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from distillery.config import ConfigError, load_file
+
+    try:
+        f = load_file(args.file)
+    except ConfigError as e:
+        return _fail(e.lines)
+    names = args.pipelines.split(",") if args.pipelines else list(f.pipelines)
+    unknown = [n for n in names if n not in f.pipelines]
+    if unknown:
+        return _fail([f"--pipelines: unknown pipeline {unknown[0]!r} (defined: {', '.join(f.pipelines)})"])
+    from prefect import serve
+
+    from flows.distill import distill
+
+    path = str(Path(args.file).resolve())
+    deployments = [
+        distill.to_deployment(name=n, parameters={"pipeline": n, "config_file": path},
+                              description=f.pipelines[n].description, tags=["distillery", n])
+        for n in names
+    ]
+    print(f"serving {len(deployments)} deployments: " + ", ".join(f"'distill/{n}'" for n in names))
+    serve(*deployments, limit=args.limit)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="distillery", description="LLM distillation pipelines as a Prefect DAG.")
+    ap.add_argument("--version", action="version", version=f"distillery {__import__('distillery').__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check a pipelines file", description="Check a pipelines file; exit 2 "
+                       "with one line per problem, naming the field.")
+    p.add_argument("file", nargs="?", default=default_file(), help="default: ./pipelines.yaml")
+    p.set_defaults(fn=cmd_validate)
+
+    p = sub.add_parser("list", help="list the pipelines of a file")
+    p.add_argument("--file", default=default_file())
+    p.set_defaults(fn=cmd_list)
+
+    p = sub.add_parser("run", help="run one pipeline now", description="Run one pipeline as a Prefect flow "
+                       "(ephemeral API unless PREFECT_API_URL is set), logging to MLFLOW_TRACKING_URI "
+                       "(default: sqlite:///mlflow.db here).")
+    p.add_argument("pipeline")
+    p.add_argument("--file", default=default_file())
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="override a field, e.g. --set train.epochs=1 (repeatable)")
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("serve", help="serve one Prefect deployment per pipeline",
+                       description="Register 'distill/<pipeline>' deployments with the Prefect API at "
+                       "PREFECT_API_URL and run what is triggered (`prefect deployment run 'distill/demo'`).")
+    p.add_argument("--file", default=default_file())
+    p.add_argument("--pipelines", help="comma-separated subset (default: all)")
+    p.add_argument("--limit", type=int, default=1, help="flow runs at once (default 1: one GPU, one run)")
+    p.set_defaults(fn=cmd_serve)
+
+    args = ap.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

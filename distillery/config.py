@@ -1,0 +1,324 @@
+"""pipelines.yaml, parsed once into typed, validated models. Tasks receive these objects, never raw dicts.
+
+    distillery validate pipelines.yaml
+
+Every problem is reported as one line naming its place, e.g. `pipelines.demo.train.learning_rate: must be > 0`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+STAGES = ("generate", "filter", "train", "prune", "quantize", "evaluate", "draft")
+Stage = Literal["generate", "filter", "train", "prune", "quantize", "evaluate", "draft"]
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DEMO_REFS = ("demo:teacher", "demo:student")
+
+
+class ConfigError(ValueError):
+    """A pipelines file that cannot run. `lines` holds one `place: problem` line per problem."""
+
+    def __init__(self, lines: list[str]):
+        self.lines = lines
+        super().__init__("\n".join(lines))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def _check_local_path(value: str, info: ValidationInfo, what: str) -> str:
+    """Paths start with '/', './', '../' or '~' and must exist; anything else of the form org/name is a hub id."""
+    if value.startswith(("/", "./", "../", "~")):
+        base = Path((info.context or {}).get("base_dir", "."))
+        path = (base / Path(value).expanduser()).resolve()
+        if not path.exists():
+            raise ValueError(f"{what} path does not exist: {value}")
+        return str(path)
+    return value
+
+
+class ModelRef(Strict):
+    path: str = Field(description="demo:teacher | demo:student | a local folder (./, /, ~) | a hub id org/name")
+    revision: str | None = Field(None, description="hub revision (commit, tag, branch); recorded for lineage")
+    trust_remote_code: bool = Field(False, description="run the model repo's own Python code; off by default")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str, info: ValidationInfo) -> str:
+        if v.startswith("demo:"):
+            if v not in DEMO_REFS:
+                raise ValueError(f"unknown demo model {v!r}; expected one of {', '.join(DEMO_REFS)}")
+            return v
+        if not v.startswith(("/", "./", "../", "~")) and not HUB_ID.match(v):
+            raise ValueError(f"model path {v!r}: local paths start with / ./ ../ or ~; hub ids look like org/name")
+        return _check_local_path(v, info, "model")
+
+
+class DataConfig(Strict):
+    source: Literal["demo", "jsonl", "hub"] = "demo"
+    path: str | None = Field(None, description="jsonl file (source=jsonl) or hub dataset id (source=hub)")
+    config_name: str | None = None
+    split: str = "train"
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    num_prompts: Annotated[int, Field(gt=0)] | None = Field(None, description="use the first N prompts")
+    seed: int = 0
+    chat_template: bool = Field(False, description="wrap prompts in the teacher's chat template")
+    system_prompt: str | None = None
+    prompt_template: str = Field("{prompt}", description="format string applied to the raw prompt field")
+
+    @model_validator(mode="after")
+    def _needs_path(self) -> DataConfig:
+        if self.source != "demo" and not self.path:
+            raise ValueError(f"path is required when source is {self.source!r}")
+        return self
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return None if v is None else _check_local_path(v, info, "data")
+
+
+class GenerateConfig(Strict):
+    backend: Literal["vllm", "transformers"] = "vllm"
+    n: Annotated[int, Field(ge=1, description="samples per prompt")] = 1
+    temperature: Annotated[float, Field(ge=0)] = 0.7
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    max_tokens: Annotated[int, Field(gt=0)] = 256
+    stop: list[str] = []
+    seed: int = 0
+    batch_size: Annotated[int, Field(gt=0, description="transformers backend batch size")] = 64
+    max_model_len: Annotated[int, Field(gt=0)] | None = None
+    enforce_eager: bool = Field(False, description="skip torch.compile/CUDA graphs: faster start, slower run")
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
+    tensor_parallel_size: Annotated[int, Field(ge=1)] = 1
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "bfloat16"
+    kv_cache_gib: Annotated[float, Field(gt=0)] = Field(1.0, description="VLLM_CPU_KVCACHE_SPACE on CPU")
+
+
+class FilterConfig(Strict):
+    verifier: Literal["regex", "boxed", "none"] = "regex"
+    answer_pattern: str = Field(r"The answer is (-?\d+)", description="regex whose last group is the answer")
+    require_think: bool = True
+    min_tokens: Annotated[int, Field(ge=0)] = 1
+    max_tokens: Annotated[int, Field(gt=0)] | None = None
+    drop_truncated: bool = Field(True, description="drop completions that hit max_tokens")
+    dedupe: bool = True
+
+    @field_validator("answer_pattern")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        try:
+            if re.compile(v).groups < 1:
+                raise ValueError("needs a capture group for the answer")
+        except re.error as e:
+            raise ValueError(f"not a valid regex: {e}") from e
+        return v
+
+
+class LoraConfig(Strict):
+    r: Annotated[int, Field(gt=0)] = 16
+    alpha: Annotated[float, Field(gt=0)] = 32
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    target_modules: str | list[str] = "all-linear"
+
+
+class TrainConfig(Strict):
+    method: Literal["sft"] = "sft"
+    epochs: Annotated[float, Field(gt=0)] = 1.0
+    max_steps: int = Field(-1, description="> 0 overrides epochs")
+    learning_rate: Annotated[float, Field(gt=0)] = 2e-5
+    batch_size: Annotated[int, Field(gt=0)] = 8
+    gradient_accumulation_steps: Annotated[int, Field(gt=0)] = 1
+    max_length: Annotated[int, Field(gt=0)] = 1024
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.03
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    seed: int = 0
+    logging_steps: Annotated[int, Field(gt=0)] = 10
+    bf16: bool = False
+    lora: LoraConfig | None = Field(None, description="LoRA via PEFT; omit for full fine-tuning")
+
+
+class PruneConfig(Strict):
+    method: Literal["depth"] = "depth"
+    drop_layers: Annotated[int, Field(ge=1)] = 1
+    importance: Literal["cosine"] = Field("cosine", description="1 - cos(block input, block output)")
+    calibration_samples: Annotated[int, Field(gt=0)] = 64
+    max_length: Annotated[int, Field(gt=0)] = 256
+
+
+class QuantizeConfig(Strict):
+    formats: Annotated[list[Literal["int8", "nf4"]], Field(min_length=1)] = ["int8", "nf4"]
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    double_quant: bool = True
+    source: Literal["latest", "train", "prune"] = "latest"
+
+
+class EvaluateConfig(Strict):
+    tasks: Annotated[list[str], Field(min_length=1)] = ["demo_arith"]
+    limit: Annotated[int, Field(gt=0)] | None = None
+    batch_size: Annotated[int, Field(gt=0)] = 32
+    max_gen_toks: Annotated[int, Field(gt=0)] = 128
+    seed: int = 1234
+    include_untrained: bool = Field(True, description="also evaluate the student before training")
+    throughput_prompts: Annotated[int, Field(gt=0)] = 16
+    throughput_new_tokens: Annotated[int, Field(gt=0)] = 64
+    metric: str = Field("exact_match", description="the lm-eval metric reported as accuracy")
+
+
+class DraftConfig(Strict):
+    backend: Literal["vllm"] = "vllm"
+    source: Literal["latest", "train", "prune"] = "train"
+    num_speculative_tokens: Annotated[int, Field(ge=1, le=16)] = 4
+    num_prompts: Annotated[int, Field(gt=0)] = 32
+    max_tokens: Annotated[int, Field(gt=0)] = 64
+    enforce_eager: bool = True
+    max_model_len: Annotated[int, Field(gt=0)] | None = None
+
+
+class RegistryConfig(Strict):
+    model_name: Annotated[str, Field(min_length=1)]
+    stage: Literal["train", "prune", "quantize"] | None = Field(None, description="default: last model stage")
+
+
+class Pipeline(Strict):
+    description: str = ""
+    teacher: ModelRef
+    student: ModelRef
+    data: DataConfig = DataConfig()
+    stages: Annotated[list[Stage], Field(min_length=1)] = list(STAGES)
+    generate: GenerateConfig = GenerateConfig()
+    filter: FilterConfig = FilterConfig()
+    train: TrainConfig = TrainConfig()
+    prune: PruneConfig = PruneConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    draft: DraftConfig = DraftConfig()
+    registry: RegistryConfig | None = None
+    experiment: str = Field("distillery", description="MLflow experiment name")
+    output_dir: str = Field("runs", description="where stage artifacts go, relative to the working directory")
+
+    @field_validator("stages")
+    @classmethod
+    def _order(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("a stage is listed twice")
+        if v != sorted(v, key=STAGES.index):
+            raise ValueError(f"stages must run in the order {', '.join(STAGES)}")
+        needs = {"filter": "generate", "train": "filter"}
+        for stage, dep in needs.items():
+            if stage in v and dep not in v:
+                raise ValueError(f"stage {stage!r} needs stage {dep!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _sources(self) -> Pipeline:
+        for name in ("quantize", "draft"):
+            src = getattr(self, name).source
+            if name in self.stages and src != "latest" and src not in self.stages:
+                raise ValueError(f"{name}.source: stage {src!r} is not in stages")
+        if self.registry and self.registry.stage and self.registry.stage not in self.stages:
+            raise ValueError(f"registry.stage: stage {self.registry.stage!r} is not in stages")
+        return self
+
+
+class PipelinesFile(Strict):
+    pipelines: Annotated[dict[str, Pipeline], Field(min_length=1)]
+
+
+_MESSAGES = {
+    "greater_than": "must be > {gt}",
+    "greater_than_equal": "must be >= {ge}",
+    "less_than": "must be < {lt}",
+    "less_than_equal": "must be <= {le}",
+    "extra_forbidden": "unknown key",
+    "missing": "required key is missing",
+    "too_short": "must have at least {min_length} item(s)",
+}
+
+
+def _format(err: dict, prefix: str) -> str:
+    loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal["))]
+    ctx = err.get("ctx") or {}
+    kind = err["type"]
+    if kind in _MESSAGES:
+        nice = {k: (int(v) if isinstance(v, float) and v.is_integer() else v) for k, v in ctx.items()}
+        msg = _MESSAGES[kind].format(**nice)
+    elif kind == "literal_error":
+        msg = f"must be one of {ctx.get('expected', '')}"
+    elif kind == "value_error":
+        msg = str(ctx.get("error", err["msg"]))
+    else:
+        msg = err["msg"][0].lower() + err["msg"][1:]
+    return f"{'.'.join([prefix, *loc]) if prefix else '.'.join(loc)}: {msg}"
+
+
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError([f"--set {dotted}: {key} is not a section"])
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """`key.sub=value` strings; the value is read as YAML (so 1e-3, true, [a, b] mean what they look like)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError([f"--set {item}: expected key=value, e.g. train.learning_rate=1e-4"])
+        out[key.strip()] = yaml.safe_load(raw)
+    return out
+
+
+def read_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError([f"{path}: file not found"])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError([f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})"]) from e
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: expected a mapping with a 'pipelines' key"])
+    return data
+
+
+def load_file(path: str | Path) -> PipelinesFile:
+    data = read_file(path)
+    try:
+        return PipelinesFile.model_validate(data, context={"base_dir": str(Path(path).resolve().parent)})
+    except ValidationError as e:
+        raise ConfigError([_format(err, "") for err in e.errors()]) from None
+
+
+def load_pipeline(path: str | Path, name: str, overrides: dict[str, Any] | None = None) -> Pipeline:
+    """One pipeline of the file, with `--set` overrides applied before validation."""
+    data = read_file(path)
+    pipelines = data.get("pipelines") or {}
+    if name not in pipelines:
+        known = ", ".join(sorted(pipelines)) or "none"
+        raise ConfigError([f"pipelines.{name}: unknown pipeline (defined: {known})"])
+    raw = pipelines[name]
+    for key, value in (overrides or {}).items():
+        set_dotted(raw, key, value)
+    try:
+        return Pipeline.model_validate(raw, context={"base_dir": str(Path(path).resolve().parent)})
+    except ValidationError as e:
+        raise ConfigError([_format(err, f"pipelines.{name}") for err in e.errors()]) from None

@@ -1,0 +1,121 @@
+"""Demo assets: the tokenizer, the tiny Llama configs, and the `demo:` model references.
+
+`demo:teacher` is the teacher the project trained itself (`python -m distillery.demo.build_teacher`), shipped
+in `distillery/demo/assets/teacher`; `demo:student` is a smaller random-init model on the same tokenizer,
+built on first use into the cache (seeded, so every machine gets the same weights).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+ASSETS = Path(__file__).parent / "assets"
+TEACHER_DIR = ASSETS / "teacher"
+# The model's vocab (embedding rows); the tokenizer has fewer tokens (the tiny corpus runs out of merges), and
+# padding the embedding to a multiple of 32 suits bitsandbytes' CPU 4-bit kernel and vLLM alike.
+VOCAB_SIZE = 512
+SPECIAL = {"pad": "<pad>", "eos": "</s>", "bos": "<s>"}
+THINK = ["<think>", "</think>"]
+
+# Llama shapes. head_dim 64 keeps vLLM's CPU attention kernels happy; widths are multiples of 32.
+TEACHER_SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=4)
+STUDENT_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2,
+                     num_key_value_heads=2)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("DISTILLERY_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return Path(root) / "distillery"
+
+
+def build_tokenizer(corpus: list[str]):
+    """Byte-level BPE with one token per digit (arithmetic is learnt per digit), <think> tags as single
+    ordinary tokens (so decoding with skip_special_tokens keeps them), and pad != eos."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE - len(THINK),
+        special_tokens=[SPECIAL["pad"], SPECIAL["eos"], SPECIAL["bos"]],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK])
+    assert tok.get_vocab_size() <= VOCAB_SIZE, tok.get_vocab_size()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=SPECIAL["pad"], eos_token=SPECIAL["eos"], bos_token=SPECIAL["bos"],
+        model_max_length=256, padding_side="right",
+    )
+
+
+def llama_config(shape: dict, tokenizer):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=VOCAB_SIZE, max_position_embeddings=256, tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, **shape,
+    )
+
+
+def init_model(shape: dict, tokenizer, seed: int):
+    import torch
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(llama_config(shape, tokenizer))
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    return model
+
+
+def save_atomic(model, tokenizer, dest: Path) -> Path:
+    """Write to a temp folder beside `dest`, then move it into place: a reader never sees half a model."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    return dest
+
+
+def demo_student(seed: int = 0) -> Path:
+    """The untrained demo student: random init on the teacher's tokenizer, cached per seed."""
+    from transformers import AutoTokenizer
+
+    dest = cache_dir() / "demo" / f"student-init-seed{seed}"
+    if (dest / "config.json").exists():
+        return dest
+    if not (TEACHER_DIR / "config.json").exists():
+        raise FileNotFoundError(
+            f"demo teacher missing at {TEACHER_DIR}: run `python -m distillery.demo.build_teacher`"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(TEACHER_DIR)
+    return save_atomic(init_model(STUDENT_SHAPE, tokenizer, seed), tokenizer, dest)
+
+
+def resolve_model(ref: str, seed: int = 0) -> str:
+    """Turn a model reference from pipelines.yaml into something `from_pretrained` and vLLM accept."""
+    if ref == "demo:teacher":
+        if not (TEACHER_DIR / "config.json").exists():
+            raise FileNotFoundError(
+                f"demo teacher missing at {TEACHER_DIR}: run `python -m distillery.demo.build_teacher`"
+            )
+        return str(TEACHER_DIR)
+    if ref == "demo:student":
+        return str(demo_student(seed))
+    return ref

@@ -1,0 +1,181 @@
+"""MLflow tracking: one parent run per pipeline run, one child run per stage, models in the registry.
+
+Honours MLFLOW_TRACKING_URI; the default is a SQLite store `mlflow.db` with artifacts in `mlartifacts/`, both in
+the working directory (`mlflow ui --backend-store-uri sqlite:///mlflow.db` shows them). Everything goes through
+MlflowClient with explicit run ids: Prefect runs tasks in worker threads, and mlflow's fluent "active run" is
+thread-local. A tracker that is off is a NullTracker with the same methods.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class StageRun:
+    """A child (or parent) run: thin, explicit-id wrappers over MlflowClient."""
+
+    def __init__(self, client, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+        from mlflow.utils.time import get_current_time_millis
+
+        now = get_current_time_millis()
+        items = [
+            Metric(k, float(v), now, step or 0)
+            for k, v in flatten(metrics).items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
+        ]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dict(self, data: Any, name: str) -> None:
+        self.client.log_dict(self.run_id, data, name)
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def log_figure(self, fig, name: str) -> None:
+        self.client.log_figure(self.run_id, fig, name)
+
+    def artifact_uri(self, path: str = "") -> str:
+        base = self.client.get_run(self.run_id).info.artifact_uri
+        return f"{base}/{path}" if path else base
+
+
+class Tracker:
+    def __init__(self, experiment: str, uri: str | None = None):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri or tracking_uri()
+        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            location = None
+            if not self.uri.startswith(("http://", "https://", "databricks")):
+                # Local stores keep artifacts beside the database, not wherever the process happened to start.
+                base = Path(self.uri.removeprefix("sqlite:///")).parent if self.uri.startswith("sqlite") else Path.cwd()
+                location = (base / "mlartifacts").resolve().as_uri()
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            self.experiment_id = exp.experiment_id
+
+    def start(self, name: str, parent_id: str | None = None, tags: dict[str, str] | None = None) -> StageRun:
+        all_tags = dict(tags or {})
+        if parent_id:
+            all_tags["mlflow.parentRunId"] = parent_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        return StageRun(self.client, run.info.run_id)
+
+    def end(self, run: StageRun, ok: bool = True) -> None:
+        self.client.set_terminated(run.run_id, "FINISHED" if ok else "FAILED")
+
+    @contextmanager
+    def stage(self, name: str, parent_id: str | None, tags: dict[str, str] | None = None) -> Iterator[StageRun]:
+        """A child run that ends FAILED (and re-raises) when the stage raises."""
+        run = self.start(name, parent_id, {"distillery.stage": name, **(tags or {})})
+        try:
+            yield run
+        except BaseException as e:
+            run.set_tags({"distillery.error": f"{type(e).__name__}: {e}"[:5000]})
+            self.end(run, ok=False)
+            raise
+        self.end(run, ok=True)
+
+    def register(self, name: str, run: StageRun, artifact_path: str, tags: dict[str, Any] | None = None) -> str:
+        """Register an artifact folder of `run` as a new version of model `name`; returns the version."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as e:
+            if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code) and "already exists" not in str(e):
+                raise
+        mv = self.client.create_model_version(
+            name, source=run.artifact_uri(artifact_path), run_id=run.run_id,
+            tags={k: str(v) for k, v in (tags or {}).items()},
+        )
+        return mv.version
+
+
+class NullRun(StageRun):
+    def __init__(self):
+        self.run_id = "none"
+
+    def __getattribute__(self, name):
+        if name in ("run_id",):
+            return object.__getattribute__(self, name)
+        if name == "artifact_uri":
+            return lambda path="": ""
+        return lambda *a, **k: None
+
+
+class NullTracker:
+    """Tracking off: same methods, nothing written."""
+
+    uri = "none"
+    experiment_id = "none"
+
+    def start(self, *a, **k) -> StageRun:
+        return NullRun()
+
+    def end(self, *a, **k) -> None:
+        return None
+
+    @contextmanager
+    def stage(self, *a, **k) -> Iterator[StageRun]:
+        yield NullRun()
+
+    def register(self, *a, **k) -> str:
+        return "0"
+
+
+def json_safe(x: Any) -> Any:
+    return json.loads(json.dumps(x, default=str))
+
+
+def tmp_artifact_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="distillery-artifacts-"))

@@ -1,0 +1,132 @@
+"""The distillation DAG: generate → filter → train → prune → quantize → evaluate → draft → report.
+
+    distillery run demo                                  # in-process, ephemeral Prefect API
+    prefect deployment run 'distill/demo'                # through a server, after `distillery serve`
+
+One MLflow parent run per pipeline run, a child per stage; stages pass paths, never live models, so each heavy
+stage can own its process and memory.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prefect import flow, runtime
+
+from distillery.config import Pipeline, load_pipeline, parse_overrides
+from distillery.demo.assets import resolve_model
+from distillery.runtime import RunContext
+from distillery.tracking import NullTracker, StageRun, Tracker, tracking_uri
+from tasks.draft import draft_task
+from tasks.evaluate import evaluate_task
+from tasks.filter import filter_task
+from tasks.generate import generate_task
+from tasks.prune import prune_task
+from tasks.quantize import quantize_task
+from tasks.report import report_task
+from tasks.train import train_task
+
+DEFAULT_FILE = str(Path(__file__).resolve().parents[1] / "pipelines.yaml")
+
+
+@flow(name="distill", log_prints=True)
+def distill(pipeline: str = "demo", overrides: list[str] | None = None, config_file: str = DEFAULT_FILE,
+            track: bool = True) -> dict:
+    """Run one pipeline of `config_file`; `overrides` are `key=value` strings like `train.epochs=1`."""
+    cfg = load_pipeline(config_file, pipeline, parse_overrides(overrides))
+    tracker, parent, ctx = open_run(cfg, pipeline, config_file, overrides, track)
+    try:
+        result = run_stages(cfg, ctx, tracker)
+    except BaseException:
+        tracker.end(parent, ok=False)
+        raise
+    tracker.end(parent, ok=True)
+    return {**result, "mlflow_run_id": ctx.parent_run_id, "run_dir": ctx.run_dir}
+
+
+def run_stages(cfg: Pipeline, ctx: RunContext, tracker) -> dict:
+    stages = cfg.stages
+    teacher = resolve_model(cfg.teacher.path)
+    student = resolve_model(cfg.student.path, seed=cfg.train.seed)
+    to_evaluate: dict[str, dict] = {"teacher": {"path": teacher}}
+    if cfg.evaluate.include_untrained:
+        to_evaluate["student"] = {"path": student}
+    models: dict[str, dict] = {}  # stage label -> {path, run_id, params?}
+    traces = kept = None
+
+    if "generate" in stages:
+        traces = generate_task(cfg, ctx)["path"]
+    if "filter" in stages:
+        kept = filter_task(cfg, ctx, traces)["path"]
+    if "train" in stages:
+        res = train_task(cfg, ctx, kept, student)
+        models["student-sft"] = {"path": res["path"], "run_id": res["run_id"], "stage": "train"}
+        student = res["path"]
+    if "prune" in stages:
+        res = prune_task(cfg, ctx, student, kept)
+        models["student-pruned"] = {"path": res["path"], "run_id": res["run_id"], "stage": "prune"}
+        student = res["path"]
+    if "quantize" in stages:
+        src = pick(models, cfg.quantize.source, student)
+        for fmt, res in quantize_task(cfg, ctx, src).items():
+            models[f"student-{fmt}"] = {"path": res["path"], "run_id": res["run_id"], "stage": "quantize",
+                                        "params": res["figures"]["params"], "artifact": fmt}
+    evals = draft = draft_label = None
+    if "evaluate" in stages:
+        to_evaluate.update({label: {"path": m["path"], "params": m.get("params")} for label, m in models.items()})
+        evals = evaluate_task(cfg, ctx, to_evaluate)
+    if "draft" in stages:
+        draft_label = label_for(models, cfg.draft.source)
+        draft = draft_task(cfg, ctx, teacher, pick(models, cfg.draft.source, student))
+    if cfg.registry and models:
+        register(cfg, ctx, tracker, models, evals)
+    table = report_task(ctx, evals, draft, draft_label) if evals else None
+    return {"models": models, "table": table["table"] if table else None}
+
+
+def label_for(models: dict[str, dict], source: str) -> str:
+    full = [k for k, m in models.items() if m["stage"] in ("train", "prune")]
+    if not full:
+        return "student"
+    if source == "latest":
+        return full[-1]
+    return next(k for k, m in models.items() if m["stage"] == source)
+
+
+def pick(models: dict[str, dict], source: str, fallback: str) -> str:
+    """The full-precision student a later stage starts from: the named stage's, or the latest."""
+    label = label_for(models, source)
+    return models[label]["path"] if label in models else fallback
+
+
+def register(cfg: Pipeline, ctx: RunContext, tracker, models: dict[str, dict], evals: dict | None) -> None:
+    """Log the chosen stage's model folder to its child run and register it as a new model version."""
+    if isinstance(tracker, NullTracker):
+        return
+    stage = cfg.registry.stage or [m["stage"] for m in models.values()][-1]
+    label, m = next((k, v) for k, v in models.items() if v["stage"] == stage)
+    run = StageRun(tracker.client, m["run_id"])
+    artifact = m.get("artifact", "model")
+    run.log_artifact(m["path"], artifact)
+    acc = evals[label]["figures"]["accuracy"] if evals and label in evals else None
+    version = tracker.register(cfg.registry.model_name, run, artifact,
+                               tags={"stage": stage, "model": label, "pipeline": ctx.pipeline,
+                                     "parent_run_id": ctx.parent_run_id, "accuracy": acc})
+    print(f"registered {cfg.registry.model_name} version {version} ({label})")
+
+
+def open_run(cfg: Pipeline, pipeline: str, config_file: str, overrides: list[str] | None, track: bool):
+    tracker = Tracker(cfg.experiment) if track else NullTracker()
+    flow_run_id = runtime.flow_run.id or ""
+    parent = tracker.start(pipeline, tags={"distillery.pipeline": pipeline, "prefect.flow_run_id": flow_run_id,
+                                           "distillery.config_file": config_file,
+                                           "mlflow.note.content": cfg.description})
+    run_dir = Path(cfg.output_dir).resolve() / pipeline / f"{time.strftime('%Y%m%d-%H%M%S')}-{parent.run_id[:8]}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    parent.log_params({"overrides": " ".join(overrides or []), **cfg.model_dump()})
+    parent.log_text(cfg.model_dump_json(indent=2), "pipeline.json")
+    ctx = RunContext(pipeline=pipeline, run_dir=str(run_dir), parent_run_id=parent.run_id, experiment=cfg.experiment,
+                     tracking_uri=tracking_uri() if track else "none")
+    print(f"pipeline {pipeline}: artifacts in {run_dir}; MLflow run {parent.run_id} at {ctx.tracking_uri}")
+    return tracker, parent, ctx

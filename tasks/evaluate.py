@@ -1,0 +1,157 @@
+"""evaluate: lm-eval on the same tasks, the same way, for the teacher and every student stage.
+
+    distillery run demo --set evaluate.limit=50
+
+Tasks named in `evaluate.tasks` are local ones in `evals/<name>/` (offline, local data) or any task lm-eval
+knows (e.g. gsm8k, which needs hub access). Per model: accuracy and its stderr from lm-eval, parameters,
+weight memory, and greedy generation tokens/s measured the same way for every model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from distillery.artifacts import atomic_write_text
+from distillery.config import EvaluateConfig, Pipeline
+from distillery.runtime import RunContext
+
+EVALS = Path(__file__).resolve().parents[1] / "evals"
+
+
+def require_lm_eval() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ImportError("evaluate needs lm-eval: pip install 'lm-eval>=0.4.9'")
+
+
+def local_task_dir(tasks: list[str]) -> Path | None:
+    """Copy the local tasks named in `tasks` to a temp include path, data files made absolute."""
+    local = [t for t in tasks if (EVALS / t).is_dir()]
+    if not local:
+        return None
+    dest = Path(tempfile.mkdtemp(prefix="distillery-evals-"))
+    for name in local:
+        src = EVALS / name
+        shutil.copytree(src, dest / name)
+        for y in (dest / name).glob("*.yaml"):
+            try:
+                doc = yaml.safe_load(y.read_text())
+            except yaml.YAMLError:
+                continue  # tags such as !function: leave the file as it is
+            files = (doc.get("dataset_kwargs") or {}).get("data_files")
+            if isinstance(files, dict):
+                doc["dataset_kwargs"]["data_files"] = {k: str((src / v).resolve()) for k, v in files.items()}
+                y.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return dest
+
+
+def _load(path: str, trust_remote_code: bool):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    cfg_file = Path(path) / "config.json"
+    quantized = cfg_file.exists() and "quantization_config" in json.loads(cfg_file.read_text())
+    cuda = torch.cuda.is_available()
+    if quantized:
+        model = AutoModelForCausalLM.from_pretrained(path, device_map="auto" if cuda else "cpu",
+                                                     trust_remote_code=trust_remote_code)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cuda else torch.float32,
+                                                     trust_remote_code=trust_remote_code)
+        model.to("cuda" if cuda else "cpu")
+    return model.eval(), tok, quantized
+
+
+def tokens_per_second(model, tok, prompts: list[str], new_tokens: int) -> float:
+    """Greedy decode of a fixed number of new tokens for a batch of prompts (eos ignored), after a warm-up."""
+    import torch
+
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    kw = dict(do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
+    with torch.no_grad():
+        model.generate(**enc, max_new_tokens=2, min_new_tokens=2, **kw)
+        start = time.perf_counter()
+        out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+        seconds = time.perf_counter() - start
+    generated = (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0]
+    return generated / seconds
+
+
+def evaluate_model(path: str, cfg: EvaluateConfig, include_path: Path | None, throughput_prompts: list[str],
+                   params: int | None = None, trust_remote_code: bool = False) -> dict:
+    require_lm_eval()
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    model, tok, quantized = _load(path, trust_remote_code)
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=cfg.batch_size, max_length=None)
+    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    start = time.perf_counter()
+    out = simple_evaluate(model=lm, tasks=list(cfg.tasks), task_manager=manager, limit=cfg.limit,
+                          gen_kwargs={"max_gen_toks": cfg.max_gen_toks}, random_seed=cfg.seed,
+                          numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed,
+                          bootstrap_iters=1000, log_samples=True)
+    eval_seconds = time.perf_counter() - start
+    per_task, samples = {}, {}
+    for name in cfg.tasks:
+        res = out["results"][name]
+        key = next((k for k in res if k.startswith(cfg.metric + ",")), None)
+        if key is None:
+            raise KeyError(f"evaluate: task {name} has no metric {cfg.metric!r} (has {sorted(res)})")
+        stderr = res.get(key.replace(",", "_stderr,", 1))
+        per_task[name] = {"accuracy": float(res[key]),
+                          "stderr": float(stderr) if isinstance(stderr, int | float) else None,
+                          "n": int(out["n-samples"][name]["effective"])}
+        samples[name] = [{"prompt": s["arguments"][0][0] if s.get("arguments") else None,
+                          "response": s["resps"][0][0] if s.get("resps") else None,
+                          "filtered": s["filtered_resps"][0] if s.get("filtered_resps") else None,
+                          "target": s.get("target")} for s in out["samples"][name][:20]]
+    first = per_task[cfg.tasks[0]]
+    figures = {
+        "accuracy": first["accuracy"], "accuracy_stderr": first["stderr"],
+        "params": params or sum(p.numel() for p in model.parameters()),
+        "memory_bytes": model.get_memory_footprint(),
+        "tokens_per_s": tokens_per_second(model, tok, throughput_prompts, cfg.throughput_new_tokens),
+        "eval_seconds": eval_seconds,
+    }
+    del lm, model
+    return {"path": path, "quantized": quantized, "figures": figures, "tasks": per_task, "samples": samples}
+
+
+def throughput_prompts(cfg: Pipeline) -> list[str]:
+    from distillery.data import load_prompts
+
+    prompts = load_prompts(cfg.data.model_copy(update={"num_prompts": cfg.evaluate.throughput_prompts}))
+    return [p["prompt"] for p in prompts]
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_task(cfg: Pipeline, ctx: RunContext, models: dict[str, dict]) -> dict[str, dict]:
+    """`models`: label -> {path, params?}; evaluated in order, one result per label."""
+    results: dict[str, dict] = {}
+    out_dir = ctx.stage_dir("evaluate")
+    include = local_task_dir(cfg.evaluate.tasks)
+    prompts = throughput_prompts(cfg)
+    with ctx.tracker().stage("evaluate", ctx.parent_run_id) as run:
+        run.log_params({**cfg.evaluate.model_dump(), "models": ",".join(models)})
+        for i, (label, spec) in enumerate(models.items()):
+            print(f"evaluate [{i + 1}/{len(models)}] {label}: {spec['path']}")
+            trust = cfg.teacher.trust_remote_code if label == "teacher" else cfg.student.trust_remote_code
+            res = evaluate_model(spec["path"], cfg.evaluate, include, prompts, spec.get("params"), trust)
+            results[label] = res
+            atomic_write_text(out_dir / f"{label}.json", json.dumps(res, indent=2))
+            run.log_metrics({f"{k}.{label}": v for k, v in res["figures"].items() if v is not None})
+            run.log_dict(res, f"results/{label}.json")
+    return results

@@ -1,0 +1,91 @@
+"""quantize: bitsandbytes int8 and NF4 copies of the student, saved, reloaded and checked.
+
+    distillery run demo --set 'quantize.formats=[nf4]'
+
+Each format is loaded through `BitsAndBytesConfig`, saved as safetensors, reloaded from disk, and the reloaded
+model's logits are compared with the in-memory quantized model's (they must match: a save/load round trip is
+not allowed to change the model beyond bf16 rounding). Weight memory (`get_memory_footprint`) and size on disk are reported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from distillery.artifacts import atomic_dir, write_manifest
+from distillery.config import Pipeline, QuantizeConfig
+from distillery.runtime import RunContext
+
+
+def require_bnb() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError("quantize needs bitsandbytes: pip install 'bitsandbytes>=0.45'")
+
+
+def bnb_config(fmt: str, cfg: QuantizeConfig):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if fmt == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=cfg.double_quant,
+                              bnb_4bit_compute_dtype=getattr(torch, cfg.compute_dtype))
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def quantize(model_path: str, fmt: str, cfg: QuantizeConfig, out_dir: Path, trust_remote_code: bool = False) -> dict:
+    require_bnb()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device_map = "auto" if torch.cuda.is_available() else "cpu"
+    tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    full = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    params = sum(p.numel() for p in full.parameters())
+    full_bytes = full.get_memory_footprint()
+    del full
+    model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=bnb_config(fmt, cfg),
+                                                 device_map=device_map, trust_remote_code=trust_remote_code)
+    probe = tok(["Question: a quick probe of the round trip.\nAnswer:"], return_tensors="pt",
+                add_special_tokens=False).to(model.device)
+    with torch.no_grad():
+        before = model(**probe).logits.float()
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, device_map=device_map,
+                                                        trust_remote_code=trust_remote_code)
+        with torch.no_grad():
+            after = reloaded(**probe).logits.float()
+        diff = float((before - after).abs().max())
+        # bf16 compute reorders sums between loads; a real save/load bug moves logits by far more than 1%.
+        tol = 0.01 * max(1.0, float(before.abs().max()))
+        same_argmax = bool((before.argmax(-1) == after.argmax(-1)).all())
+        if diff > tol or not same_argmax:
+            raise RuntimeError(f"quantize {fmt}: reloaded model differs from the saved one "
+                               f"(max |Δlogit| {diff:.3g} > {tol:.3g}, same greedy tokens: {same_argmax})")
+        figures = {"params": params, "memory_bytes": reloaded.get_memory_footprint(),
+                   "full_precision_bytes": full_bytes, "disk_bytes": dir_bytes(tmp), "reload_max_abs_diff": diff}
+        figures["compression"] = full_bytes / figures["memory_bytes"]
+        write_manifest(tmp, {"kind": "model", "format": fmt, "base": model_path, "figures": figures})
+    return {"path": str(out_dir), "format": fmt, "figures": figures}
+
+
+@task(name="quantize", cache_policy=NO_CACHE)
+def quantize_task(cfg: Pipeline, ctx: RunContext, student: str) -> dict[str, dict]:
+    results = {}
+    with ctx.tracker().stage("quantize", ctx.parent_run_id) as run:
+        run.log_params({"source_model": student, **cfg.quantize.model_dump()})
+        for fmt in cfg.quantize.formats:
+            res = quantize(student, fmt, cfg.quantize, ctx.stage_dir("quantize") / fmt, cfg.student.trust_remote_code)
+            run.log_metrics({f"{fmt}.{k}": v for k, v in res["figures"].items()})
+            results[fmt] = {**res, "run_id": run.run_id}
+    return results

@@ -1,0 +1,100 @@
+"""report: the answer. Teacher and the student after each stage in one table, measured the same way.
+
+Columns: task accuracy ± stderr, parameters, weight memory, greedy tokens/s, draft acceptance. Printed, and
+logged to the parent MLflow run as summary.md / summary.json / accuracy_vs_size.png, with metrics named
+`<figure>.<model>` so runs of different days line up in the MLflow compare view.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from distillery.artifacts import atomic_write_text
+from distillery.runtime import RunContext
+
+
+def build_rows(evals: dict[str, dict], draft: dict | None, draft_label: str | None) -> list[dict]:
+    rows = []
+    for label, res in evals.items():
+        f = res["figures"]
+        rows.append({
+            "model": label, "accuracy": f["accuracy"], "stderr": f.get("accuracy_stderr"),
+            "params": int(f["params"]), "memory_mb": f["memory_bytes"] / 2**20, "tokens_per_s": f["tokens_per_s"],
+            "draft_acceptance": draft["figures"]["acceptance_rate"] if draft and label == draft_label else None,
+        })
+    return rows
+
+
+def render(rows: list[dict], draft: dict | None = None) -> str:
+    from tabulate import tabulate
+
+    def acc(r):
+        return f"{r['accuracy']:.3f} ± {r['stderr']:.3f}" if r["stderr"] is not None else f"{r['accuracy']:.3f}"
+
+    table = tabulate(
+        [[r["model"], acc(r), f"{r['params'] / 1e6:.2f}M", f"{r['memory_mb']:.1f}", f"{r['tokens_per_s']:.0f}",
+          "" if r["draft_acceptance"] is None else f"{r['draft_acceptance']:.2f}"] for r in rows],
+        headers=["model", "accuracy", "params", "memory MB", "tokens/s", "draft acceptance"], tablefmt="github")
+    if draft:
+        f = draft["figures"]
+        table += (f"\n\ndraft: acceptance {f['acceptance_rate']:.2f}, mean accepted length "
+                  f"{f['mean_accepted_length']:.2f}, teacher {f['teacher_tokens_per_s']:.0f} tok/s alone vs "
+                  f"{f['teacher_with_draft_tokens_per_s']:.0f} with draft (speed-up {f['speedup']:.2f}x), "
+                  f"outputs identical: {bool(f['outputs_identical'])}")
+    return table
+
+
+def plot(rows: list[dict]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "params", "parameters (M)"), (axes[1], "memory_mb", "weight memory (MB)")):
+        for r in rows:
+            x = r[key] / 1e6 if key == "params" else r[key]
+            ax.errorbar(x, r["accuracy"], yerr=r["stderr"] or 0, fmt="o", capsize=3)
+            ax.annotate(r["model"], (x, r["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("task accuracy")
+        ax.grid(alpha=0.3)
+    fig.suptitle("accuracy vs size")
+    fig.tight_layout()
+    return fig
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def report_task(ctx: RunContext, evals: dict[str, dict], draft: dict | None, draft_label: str | None) -> dict:
+    rows = build_rows(evals, draft, draft_label)
+    text = render(rows, draft)
+    print("\n" + text + "\n")
+    out = Path(ctx.run_dir)
+    atomic_write_text(out / "summary.md", text + "\n")
+    atomic_write_text(out / "summary.json", json.dumps({"rows": rows, "draft": draft}, indent=2))
+    tracker = ctx.tracker()
+    if ctx.tracking_uri != "none":
+        from distillery.tracking import StageRun
+
+        parent = StageRun(tracker.client, ctx.parent_run_id)
+        parent.log_text(text, "summary.md")
+        parent.log_dict({"rows": rows, "draft": draft}, "summary.json")
+        metrics = {}
+        for r in rows:
+            for k in ("accuracy", "params", "memory_mb", "tokens_per_s", "draft_acceptance"):
+                if r[k] is not None:
+                    metrics[f"{k}.{r['model']}"] = r[k]
+        if draft:
+            metrics.update({f"draft.{k}": v for k, v in draft["figures"].items()})
+        parent.log_metrics(metrics)
+        import matplotlib.pyplot as plt
+
+        fig = plot(rows)
+        parent.log_figure(fig, "accuracy_vs_size.png")
+        plt.close(fig)
+    return {"rows": rows, "table": text}

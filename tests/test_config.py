@@ -1,0 +1,101 @@
+"""pipelines.yaml is parsed into typed models; a bad file is refused with one line naming the field, exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distillery.config import STAGES, ConfigError, load_file, load_pipeline, parse_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_every_yaml_in_the_repo_is_valid():
+    f = load_file(REPO / "pipelines.yaml")
+    assert {"demo", "smoke", "r1-distill"} <= set(f.pipelines)
+    assert f.pipelines["demo"].stages == list(STAGES)
+    r1 = f.pipelines["r1-distill"]
+    assert r1.teacher.path.startswith("deepseek-ai/") and r1.generate.backend == "vllm"
+    assert r1.train.lora is not None and r1.data.chat_template
+    for y in (REPO / "evals").rglob("*.yaml"):
+        assert yaml.safe_load(y.read_text())["task"]
+
+
+def bad_file(tmp_path, mutate) -> Path:
+    data = yaml.safe_load((REPO / "pipelines.yaml").read_text())
+    mutate(data["pipelines"])
+    out = tmp_path / "pipelines.yaml"
+    out.write_text(yaml.safe_dump(data))
+    return out
+
+
+CASES = [
+    (lambda p: p["demo"]["train"].update(learning_rate=0), "pipelines.demo.train.learning_rate: must be > 0"),
+    (lambda p: p["demo"]["train"].update(lr=0.1), "pipelines.demo.train.lr: unknown key"),
+    (lambda p: p["demo"]["generate"].update(n="many"), "pipelines.demo.generate.n: "),
+    (lambda p: p["demo"]["generate"].update(top_p=1.5), "pipelines.demo.generate.top_p: must be <= 1"),
+    (lambda p: p["demo"].update(stages=["generate", "fliter"]), "pipelines.demo.stages.1: must be one of"),
+    (lambda p: p["demo"].update(stages=["train"]), "pipelines.demo.stages: stage 'train' needs stage 'filter'"),
+    (lambda p: p["demo"]["teacher"].update(path="./no/such/model"),
+     "pipelines.demo.teacher.path: model path does not exist"),
+    (lambda p: p["demo"]["student"].update(path="demo:nope"), "pipelines.demo.student.path: unknown demo model"),
+    (lambda p: p["demo"].pop("teacher"), "pipelines.demo.teacher: required key is missing"),
+    (lambda p: p["smoke"]["evaluate"].update(limit=-1), "pipelines.smoke.evaluate.limit: must be > 0"),
+]
+
+
+@pytest.mark.parametrize("mutate,expected", CASES)
+def test_bad_file_names_the_field(tmp_path, mutate, expected):
+    path = bad_file(tmp_path, mutate)
+    with pytest.raises(ConfigError) as e:
+        load_file(path)
+    assert any(line.startswith(expected) for line in e.value.lines), e.value.lines
+
+
+def test_cli_validate_exit_codes(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "distillery.cli", "validate", str(REPO / "pipelines.yaml")],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    path = bad_file(tmp_path, CASES[0][0])
+    bad = subprocess.run([sys.executable, "-m", "distillery.cli", "validate", str(path)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == ["pipelines.demo.train.learning_rate: must be > 0"]
+
+
+def test_cli_run_refuses_before_any_work(tmp_path):
+    """A bad --set or an unknown pipeline stops `run` with exit 2 before a Prefect or MLflow run exists."""
+    for args, expected in (
+        (["run", "demo", "--set", "train.epochs=-1"], "pipelines.demo.train.epochs: must be > 0"),
+        (["run", "nope"], "pipelines.nope: unknown pipeline"),
+        (["run", "demo", "--set", "oops"], "--set oops: expected key=value"),
+    ):
+        r = subprocess.run([sys.executable, "-m", "distillery.cli", *args, "--file", str(REPO / "pipelines.yaml")],
+                           capture_output=True, text=True, cwd=tmp_path)
+        assert r.returncode == 2, (args, r.stderr)
+        assert r.stderr.strip().startswith(expected), r.stderr
+        assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_file(tmp_path / "nope.yaml")
+    (tmp_path / "broken.yaml").write_text("pipelines: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_file(tmp_path / "broken.yaml")
+
+
+def test_overrides_are_typed():
+    cfg = load_pipeline(REPO / "pipelines.yaml", "demo",
+                        parse_overrides(["train.learning_rate=1e-4", "quantize.formats=[nf4]", "train.bf16=true"]))
+    assert cfg.train.learning_rate == 1e-4 and cfg.quantize.formats == ["nf4"] and cfg.train.bf16 is True
+
+
+@pytest.mark.parametrize("cmd", [[], ["validate"], ["run"], ["serve"], ["list"]])
+def test_every_command_has_help(cmd):
+    r = subprocess.run([sys.executable, "-m", "distillery.cli", *cmd, "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "usage: distillery" in r.stdout

