@@ -16,7 +16,7 @@ def main(spec_file: str) -> None:
     llm = LLM(model=spec["model"], dtype=e["dtype"], max_model_len=e["max_model_len"],
               enforce_eager=e["enforce_eager"], seed=e["seed"])
     params = SamplingParams(n=s["n"], temperature=s["temperature"], top_p=s["top_p"], max_tokens=s["max_tokens"],
-                            seed=s["seed"], ignore_eos=s["ignore_eos"])
+                            ignore_eos=s["ignore_eos"])
     llm.generate(spec["prompts"], params, use_tqdm=False)
     start = time.perf_counter()
     outs = llm.generate(spec["prompts"], params, use_tqdm=False)

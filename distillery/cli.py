@@ -111,7 +111,15 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def quiet_defaults() -> None:
+    """No phoning home from the libraries we drive (and Prefect's heartbeat races SQLite writers)."""
+    for var, value in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
+                       ("VLLM_NO_USAGE_STATS", "1"), ("DO_NOT_TRACK", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(var, value)
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_defaults()
     ap = argparse.ArgumentParser(prog="distillery", description="LLM distillation pipelines as a Prefect DAG.")
     ap.add_argument("--version", action="version", version=f"distillery {__import__('distillery').__version__}")
     sub = ap.add_subparsers(dest="command", required=True)

@@ -127,9 +127,14 @@ def _worker(spec_file: str) -> None:
               dtype=e["dtype"], max_model_len=e["max_model_len"], enforce_eager=e["enforce_eager"],
               gpu_memory_utilization=e["gpu_memory_utilization"], tensor_parallel_size=e["tensor_parallel_size"],
               seed=e["seed"])
+    from vllm.platforms import current_platform
+
     s = spec["sampling"]
+    # Per-request seeds crash vLLM's CPU sampler ("CPU Generator does not use offset"); there the engine seed
+    # above makes a run reproducible on its own.
+    request_seed = None if current_platform.is_cpu() else s["seed"]
     params = SamplingParams(n=s["n"], temperature=s["temperature"], top_p=s["top_p"], max_tokens=s["max_tokens"],
-                            stop=s["stop"] or None, seed=s["seed"], ignore_eos=s.get("ignore_eos", False))
+                            stop=s["stop"] or None, seed=request_seed, ignore_eos=s.get("ignore_eos", False))
     start = time.perf_counter()
     outputs = llm.generate(spec["prompts"], params, use_tqdm=True)
     seconds = time.perf_counter() - start

@@ -53,6 +53,7 @@ def plot(rows: list[dict]):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], "params", "parameters (M)"), (axes[1], "memory_mb", "weight memory (MB)")):
@@ -61,6 +62,8 @@ def plot(rows: list[dict]):
             ax.errorbar(x, r["accuracy"], yerr=r["stderr"] or 0, fmt="o", capsize=3)
             ax.annotate(r["model"], (x, r["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(label)
         ax.set_ylabel("task accuracy")
         ax.grid(alpha=0.3)

@@ -179,7 +179,7 @@ def _mlflow_callback(run):
     return LogToRun()
 
 
-@task(name="train", cache_policy=NO_CACHE)
+@task(name="train", cache_policy=NO_CACHE, log_prints=False)  # datasets prints bytecode when hashing
 def train_task(cfg: Pipeline, ctx: RunContext, traces: str, student: str) -> dict:
     out = ctx.stage_dir("train")
     with ctx.tracker().stage("train", ctx.parent_run_id) as run:
