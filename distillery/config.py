@@ -204,6 +204,8 @@ class Pipeline(Strict):
     draft: DraftConfig = DraftConfig()
     registry: RegistryConfig | None = None
     experiment: str = Field("distillery", description="MLflow experiment name")
+    log_models: bool = Field(True, description="log each stage's model folder to its MLflow run (the registered "
+                             "one is always logged)")
     output_dir: str = Field("runs", description="where stage artifacts go, relative to the working directory")
 
     @field_validator("stages")

@@ -108,7 +108,8 @@ def register(cfg: Pipeline, ctx: RunContext, tracker, models: dict[str, dict], e
     label, m = next((k, v) for k, v in models.items() if v["stage"] == stage)
     run = StageRun(tracker.client, m["run_id"])
     artifact = m.get("artifact", "model")
-    run.log_artifact(m["path"], artifact)
+    if not cfg.log_models:  # otherwise the stage logged it already
+        run.log_artifact(m["path"], artifact)
     acc = evals[label]["figures"]["accuracy"] if evals and label in evals else None
     version = tracker.register(cfg.registry.model_name, run, artifact,
                                tags={"stage": stage, "model": label, "pipeline": ctx.pipeline,

@@ -120,4 +120,6 @@ def prune_task(cfg: Pipeline, ctx: RunContext, student: str, traces: str | None)
         run.log_metrics(result["figures"])
         run.log_metrics({f"importance.layer_{i}": v for i, v in enumerate(result["importance"])})
         run.log_dict({"importance": result["importance"], "dropped": result["dropped"]}, "layer_importance.json")
+        if cfg.log_models:
+            run.log_artifact(result["path"], "model")
     return {**result, "run_id": run.run_id}

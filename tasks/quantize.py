@@ -4,7 +4,8 @@
 
 Each format is loaded through `BitsAndBytesConfig`, saved as safetensors, reloaded from disk, and the reloaded
 model's logits are compared with the in-memory quantized model's (they must match: a save/load round trip is
-not allowed to change the model beyond bf16 rounding). Weight memory (`get_memory_footprint`) and size on disk are reported.
+not allowed to change the model). Weight memory (`get_memory_footprint`) and size on disk
+are reported.
 """
 
 from __future__ import annotations
@@ -56,22 +57,21 @@ def quantize(model_path: str, fmt: str, cfg: QuantizeConfig, out_dir: Path, trus
                                                  device_map=device_map, trust_remote_code=trust_remote_code)
     probe = tok(["Question: a quick probe of the round trip.\nAnswer:"], return_tensors="pt",
                 add_special_tokens=False).to(model.device)
-    with torch.no_grad():
-        before = model(**probe).logits.float()
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        # Compare with the model as saved: bitsandbytes' CPU path repacks fresh 4-bit weights for its kernel and
+        # save_pretrained unpacks them, which moves bf16 logits a little; the file itself must round-trip exactly.
+        with torch.no_grad():
+            before = model(**probe).logits.float()
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, device_map=device_map,
                                                         trust_remote_code=trust_remote_code)
         with torch.no_grad():
             after = reloaded(**probe).logits.float()
         diff = float((before - after).abs().max())
-        # bf16 compute reorders sums between loads; a real save/load bug moves logits by far more than 1%.
-        tol = 0.01 * max(1.0, float(before.abs().max()))
-        same_argmax = bool((before.argmax(-1) == after.argmax(-1)).all())
-        if diff > tol or not same_argmax:
-            raise RuntimeError(f"quantize {fmt}: reloaded model differs from the saved one "
-                               f"(max |Δlogit| {diff:.3g} > {tol:.3g}, same greedy tokens: {same_argmax})")
+        if diff > 1e-3:
+            raise RuntimeError(f"quantize {fmt}: the reloaded model differs from the saved one "
+                               f"(max |Δlogit| {diff:.3g})")
         figures = {"params": params, "memory_bytes": reloaded.get_memory_footprint(),
                    "full_precision_bytes": full_bytes, "disk_bytes": dir_bytes(tmp), "reload_max_abs_diff": diff}
         figures["compression"] = full_bytes / figures["memory_bytes"]
@@ -87,5 +87,7 @@ def quantize_task(cfg: Pipeline, ctx: RunContext, student: str) -> dict[str, dic
         for fmt in cfg.quantize.formats:
             res = quantize(student, fmt, cfg.quantize, ctx.stage_dir("quantize") / fmt, cfg.student.trust_remote_code)
             run.log_metrics({f"{fmt}.{k}": v for k, v in res["figures"].items()})
+            if cfg.log_models:
+                run.log_artifact(res["path"], fmt)
             results[fmt] = {**res, "run_id": run.run_id}
     return results

@@ -193,4 +193,6 @@ def train_task(cfg: Pipeline, ctx: RunContext, traces: str, student: str) -> dic
         fig = loss_curve(json.loads((out / "manifest.json").read_text())["loss_history"])
         run.log_figure(fig, "loss_curve.png")
         plt.close(fig)
+        if cfg.log_models:
+            run.log_artifact(out, "model")
     return {"path": str(out), "figures": figures, "run_id": run.run_id}

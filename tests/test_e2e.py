@@ -78,7 +78,8 @@ def test_demo_pipeline_end_to_end(demo_run):
 
     assert "traces_sample.json" in names(by_name["generate"].info.run_id)
     assert "filter_report.json" in names(by_name["filter"].info.run_id)
-    assert "loss_curve.png" in names(by_name["train"].info.run_id)
+    assert {"loss_curve.png", "model"} <= names(by_name["train"].info.run_id)
+    assert "model/model.safetensors" in names(by_name["prune"].info.run_id, "model")
     assert "results/teacher.json" in names(by_name["evaluate"].info.run_id, "results")
     assert {"summary.md", "summary.json", "accuracy_vs_size.png"} <= names(parent.info.run_id)
 
