@@ -76,12 +76,16 @@ def cmd_run(args) -> int:
     from flows.distill import distill
 
     try:
-        distill(pipeline=args.pipeline, overrides=args.set, config_file=str(Path(args.file).resolve()),
-                track=not args.no_track)
+        result = distill(pipeline=args.pipeline, overrides=args.set, config_file=str(Path(args.file).resolve()),
+                         track=not args.no_track)
     except KeyboardInterrupt:
         return _fail(["distillery: interrupted"], 130)
     except Exception as e:  # the traceback is in Prefect's log above; end with one line saying what failed
         return _fail([f"distillery: pipeline {args.pipeline} failed: {type(e).__name__}: {e}".splitlines()[0]], 1)
+    # logs went to stderr; the answer goes to stdout
+    if result.get("table"):
+        print(f"\n{args.pipeline}: {result['run_dir']}  (MLflow run {result['mlflow_run_id']})\n")
+        print(result["table"])
     return 0
 
 
