@@ -86,8 +86,17 @@ class DataConfig(Strict):
         return None if v is None else _check_local_path(v, info, "data")
 
 
+class OpenAIConfig(Strict):
+    base_url: str = Field(description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    model: str = Field(description="model name the endpoint serves")
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the key (never logged)")
+    max_concurrency: Annotated[int, Field(ge=1)] = 8
+    max_retries: Annotated[int, Field(ge=0)] = Field(5, description="retries with backoff on 429/5xx/timeouts")
+    timeout: Annotated[float, Field(gt=0)] = 120.0
+
+
 class GenerateConfig(Strict):
-    backend: Literal["vllm", "transformers"] = "vllm"
+    backend: Literal["vllm", "transformers", "openai"] = "vllm"
     n: Annotated[int, Field(ge=1, description="samples per prompt")] = 1
     temperature: Annotated[float, Field(ge=0)] = 0.7
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
@@ -101,16 +110,49 @@ class GenerateConfig(Strict):
     tensor_parallel_size: Annotated[int, Field(ge=1)] = 1
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "bfloat16"
     kv_cache_gib: Annotated[float, Field(gt=0)] = Field(1.0, description="VLLM_CPU_KVCACHE_SPACE on CPU")
+    data_parallel_size: Annotated[int, Field(ge=1)] = Field(1, description="vLLM engine replicas (GPUs)")
+    logprobs: Annotated[int, Field(ge=0, le=64)] = Field(0, description="top-k teacher logprobs kept per token; 0=off")
+    logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = Field(
+        "raw_logprobs", description="raw: log-softmax of the logits at T=1; processed: after temperature/top-p")
+    think_prefill: bool = Field(False, description="end the rendered prompt with '<think>\\n' if the template doesn't")
+    shard_size: Annotated[int, Field(gt=0)] = Field(256, description="prompts per shard: the unit of resumption")
+    cache_dir: str | None = Field(None, description="finished shards, by content; default <output_dir>/.cache")
+    openai: OpenAIConfig | None = Field(None, description="endpoint settings for backend: openai")
+
+    @model_validator(mode="after")
+    def _openai(self) -> GenerateConfig:
+        if self.backend == "openai" and self.openai is None:
+            raise ValueError("backend 'openai' needs an openai: {base_url, model} section")
+        return self
 
 
 class FilterConfig(Strict):
-    verifier: Literal["regex", "boxed", "none"] = "regex"
+    verifier: Literal["regex", "exact", "numeric", "math", "boxed", "none"] = Field(
+        "regex", description="how the final answer (after </think>) is checked against the reference: regex "
+        "(answer_pattern capture, normalised), exact (whole answer or capture, normalised), numeric (within "
+        "tolerance; 1,000 3.50 -2 3/4), math (math-verify, LaTeX/\\boxed{}), boxed (last \\boxed{}, plain or "
+        "math-verify), none")
     answer_pattern: str = Field(r"The answer is (-?\d+)", description="regex whose last group is the answer")
-    require_think: bool = True
-    min_tokens: Annotated[int, Field(ge=0)] = 1
-    max_tokens: Annotated[int, Field(gt=0)] | None = None
+    tolerance: Annotated[float, Field(ge=0, lt=1)] = Field(1e-6, description="numeric verifier: relative tolerance")
+    require_think: bool = Field(True, description="exactly one non-empty <think>…</think> before the answer")
+    min_tokens: Annotated[int, Field(ge=0)] = Field(1, description="fewest completion tokens a kept trace has")
+    max_tokens: Annotated[int, Field(gt=0)] | None = Field(None, description="most completion tokens; null: no bound")
     drop_truncated: bool = Field(True, description="drop completions that hit max_tokens")
-    dedupe: bool = True
+    dedupe: bool = Field(True, description="drop exact prompt+completion repeats")
+    near_dedupe: bool = Field(True, description="drop traces near-identical (MinHash) to a kept trace of the "
+                              "same prompt")
+    near_dedupe_threshold: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.9, description="near_dedupe: estimated Jaccard similarity of word n-gram shingles at which a trace is a "
+        "near duplicate")
+    near_dedupe_ngram: Annotated[int, Field(ge=1, le=64)] = Field(5, description="near_dedupe: words per shingle")
+    decontaminate: bool = Field(True, description="drop traces whose prompt shares a word n-gram with a question "
+                                "of the local evaluate.tasks")
+    decontam_ngram: Annotated[int, Field(ge=1, le=1024)] = Field(
+        13, description="decontaminate: words per n-gram; a text shorter than this is compared whole, so a value "
+        "above the longest question matches only whole-question copies")
+    keep_per_prompt: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="best-k-of-n: keep at most this many passing traces per prompt, the shortest first; "
+        "null keeps every passing trace")
 
     @field_validator("answer_pattern")
     @classmethod
@@ -121,6 +163,12 @@ class FilterConfig(Strict):
         except re.error as e:
             raise ValueError(f"not a valid regex: {e}") from e
         return v
+
+    @model_validator(mode="after")
+    def _bounds(self) -> FilterConfig:
+        if self.max_tokens is not None and self.max_tokens < self.min_tokens:
+            raise ValueError(f"max_tokens ({self.max_tokens}) is below min_tokens ({self.min_tokens})")
+        return self
 
 
 class LoraConfig(Strict):

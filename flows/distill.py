@@ -60,7 +60,7 @@ def run_stages(cfg: Pipeline, ctx: RunContext, tracker) -> dict:
     if "filter" in stages:
         kept = filter_task(cfg, ctx, traces)["path"]
     if "train" in stages:
-        res = train_task(cfg, ctx, kept, student)
+        res = train_task(cfg, ctx, kept, student, generated=traces)
         models["student-sft"] = {"path": res["path"], "run_id": res["run_id"], "stage": "train"}
         student = res["path"]
     if "prune" in stages:

@@ -1,161 +1,228 @@
-"""generate: the teacher answers every prompt n times, with vLLM (offline batch) or transformers.
+"""generate: the teacher answers every prompt n times: vLLM (offline batch), transformers, or an OpenAI-compatible
+endpoint. Sharded, resumable and cached by content.
 
-    distillery run demo --set generate.n=8
+    distillery run demo --set generate.n=8 --set generate.logprobs=20
 
-Output: <run>/generate/traces.jsonl, one row per sample: prompt id, prompt, the exact prompt text the teacher
-saw, reference answer, completion, token count, finish reason, teacher id and sampling parameters. The vLLM
-engine runs in a child process (`python -m tasks.generate SPEC`) so its memory is gone when the stage ends.
+Prompts are cut into shards of `generate.shard_size`; each shard is a Prefect task whose output is written to a
+content-addressed folder (key: teacher id + revision, backend, sampling parameters, seed, top-k, the shard's
+prompts), atomically, manifest last. A finished shard is never generated again: kill a run and re-run it, and
+only the missing shards are generated; change a sampling parameter and every shard is new. The vLLM engine
+starts only if some shard is missing, once per stage, in its own process.
+
+Output, <run>/generate/:
+  traces.jsonl      a row per sample: prompt_id, prompt, prompt_text (exactly what the teacher saw), answer,
+                    sample, completion, num_tokens, finish_reason, teacher, teacher_revision, backend, sampling
+  logprobs.parquet  (generate.logprobs = k > 0) a row per sample: prompt_id, sample, token_ids list<int32>,
+                    token_logprobs list<float16> (the sampled token), top_ids list<list<int32>> [tokens][k],
+                    top_logprobs list<list<float16>> [tokens][k], best first. manifest.json's `logprobs`
+                    block gives k and `mode`: raw_logprobs = log-softmax of the teacher's logits at temperature 1,
+                    before temperature/top-p (vLLM's default), so a trainer applies its own temperature to them.
+  manifest.json     written last; its `figures` include bytes per generated token of the logprob file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from distillery.artifacts import atomic_dir, read_jsonl, write_jsonl, write_manifest
+from distillery.artifacts import MANIFEST, atomic_dir, read_jsonl, write_jsonl, write_manifest
 from distillery.config import GenerateConfig, Pipeline
 from distillery.data import load_prompts, render_prompt
 from distillery.demo.assets import resolve_model
+from distillery.engines import HFEngine, OpenAIEngine, VLLMEngine, derive_seed
 from distillery.runtime import RunContext
+
+LOGPROB_COLUMNS = ("token_ids", "token_logprobs", "top_ids", "top_logprobs")
 
 
 def sampling_dict(g: GenerateConfig) -> dict:
     return {"n": g.n, "temperature": g.temperature, "top_p": g.top_p, "max_tokens": g.max_tokens,
-            "stop": g.stop, "seed": g.seed}
+            "stop": g.stop, "seed": g.seed, "logprobs": g.logprobs}
 
 
-def generate(cfg: Pipeline, out_dir: Path) -> dict:
-    """Generate traces for the pipeline's prompts; returns {path, figures}."""
+def teacher_id(cfg: Pipeline, resolved: str) -> str:
+    if cfg.generate.backend == "openai":
+        return f"{cfg.generate.openai.base_url}#{cfg.generate.openai.model}"
+    return cfg.teacher.path if not cfg.teacher.path.startswith("demo:") else f"{cfg.teacher.path}@{resolved}"
+
+
+def shard_key(cfg: Pipeline, tid: str, shard: list[dict]) -> str:
+    g = cfg.generate
+    blob = json.dumps({"teacher": tid, "revision": cfg.teacher.revision, "backend": g.backend,
+                       "sampling": sampling_dict(g), "logprobs_mode": g.logprobs_mode,
+                       "prompts": [[p["id"], p["prompt_text"]] for p in shard]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def cache_root(cfg: Pipeline) -> Path:
+    return Path(cfg.generate.cache_dir or Path(cfg.output_dir) / ".cache").resolve() / "generate"
+
+
+def prepare_prompts(cfg: Pipeline, teacher: str) -> list[dict]:
     from transformers import AutoTokenizer
 
-    teacher = resolve_model(cfg.teacher.path)
     prompts = load_prompts(cfg.data)
     if not prompts:
         raise ValueError("generate: the data section produced no prompts")
-    tok = AutoTokenizer.from_pretrained(teacher, revision=cfg.teacher.revision,
-                                        trust_remote_code=cfg.teacher.trust_remote_code)
+    tok_src = teacher if cfg.generate.backend != "openai" or not cfg.data.chat_template else None
+    tok = AutoTokenizer.from_pretrained(tok_src, revision=cfg.teacher.revision,
+                                        trust_remote_code=cfg.teacher.trust_remote_code) if tok_src else None
     for p in prompts:
-        p["prompt_text"] = render_prompt(tok, p["prompt"], cfg.data)
+        # the chat API applies the server's template itself: send the bare prompt there
+        text = p["prompt"] if tok is None else render_prompt(tok, p["prompt"], cfg.data)
+        if cfg.generate.think_prefill and not text.rstrip().endswith("<think>"):
+            text += "<think>\n"
+        p["prompt_text"] = text
+    return prompts
+
+
+def make_engine(cfg: Pipeline, teacher: str):
     g = cfg.generate
     if g.backend == "vllm":
-        from distillery.engines import require_vllm, run_worker
-
-        require_vllm()
-        spec = {"model": teacher, "revision": cfg.teacher.revision, "trust_remote_code": cfg.teacher.trust_remote_code,
-                "prompts": [p["prompt_text"] for p in prompts], "sampling": sampling_dict(g),
-                "engine": {"dtype": g.dtype, "max_model_len": g.max_model_len, "enforce_eager": g.enforce_eager,
+        return VLLMEngine({"model": teacher, "revision": cfg.teacher.revision,
+                           "trust_remote_code": cfg.teacher.trust_remote_code, "dtype": g.dtype,
+                           "max_model_len": g.max_model_len, "enforce_eager": g.enforce_eager,
                            "gpu_memory_utilization": g.gpu_memory_utilization,
-                           "tensor_parallel_size": g.tensor_parallel_size, "seed": g.seed}}
-        result = run_worker("tasks.generate", spec, kv_cache_gib=g.kv_cache_gib)
-        samples = result["samples"]
-        seconds = result["seconds"]
-    else:
-        samples, seconds = _generate_transformers(teacher, cfg, [p["prompt_text"] for p in prompts])
-    teacher_id = cfg.teacher.path if not cfg.teacher.path.startswith("demo:") else f"{cfg.teacher.path}@{teacher}"
+                           "tensor_parallel_size": g.tensor_parallel_size, "data_parallel_size": g.data_parallel_size,
+                           "seed": g.seed, "logprobs_mode": g.logprobs_mode, "max_logprobs": max(20, g.logprobs)},
+                           kv_cache_gib=g.kv_cache_gib)
+    if g.backend == "transformers":
+        return HFEngine(teacher, cfg.teacher.revision, cfg.teacher.trust_remote_code, g.batch_size)
+    o = g.openai
+    return OpenAIEngine(o.base_url, o.model, o.api_key_env, cache_root(cfg).parent / "openai", o.max_concurrency,
+                        o.max_retries, o.timeout, chat=cfg.data.chat_template)
+
+
+class LazyEngine:
+    """Starts the engine on first use: a run whose shards are all cached never pays vLLM's start-up."""
+
+    def __init__(self, factory: Callable[[], object]):
+        self.factory, self.engine = factory, None
+
+    def generate(self, *a, **k):
+        if self.engine is None:
+            self.engine = self.factory()
+        return self.engine.generate(*a, **k)
+
+    def close(self):
+        if self.engine is not None:
+            self.engine.close()
+
+
+def write_logprobs(path: Path, rows: list[dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f16 = pa.float16()
+    schema = pa.schema([("prompt_id", pa.string()), ("sample", pa.int32()), ("token_ids", pa.list_(pa.int32())),
+                        ("token_logprobs", pa.list_(f16)), ("top_ids", pa.list_(pa.list_(pa.int32()))),
+                        ("top_logprobs", pa.list_(pa.list_(f16)))])
+    import numpy as np
+
+    cols = {"prompt_id": [r["prompt_id"] for r in rows], "sample": [r["sample"] for r in rows],
+            "token_ids": [r["token_ids"] for r in rows],
+            "token_logprobs": [np.asarray(r["token_logprobs"], dtype=np.float16) for r in rows],
+            "top_ids": [r["top_ids"] for r in rows],
+            "top_logprobs": [[np.asarray(x, dtype=np.float16) for x in r["top_logprobs"]] for r in rows]}
+    pq.write_table(pa.table(cols, schema=schema), path, compression="zstd")
+
+
+def run_shard(cfg: Pipeline, tid: str, shard: list[dict], dest: Path, engine) -> dict:
+    """Generate one shard into `dest` unless it is already there; returns its manifest."""
+    if (dest / MANIFEST).exists():
+        return {**json.loads((dest / MANIFEST).read_text()), "cached": True}
+    g = cfg.generate
     sampling = sampling_dict(g)
-    rows = []
-    for p, outs in zip(prompts, samples, strict=True):
+    seeds = [derive_seed(g.seed, p["id"]) for p in shard]
+    result = engine.generate([p["prompt_text"] for p in shard], sampling, seeds)
+    rows, lp_rows = [], []
+    for p, outs in zip(shard, result["samples"], strict=True):
         for i, o in enumerate(outs):
             rows.append({"prompt_id": p["id"], "prompt": p["prompt"], "prompt_text": p["prompt_text"],
                          "answer": p["answer"], "sample": i, "completion": o["text"],
-                         "num_tokens": o["num_tokens"], "finish_reason": o["finish_reason"],
-                         "teacher": teacher_id, "teacher_revision": cfg.teacher.revision,
-                         "backend": g.backend, "sampling": sampling})
+                         "num_tokens": o["num_tokens"], "finish_reason": o["finish_reason"], "teacher": tid,
+                         "teacher_revision": cfg.teacher.revision, "backend": g.backend, "sampling": sampling})
+            if g.logprobs and "top_ids" in o:
+                lp_rows.append({"prompt_id": p["id"], "sample": i, **{c: o[c] for c in LOGPROB_COLUMNS}})
     tokens = sum(r["num_tokens"] for r in rows)
+    with atomic_dir(dest) as tmp:
+        write_jsonl(tmp / "traces.jsonl", rows)
+        if lp_rows:
+            write_logprobs(tmp / "logprobs.parquet", lp_rows)
+        manifest = {"kind": "shard", "prompts": len(shard), "samples": len(rows), "tokens": tokens,
+                    "seconds": result["seconds"], "logprobs": bool(lp_rows)}
+        write_manifest(tmp, manifest)
+    return {**manifest, "cached": False}
+
+
+def generate(cfg: Pipeline, out_dir: Path, shard_runner: Callable = run_shard) -> dict:
+    """Generate (or reuse) every shard, then merge them into `out_dir`. Returns {path, figures}."""
+    teacher = resolve_model(cfg.teacher.path) if cfg.generate.backend != "openai" else cfg.teacher.path
+    tid = teacher_id(cfg, teacher)
+    prompts = prepare_prompts(cfg, teacher)
+    size = cfg.generate.shard_size
+    shards = [prompts[i : i + size] for i in range(0, len(prompts), size)]
+    root = cache_root(cfg)
+    dests = [root / shard_key(cfg, tid, s) for s in shards]
+    engine = LazyEngine(lambda: make_engine(cfg, teacher))
+    try:
+        manifests = [shard_runner(cfg, tid, s, d, engine) for s, d in zip(shards, dests, strict=True)]
+    finally:
+        engine.close()
+    rows = [r for d in dests for r in read_jsonl(d / "traces.jsonl")]
+    g = cfg.generate
+    tokens = sum(r["num_tokens"] for r in rows)
+    fresh = [m for m in manifests if not m["cached"]]
+    seconds = sum(m["seconds"] for m in fresh)
+    fresh_tokens = sum(m["tokens"] for m in fresh)
     figures = {"prompts": len(prompts), "samples": len(rows), "generated_tokens": tokens,
-               "generate_seconds": seconds, "tokens_per_s": tokens / seconds if seconds else 0.0,
+               "shards": len(shards), "shards_cached": len(manifests) - len(fresh), "shards_generated": len(fresh),
+               "generate_seconds": seconds, "tokens_per_s": fresh_tokens / seconds if seconds else 0.0,
                "mean_completion_tokens": tokens / len(rows)}
     with atomic_dir(out_dir) as tmp:
         write_jsonl(tmp / "traces.jsonl", rows)
-        write_manifest(tmp, {"kind": "traces", "teacher": teacher_id, "backend": g.backend,
-                             "sampling": sampling, "figures": figures})
+        logprobs = None
+        if g.logprobs:
+            import pyarrow.parquet as pq
+
+            parts = [d / "logprobs.parquet" for d in dests if (d / "logprobs.parquet").exists()]
+            if parts:
+                import pyarrow as pa
+
+                pq.write_table(pa.concat_tables([pq.read_table(p) for p in parts]), tmp / "logprobs.parquet",
+                               compression="zstd")
+                size_bytes = (tmp / "logprobs.parquet").stat().st_size
+                figures["logprob_bytes_per_token"] = size_bytes / max(tokens, 1)
+            logprobs = {"k": g.logprobs, "mode": g.logprobs_mode, "dtype": "float16", "file": "logprobs.parquet",
+                        "available": bool(parts)}
+        write_manifest(tmp, {"kind": "traces", "teacher": tid, "teacher_revision": cfg.teacher.revision,
+                             "backend": g.backend, "sampling": sampling_dict(g), "logprobs": logprobs,
+                             "shards": [str(d) for d in dests], "figures": figures})
     return {"path": str(out_dir / "traces.jsonl"), "figures": figures}
 
 
-def _generate_transformers(model_path: str, cfg: Pipeline, prompts: list[str]) -> tuple[list[list[dict]], float]:
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    g = cfg.generate
-    tok = AutoTokenizer.from_pretrained(model_path, padding_side="left",
-                                        trust_remote_code=cfg.teacher.trust_remote_code)
-    dtype = "auto" if torch.cuda.is_available() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, revision=cfg.teacher.revision,
-                                                 trust_remote_code=cfg.teacher.trust_remote_code).eval()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device)
-    torch.manual_seed(g.seed)
-    out: list[list[dict]] = []
-    start = time.perf_counter()
-    for i in tqdm(range(0, len(prompts), g.batch_size), desc="generate (transformers)"):
-        batch = prompts[i : i + g.batch_size]
-        enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        with torch.no_grad():
-            gen = model.generate(**enc, do_sample=g.temperature > 0, temperature=g.temperature or None,
-                                 top_p=g.top_p, max_new_tokens=g.max_tokens, num_return_sequences=g.n,
-                                 pad_token_id=tok.pad_token_id)
-        new = gen[:, enc["input_ids"].shape[1] :]
-        for j in range(len(batch)):
-            outs = []
-            for row in new[j * g.n : (j + 1) * g.n]:
-                ids = row.tolist()
-                finished = tok.eos_token_id in ids
-                ids = ids[: ids.index(tok.eos_token_id)] if finished else ids
-                text = tok.decode(ids, skip_special_tokens=True)
-                stopped = [s for s in g.stop if s in text]
-                if stopped:
-                    text = text[: min(text.index(s) for s in stopped)]
-                outs.append({"text": text, "num_tokens": len(ids) + int(finished),
-                             "finish_reason": "stop" if finished or stopped else "length"})
-            out.append(outs)
-    return out, time.perf_counter() - start
+@task(name="generate-shard", retries=2, retry_delay_seconds=[5, 30], cache_policy=NO_CACHE)
+def generate_shard_task(cfg: Pipeline, tid: str, shard: list[dict], dest: Path, engine) -> dict:
+    return run_shard(cfg, tid, shard, dest, engine)
 
 
-def _worker(spec_file: str) -> None:
-    """Child-process entry: build the engine, generate, write the result file."""
-    spec = json.loads(Path(spec_file).read_text())
-    from vllm import LLM, SamplingParams
-
-    e = spec["engine"]
-    llm = LLM(model=spec["model"], revision=spec["revision"], trust_remote_code=spec["trust_remote_code"],
-              dtype=e["dtype"], max_model_len=e["max_model_len"], enforce_eager=e["enforce_eager"],
-              gpu_memory_utilization=e["gpu_memory_utilization"], tensor_parallel_size=e["tensor_parallel_size"],
-              seed=e["seed"])
-    from vllm.platforms import current_platform
-
-    s = spec["sampling"]
-    # Per-request seeds crash vLLM's CPU sampler ("CPU Generator does not use offset"); there the engine seed
-    # above makes a run reproducible on its own.
-    request_seed = None if current_platform.is_cpu() else s["seed"]
-    params = SamplingParams(n=s["n"], temperature=s["temperature"], top_p=s["top_p"], max_tokens=s["max_tokens"],
-                            stop=s["stop"] or None, seed=request_seed, ignore_eos=s.get("ignore_eos", False))
-    start = time.perf_counter()
-    outputs = llm.generate(spec["prompts"], params, use_tqdm=True)
-    seconds = time.perf_counter() - start
-    samples = [[{"text": o.text, "num_tokens": len(o.token_ids), "finish_reason": o.finish_reason}
-                for o in req.outputs] for req in outputs]
-    Path(spec["result_file"]).write_text(json.dumps({"samples": samples, "seconds": seconds}))
-
-
-@task(name="generate", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+@task(name="generate", cache_policy=NO_CACHE)
 def generate_task(cfg: Pipeline, ctx: RunContext) -> dict:
+    from distillery.lineage import log_traces_input
+
     tracker = ctx.tracker()
     with tracker.stage("generate", ctx.parent_run_id) as run:
         run.log_params({"teacher": cfg.teacher.path, "teacher_revision": cfg.teacher.revision,
-                        **cfg.generate.model_dump(), "data": cfg.data.model_dump()})
-        result = generate(cfg, ctx.stage_dir("generate"))
+                        **cfg.generate.model_dump(exclude={"openai"}), "data": cfg.data.model_dump()})
+        result = generate(cfg, ctx.stage_dir("generate"), shard_runner=generate_shard_task)
         run.log_metrics(result["figures"])
         rows = read_jsonl(Path(result["path"]))
         run.log_dict(rows[:50], "traces_sample.json")
-        run.log_artifact(Path(result["path"]).parent / "manifest.json")
+        run.log_artifact(Path(result["path"]).parent / MANIFEST)
+        log_traces_input(run, Path(result["path"]), "generated", context="generated")
     return result
-
-
-if __name__ == "__main__":
-    _worker(sys.argv[1])

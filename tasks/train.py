@@ -180,10 +180,16 @@ def _mlflow_callback(run):
 
 
 @task(name="train", cache_policy=NO_CACHE, log_prints=False)  # datasets prints bytecode when hashing
-def train_task(cfg: Pipeline, ctx: RunContext, traces: str, student: str) -> dict:
+def train_task(cfg: Pipeline, ctx: RunContext, traces: str, student: str, generated: str | None = None) -> dict:
+    from distillery.lineage import log_traces_input
+
     out = ctx.stage_dir("train")
     with ctx.tracker().stage("train", ctx.parent_run_id) as run:
         run.log_params({"student": cfg.student.path, **cfg.train.model_dump()})
+        # lineage: what the student was trained on, and what it was filtered from
+        if generated:
+            log_traces_input(run, Path(generated), "generated", context="source")
+        log_traces_input(run, Path(traces), "filtered", context="training")
         rows = load_records(Path(traces))
         figures = sft(student, training_records(rows, cfg.data.chat_template), out, params_from(cfg),
                       callbacks=[_mlflow_callback(run)], trust_remote_code=cfg.student.trust_remote_code)

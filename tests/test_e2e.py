@@ -71,13 +71,20 @@ def test_demo_pipeline_end_to_end(demo_run):
     assert d["num_draft_tokens"] > 0 and d["mean_accepted_length"] >= 1
     assert by_name["train"].data.metrics["train_loss"] > 0
     assert by_name["filter"].data.metrics["kept"] > 0
+    assert by_name["generate"].data.metrics["shards_generated"] == by_name["generate"].data.metrics["shards"] > 1
+
+    # lineage: the training run names the datasets it saw, with the teacher
+    inputs = client.get_run(by_name["train"].info.run_id).inputs.dataset_inputs
+    contexts = sorted(next(t.value for t in i.tags if t.key == "mlflow.data.context") for i in inputs)
+    assert contexts == ["source", "training"]
+    assert all(i.dataset.name.split(":", 1)[1].startswith("demo:teacher") for i in inputs)
 
     # artifacts: sample, filter report, eval JSON, loss curve, summary table and plot
     def names(run_id, path=""):
         return {f.path for f in client.list_artifacts(run_id, path)}
 
     assert "traces_sample.json" in names(by_name["generate"].info.run_id)
-    assert "filter_report.json" in names(by_name["filter"].info.run_id)
+    assert {"filter_report.json", "filter_report.png"} <= names(by_name["filter"].info.run_id)
     assert {"loss_curve.png", "model"} <= names(by_name["train"].info.run_id)
     assert "model/model.safetensors" in names(by_name["prune"].info.run_id, "model")
     assert "results/teacher.json" in names(by_name["evaluate"].info.run_id, "results")
