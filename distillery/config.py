@@ -188,10 +188,20 @@ class KDConfig(Strict):
                                                    "pseudo-token on both sides, or renormalise over the k")
 
 
+class GKDSection(Strict):
+    lmbda: Annotated[float, Field(ge=0, le=1)] = Field(0.5, description="fraction of on-policy (student) samples")
+    beta: Annotated[float, Field(ge=0, le=1)] = Field(0.5, description="generalized JSD: 0 forward, 1 reverse KL")
+    temperature: Annotated[float, Field(gt=0)] = Field(0.9, description="student sampling temperature")
+    max_new_tokens: Annotated[int, Field(gt=0)] = 128
+    seq_kd: bool = Field(False, description="also train on teacher-generated sequences (sequence-level KD)")
+
+
 class TrainConfig(Strict):
-    method: Literal["sft", "logit_kd"] = Field("sft", description="sft: teacher traces as targets; logit_kd: "
-                                               "the teacher's stored top-k distribution at every token")
+    method: Literal["sft", "logit_kd", "gkd"] = Field(
+        "sft", description="sft: teacher traces as targets; logit_kd: the teacher's stored top-k distribution at "
+        "every token; gkd: on-policy generalized KD with the live teacher (TRL GKDTrainer)")
     kd: KDConfig = KDConfig()
+    gkd: GKDSection = GKDSection()
     epochs: Annotated[float, Field(gt=0)] = 1.0
     max_steps: int = Field(-1, description="> 0 overrides epochs")
     learning_rate: Annotated[float, Field(gt=0)] = 2e-5
