@@ -28,3 +28,44 @@ def check_same_vocab(teacher_tok, student_tok, where: str) -> None:
             f"{where}: teacher and student vocabularies differ (sizes {len(t)} vs {len(s)}; "
             f"teacher-only tokens {only_t}; tokens with other ids {moved})"
         )
+
+
+def check_teacher_frozen(teacher, where: str = "teacher") -> None:
+    """A teacher in train mode samples dropout noise into its targets; one with grads wastes memory and can be
+    updated by mistake."""
+    if teacher.training:
+        raise DistillationCheckError(f"{where}: model is in train mode (dropout on); call .eval()")
+    trainable = [n for n, p in teacher.named_parameters() if p.requires_grad]
+    if trainable:
+        raise DistillationCheckError(f"{where}: {len(trainable)} parameters require grad (e.g. {trainable[0]}); "
+                                     "freeze it with requires_grad_(False)")
+
+
+def check_loss_mask(labels, attention_mask, prompt_lengths: list[int] | None = None, where: str = "batch") -> None:
+    """The loss may cover completion tokens only: never padding, never the prompt."""
+    counted = labels != -100
+    if (counted & (attention_mask == 0)).any():
+        raise DistillationCheckError(f"{where}: the loss mask covers pad positions")
+    if prompt_lengths is not None:
+        for row, n in enumerate(prompt_lengths):
+            start = int((attention_mask[row] == 0).long().cumprod(0).sum())  # left padding, if any
+            if counted[row, start : start + n].any():
+                raise DistillationCheckError(f"{where}: row {row}: the loss mask covers prompt tokens")
+    if not counted.any():
+        raise DistillationCheckError(f"{where}: no position counts towards the loss")
+
+
+def check_temperature_both_sides(logprobs_mode: str, sampling_temperature: float, kd_temperature: float,
+                                 where: str = "teacher logprobs") -> None:
+    """Stored teacher logprobs must be raw (T=1) for the trainer to temper teacher and student alike.
+
+    'processed_logprobs' were tempered by the sampling temperature already; tempering them again by the KD
+    temperature while the student is tempered once puts the two sides at different temperatures."""
+    if logprobs_mode == "raw_logprobs":
+        return
+    if logprobs_mode == "processed_logprobs" and sampling_temperature == 1.0 and kd_temperature == 1.0:
+        return
+    raise DistillationCheckError(
+        f"{where}: stored as {logprobs_mode} at sampling temperature {sampling_temperature}; KD at temperature "
+        f"{kd_temperature} would temper the teacher and the student differently. Regenerate with "
+        "generate.logprobs_mode: raw_logprobs")

@@ -178,8 +178,30 @@ class LoraConfig(Strict):
     target_modules: str | list[str] = "all-linear"
 
 
+class KDConfig(Strict):
+    temperature: Annotated[float, Field(gt=0)] = Field(2.0, description="divides teacher and student logits alike")
+    alpha: Annotated[float, Field(ge=0, le=1)] = Field(0.5, description="weight of the soft-target loss; 1-alpha "
+                                                      "goes to cross-entropy on the teacher's tokens")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    beta: Annotated[float, Field(ge=0, le=1)] = Field(0.5, description="jsd interpolation: 0 forward, 1 reverse KL")
+    tail: Literal["bucket", "renormalize"] = Field("bucket", description="mass outside the stored top-k: one "
+                                                   "pseudo-token on both sides, or renormalise over the k")
+
+
+class GKDSection(Strict):
+    lmbda: Annotated[float, Field(ge=0, le=1)] = Field(0.5, description="fraction of on-policy (student) samples")
+    beta: Annotated[float, Field(ge=0, le=1)] = Field(0.5, description="generalized JSD: 0 forward, 1 reverse KL")
+    temperature: Annotated[float, Field(gt=0)] = Field(0.9, description="student sampling temperature")
+    max_new_tokens: Annotated[int, Field(gt=0)] = 128
+    seq_kd: bool = Field(False, description="also train on teacher-generated sequences (sequence-level KD)")
+
+
 class TrainConfig(Strict):
-    method: Literal["sft"] = "sft"
+    method: Literal["sft", "logit_kd", "gkd"] = Field(
+        "sft", description="sft: teacher traces as targets; logit_kd: the teacher's stored top-k distribution at "
+        "every token; gkd: on-policy generalized KD with the live teacher (TRL GKDTrainer)")
+    kd: KDConfig = KDConfig()
+    gkd: GKDSection = GKDSection()
     epochs: Annotated[float, Field(gt=0)] = 1.0
     max_steps: int = Field(-1, description="> 0 overrides epochs")
     learning_rate: Annotated[float, Field(gt=0)] = 2e-5
@@ -275,6 +297,8 @@ class Pipeline(Strict):
             src = getattr(self, name).source
             if name in self.stages and src != "latest" and src not in self.stages:
                 raise ValueError(f"{name}.source: stage {src!r} is not in stages")
+        if "train" in self.stages and self.train.method == "logit_kd" and self.generate.logprobs == 0:
+            raise ValueError("train.method: logit_kd needs the teacher's top-k: set generate.logprobs > 0")
         if self.registry and self.registry.stage and self.registry.stage not in self.stages:
             raise ValueError(f"registry.stage: stage {self.registry.stage!r} is not in stages")
         return self

@@ -61,7 +61,8 @@ def run_stages(cfg: Pipeline, ctx: RunContext, tracker) -> dict:
         kept = filter_task(cfg, ctx, traces)["path"]
     if "train" in stages:
         res = train_task(cfg, ctx, kept, student, generated=traces)
-        models["student-sft"] = {"path": res["path"], "run_id": res["run_id"], "stage": "train"}
+        label = {"sft": "student-sft", "logit_kd": "student-kd", "gkd": "student-gkd"}[cfg.train.method]
+        models[label] = {"path": res["path"], "run_id": res["run_id"], "stage": "train"}
         student = res["path"]
     if "prune" in stages:
         res = prune_task(cfg, ctx, student, kept)

@@ -21,6 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from distillery.artifacts import atomic_dir, write_manifest
 from distillery.checks import check_pad_not_eos
 from distillery.config import Pipeline
+from distillery.demo.assets import resolve_model
 from distillery.runtime import RunContext
 
 
@@ -130,6 +131,120 @@ def sft(model_path: str, records: list[dict], output_dir: Path, params: SFTParam
     return figures
 
 
+def logit_kd(model_path: str, teacher_path: str, rows: list[dict], logprobs: Path, output_dir: Path,
+             params: SFTParams, kd, sampling_temperature: float, logprobs_mode: str, callbacks: list | None = None,
+             trust_remote_code: bool = False) -> dict:
+    """Train `model_path` on the teacher's stored top-k distributions of the kept traces (distillery.kd)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+    from distillery.checks import check_same_vocab, check_temperature_both_sides
+    from distillery.kd import build_examples, load_logprobs, make_trainer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    check_pad_not_eos(tokenizer, where=f"student tokenizer {model_path}")
+    check_same_vocab(AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=trust_remote_code), tokenizer,
+                     where="logit_kd: teacher vs student tokenizer")
+    check_temperature_both_sides(logprobs_mode, sampling_temperature, kd.temperature)
+    examples = build_examples(rows, load_logprobs(logprobs), tokenizer, params.max_length)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=torch.bfloat16 if params.bf16 else torch.float32, trust_remote_code=trust_remote_code)
+    if params.lora:
+        from peft import LoraConfig, get_peft_model
+
+        lora = params.lora
+        model = get_peft_model(model, LoraConfig(
+            r=lora.get("r", 16), lora_alpha=lora.get("alpha", 32), lora_dropout=lora.get("dropout", 0.0),
+            target_modules=lora.get("target_modules", "all-linear"), task_type="CAUSAL_LM"))
+    args = TrainingArguments(
+        output_dir=str(output_dir.parent / f".{output_dir.name}-trainer"), num_train_epochs=params.epochs,
+        max_steps=params.max_steps, learning_rate=params.learning_rate, per_device_train_batch_size=params.batch_size,
+        gradient_accumulation_steps=params.gradient_accumulation_steps, warmup_steps=params.warmup_ratio,
+        weight_decay=params.weight_decay, lr_scheduler_type=params.lr_scheduler_type, seed=params.seed,
+        logging_steps=params.logging_steps, bf16=params.bf16, use_cpu=not torch.cuda.is_available(),
+        save_strategy="no", report_to=[], include_num_input_tokens_seen="non_padding")
+    trainer = make_trainer(model, tokenizer, examples, args, kd.temperature, kd.alpha, kd.divergence, kd.beta,
+                           kd.tail, callbacks)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    result = trainer.train()
+    model = trainer.model.merge_and_unload() if params.lora else trainer.model
+    with atomic_dir(output_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    seconds = result.metrics.get("train_runtime", 0.0)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    tokens = int(trainer.state.num_input_tokens_seen or 0)
+    figures = {"train_loss": float(result.training_loss), "final_loss": float(losses[-1]) if losses else float("nan"),
+               "steps": int(trainer.state.global_step), "train_seconds": float(seconds),
+               "trainable_params": int(trainable), "examples": len(examples), "tokens_seen": tokens,
+               "train_tokens_per_s": tokens / seconds if seconds else 0.0}
+    write_manifest(output_dir, {"kind": "model", "base": model_path, "method": "logit_kd", "kd": kd.model_dump(),
+                                "figures": figures, "loss_history": trainer.state.log_history})
+    return figures
+
+
+def gkd(model_path: str, teacher_path: str, rows: list[dict], output_dir: Path, params: SFTParams, g,
+        callbacks: list | None = None, trust_remote_code: bool = False) -> dict:
+    """On-policy distillation with TRL's GKDTrainer: a fraction lmbda of each batch is sampled by the student
+    itself and scored by the live teacher under the generalized JSD (beta)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    from distillery.checks import check_same_vocab, check_teacher_frozen
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    check_pad_not_eos(tokenizer, where=f"student tokenizer {model_path}")
+    check_same_vocab(AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=trust_remote_code), tokenizer,
+                     where="gkd: teacher vs student tokenizer")
+    if tokenizer.chat_template is None:
+        raise ValueError(f"gkd: the student tokenizer ({model_path}) has no chat template; TRL's GKD needs one")
+    dtype = torch.bfloat16 if params.bf16 else torch.float32
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    teacher.eval().requires_grad_(False)
+    check_teacher_frozen(teacher, where=f"teacher {teacher_path}")
+    student = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    data = Dataset.from_list([{"messages": [{"role": "user", "content": r.get("prompt_text", r["prompt"])},
+                                            {"role": "assistant", "content": r["completion"]}]} for r in rows])
+    args = GKDConfig(
+        output_dir=str(output_dir.parent / f".{output_dir.name}-trainer"), num_train_epochs=params.epochs,
+        max_steps=params.max_steps, learning_rate=params.learning_rate, per_device_train_batch_size=params.batch_size,
+        gradient_accumulation_steps=params.gradient_accumulation_steps, warmup_steps=params.warmup_ratio,
+        lr_scheduler_type=params.lr_scheduler_type, seed=params.seed, logging_steps=params.logging_steps,
+        bf16=params.bf16, use_cpu=not torch.cuda.is_available(), save_strategy="no", report_to=[],
+        max_length=params.max_length, lmbda=g.lmbda, beta=g.beta, temperature=g.temperature,
+        max_new_tokens=g.max_new_tokens, seq_kd=g.seq_kd, include_num_input_tokens_seen="non_padding")
+    peft_config = None
+    if params.lora:
+        from peft import LoraConfig
+
+        lora = params.lora
+        peft_config = LoraConfig(r=lora.get("r", 16), lora_alpha=lora.get("alpha", 32),
+                                 lora_dropout=lora.get("dropout", 0.0),
+                                 target_modules=lora.get("target_modules", "all-linear"), task_type="CAUSAL_LM")
+    trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
+                         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks or [])
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    result = trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    if losses and not all(math.isfinite(x) for x in losses):
+        raise FloatingPointError(f"gkd: non-finite loss in log history {losses[-5:]}")
+    model = trainer.model.merge_and_unload() if peft_config is not None else trainer.model
+    with atomic_dir(output_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    seconds = result.metrics.get("train_runtime", 0.0)
+    tokens = int(trainer.state.num_input_tokens_seen or 0)
+    figures = {"train_loss": float(result.training_loss), "final_loss": float(losses[-1]) if losses else float("nan"),
+               "steps": int(trainer.state.global_step), "train_seconds": float(seconds),
+               "trainable_params": int(trainable), "examples": len(rows), "tokens_seen": tokens,
+               "train_tokens_per_s": tokens / seconds if seconds else 0.0}
+    write_manifest(output_dir, {"kind": "model", "base": model_path, "method": "gkd", "gkd": g.model_dump(),
+                                "figures": figures, "loss_history": trainer.state.log_history})
+    return figures
+
+
 def training_records(rows: list[dict], chat: bool) -> list[dict]:
     """Prompt/completion pairs for TRL. Chat pipelines use conversational form so TRL applies the student's
     own template; plain pipelines train on the exact prompt text the teacher saw."""
@@ -191,8 +306,19 @@ def train_task(cfg: Pipeline, ctx: RunContext, traces: str, student: str, genera
             log_traces_input(run, Path(generated), "generated", context="source")
         log_traces_input(run, Path(traces), "filtered", context="training")
         rows = load_records(Path(traces))
-        figures = sft(student, training_records(rows, cfg.data.chat_template), out, params_from(cfg),
-                      callbacks=[_mlflow_callback(run)], trust_remote_code=cfg.student.trust_remote_code)
+        if cfg.train.method == "logit_kd":
+            gen_dir = Path(generated or traces).parent
+            manifest = json.loads((gen_dir / "manifest.json").read_text())
+            figures = logit_kd(student, resolve_model(cfg.teacher.path), rows, gen_dir / "logprobs.parquet", out,
+                               params_from(cfg), cfg.train.kd, cfg.generate.temperature,
+                               (manifest.get("logprobs") or {}).get("mode", "raw_logprobs"),
+                               callbacks=[_mlflow_callback(run)], trust_remote_code=cfg.student.trust_remote_code)
+        elif cfg.train.method == "gkd":
+            figures = gkd(student, resolve_model(cfg.teacher.path), rows, out, params_from(cfg), cfg.train.gkd,
+                          callbacks=[_mlflow_callback(run)], trust_remote_code=cfg.student.trust_remote_code)
+        else:
+            figures = sft(student, training_records(rows, cfg.data.chat_template), out, params_from(cfg),
+                          callbacks=[_mlflow_callback(run)], trust_remote_code=cfg.student.trust_remote_code)
         run.log_metrics(figures)
         import matplotlib.pyplot as plt
 

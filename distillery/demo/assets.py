@@ -19,6 +19,10 @@ TEACHER_DIR = ASSETS / "teacher"
 VOCAB_SIZE = 512
 SPECIAL = {"pad": "<pad>", "eos": "</s>", "bos": "<s>"}
 THINK = ["<think>", "</think>"]
+# The demo's plain format as a chat template: the user turn is the question text, the assistant turn the completion
+# plus eos, no role markers; chat-based trainers (TRL's GKD) then see exactly the text SFT and vLLM see.
+DEMO_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}"
+                      "{% endif %}{% endfor %}")
 
 # Llama shapes. head_dim 64 keeps vLLM's CPU attention kernels happy; widths are multiples of 32.
 TEACHER_SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
@@ -97,7 +101,7 @@ def demo_student(seed: int = 0) -> Path:
     """The untrained demo student: random init on the teacher's tokenizer, cached per seed."""
     from transformers import AutoTokenizer
 
-    dest = cache_dir() / "demo" / f"student-init-seed{seed}"
+    dest = cache_dir() / "demo" / f"student-init-v2-seed{seed}"  # v2: the tokenizer carries the chat template
     if (dest / "config.json").exists():
         return dest
     if not (TEACHER_DIR / "config.json").exists():

@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     gold = list(task.problems(seed=7, count=args.examples, exclude={p.question for p in evals}))
     corpus = [p.question + p.trace for p in gold[:5000]]
     tokenizer = assets.build_tokenizer(corpus)
+    tokenizer.chat_template = assets.DEMO_CHAT_TEMPLATE
     work = Path(tempfile.mkdtemp(prefix="distillery-teacher-"))
     init = assets.save_atomic(assets.init_model(assets.TEACHER_SHAPE, tokenizer, args.seed), tokenizer,
                               work / "init")

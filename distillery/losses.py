@@ -1,0 +1,169 @@
+"""Distillation losses, written so that each one can be checked against its closed form.
+
+Conventions (the silent bugs of the field are named where they are avoided):
+- Divergences are computed from log-probabilities with `log_softmax` on both sides and summed over the
+  vocabulary with *probabilities* as weights (never log-probs mixed in as weights).
+- Temperature T divides both teacher and student logits (never one side only), and the soft-target loss is
+  multiplied by T², which keeps its gradient magnitude flat across T (Hinton et al. 2015).
+- Generalized JSD with β follows TRL's GKD convention: β = 0 is forward KL(p‖q), β = 1 is reverse KL(q‖p), and
+  0 < β < 1 is β·KL(p‖m) + (1-β)·KL(q‖m) with m = β·p + (1-β)·q.
+- Only positions whose label is not -100 count (completion tokens, never prompt or pad); the mean is over those.
+- The hard-label mix is explicit: loss = α·T²·KD + (1-α)·CE. α = 1 means no hidden CE term.
+
+Two teacher forms: full logits [N, V] (on-policy / online teacher), or the top-k stored by the generate stage
+(ids [N, k], raw logprobs at T=1 [N, k]). For top-k, the mass outside the k tokens is handled explicitly by
+`tail`: "bucket" adds one pseudo-token holding the rest of the mass on both sides (exact at T=1; at T≠1 the
+teacher's tail is tempered as if it were one token, an approximation the docstring of `topk_kd` states);
+"renormalize" restricts both distributions to the k tokens.
+
+`chunked_kd_from_hidden` never builds [N, V] logits for the whole sequence at once: it projects hidden states
+through the output layer chunk by chunk under activation checkpointing, so peak memory scales with the chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
+IGNORE = -100
+
+
+def _f(x: torch.Tensor) -> torch.Tensor:
+    """At least fp32 for the softmax; float64 stays float64 (finite-difference gradient checks need it)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p‖q) summed over the last dim, from log-probabilities; 0·log 0 = 0."""
+    p = logp.exp()
+    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+
+
+def divergence(logp_teacher: torch.Tensor, logq_student: torch.Tensor, kind: Divergence = "forward_kl",
+               beta: float = 0.5) -> torch.Tensor:
+    """Per-position divergence between two normalised log-distributions over the same support."""
+    if kind == "forward_kl":
+        return _kl(logp_teacher, logq_student)
+    if kind == "reverse_kl":
+        return _kl(logq_student, logp_teacher)
+    if kind != "jsd":
+        raise ValueError(f"unknown divergence {kind!r}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd beta must be in [0, 1], got {beta}")
+    if beta == 0.0:
+        return _kl(logp_teacher, logq_student)
+    if beta == 1.0:
+        return _kl(logq_student, logp_teacher)
+    # log m = logsumexp(log β + log p, log(1-β) + log q), stable
+    logm = torch.logsumexp(torch.stack([logp_teacher + math.log(beta), logq_student + math.log(1 - beta)]), dim=0)
+    return beta * _kl(logp_teacher, logm) + (1 - beta) * _kl(logq_student, logm)
+
+
+def _masked_mean(per_pos: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    if labels is None:
+        return per_pos.mean()
+    mask = labels != IGNORE
+    if not mask.any():
+        raise ValueError("distillation loss: every position is masked (no completion tokens in the batch)")
+    return per_pos[mask].mean()
+
+
+def full_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+            kind: Divergence = "forward_kl", beta: float = 0.5, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """T²-scaled divergence between full teacher and student distributions at temperature T.
+
+    student_logits, teacher_logits: [..., V]; labels: [...] with -100 on positions that must not count.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} vs student {tuple(student_logits.shape)}: "
+                         "vocabularies must match (same tokenizer, same embedding size)")
+    t = float(temperature)
+    logq = F.log_softmax(_f(student_logits) / t, dim=-1)
+    logp = F.log_softmax(_f(teacher_logits) / t, dim=-1)
+    return (t * t) * _masked_mean(divergence(logp, logq, kind, beta), labels)
+
+
+def topk_kd(student_logits: torch.Tensor, top_ids: torch.Tensor, top_logprobs: torch.Tensor,
+            temperature: float = 1.0, kind: Divergence = "forward_kl", beta: float = 0.5,
+            labels: torch.Tensor | None = None, tail: Literal["bucket", "renormalize"] = "bucket") -> torch.Tensor:
+    """T²-scaled divergence against a teacher known only by its top-k (raw logprobs at T=1).
+
+    student_logits [..., V]; top_ids [..., k] (long); top_logprobs [..., k] (log-softmax of the teacher's logits at
+    T=1, as vLLM's raw_logprobs). Tempering: teacher logits are recovered up to a constant as the logprobs, so the
+    top-k part at temperature T is exact; with tail="bucket" the remaining mass r is tempered as if it were one
+    token (r^(1/T)), exact at T=1.
+    """
+    t = float(temperature)
+    z = _f(student_logits) / t
+    log_z = torch.logsumexp(z, dim=-1, keepdim=True)
+    s_top = z.gather(-1, top_ids) - log_z  # student log q_T on the teacher's top-k ids
+    t_top = _f(top_logprobs) / t
+    if tail == "renormalize":
+        logp = t_top - torch.logsumexp(t_top, -1, keepdim=True)
+        logq = s_top - torch.logsumexp(s_top, -1, keepdim=True)
+    elif tail == "bucket":
+        # teacher: tail mass at T=1 is 1 - sum(top), tempered as one pseudo-token
+        top_mass = _f(top_logprobs).exp().sum(-1, keepdim=True).clamp(max=1.0)
+        t_tail = torch.log1p(-top_mass.clamp(max=1 - 1e-7)) / t
+        t_all = torch.cat([t_top, t_tail], dim=-1)
+        logp = t_all - torch.logsumexp(t_all, -1, keepdim=True)
+        # student: exact tail, log(1 - sum q_top) computed without cancellation
+        s_tail = torch.log1p(-s_top.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-7))
+        logq = torch.cat([s_top, s_tail], dim=-1)
+    else:
+        raise ValueError(f"unknown tail handling {tail!r}")
+    return (t * t) * _masked_mean(divergence(logp, logq, kind, beta), labels)
+
+
+def hard_ce(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on the hard labels (already aligned with the logits), ignoring -100."""
+    return F.cross_entropy(_f(student_logits).reshape(-1, student_logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORE)
+
+
+def mixed(kd: torch.Tensor, ce: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha·KD + (1-alpha)·CE, with the T² already inside `kd`; refuses a NaN/inf result."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"kd alpha must be in [0, 1], got {alpha}")
+    loss = alpha * kd + (1 - alpha) * ce
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"distillation loss is {loss.item()} (kd {kd.item()}, ce {ce.item()})")
+    return loss
+
+
+def chunked_kd_from_hidden(hidden: torch.Tensor, lm_head: torch.nn.Module, teacher_logits: torch.Tensor | None,
+                           labels: torch.Tensor, temperature: float = 1.0, kind: Divergence = "forward_kl",
+                           beta: float = 0.5, chunk_size: int = 1024, top_ids: torch.Tensor | None = None,
+                           top_logprobs: torch.Tensor | None = None, tail: str = "bucket") -> torch.Tensor:
+    """The same loss as full_kd/topk_kd over N positions, without materialising [N, V] student logits at once.
+
+    hidden [N, H] (positions already aligned with labels [N]); each chunk's logits are built, reduced to a sum of
+    per-position divergences, and dropped; activation checkpointing recomputes them in backward.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    keep = labels != IGNORE
+    if not keep.any():
+        raise ValueError("distillation loss: every position is masked (no completion tokens in the batch)")
+    idx = keep.nonzero(as_tuple=True)[0]
+    t = float(temperature)
+
+    def chunk_sum(h, tl, ti, tlp):
+        z = _f(lm_head(h))
+        if tl is not None:
+            per = divergence(F.log_softmax(_f(tl) / t, -1), F.log_softmax(z / t, -1), kind, beta)
+            return per.sum()
+        per_mean = topk_kd(z, ti, tlp, t, kind, beta, labels=None, tail=tail) / (t * t)
+        return per_mean * h.shape[0]
+
+    total = hidden.new_zeros((), dtype=_f(hidden).dtype)
+    for start in range(0, idx.numel(), chunk_size):
+        sel = idx[start : start + chunk_size]
+        args = (hidden[sel], None if teacher_logits is None else teacher_logits[sel],
+                None if top_ids is None else top_ids[sel], None if top_logprobs is None else top_logprobs[sel])
+        total = total + checkpoint(chunk_sum, *args, use_reentrant=False)
+    return (t * t) * total / idx.numel()

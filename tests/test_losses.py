@@ -1,0 +1,176 @@
+"""Each distillation loss against its closed form, gradients by finite differences, T² scaling, and the mode
+behaviour of forward vs reverse KL."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from distillery.losses import chunked_kd_from_hidden, divergence, full_kd, hard_ce, mixed, topk_kd
+
+P = torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64)
+Q = torch.tensor([0.9, 0.05, 0.05], dtype=torch.float64)
+
+
+def log(x):
+    return torch.log(x)
+
+
+def test_forward_and_reverse_kl_closed_form():
+    fwd = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.05)  # 0·log 0 = 0
+    rev = 0.9 * math.log(0.9 / 0.5) + 0.05 * math.log(0.05 / 0.5) + 0.05 * math.log(0.05 / 1e-30)
+    assert divergence(log(P), log(Q), "forward_kl").item() == pytest.approx(fwd, rel=1e-6)
+    q2 = torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)
+    p2 = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    rev2 = sum(q * math.log(q / p) for p, q in zip(p2.tolist(), q2.tolist(), strict=True))
+    assert divergence(log(p2), log(q2), "reverse_kl").item() == pytest.approx(rev2, rel=1e-6)
+    assert rev > 0  # the zero-probability teacher token makes reverse KL blow up: that's the known asymmetry
+
+
+def test_generalized_jsd_closed_form_and_endpoints():
+    p, q = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64), torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)
+    for beta in (0.1, 0.5, 0.9):
+        m = beta * p + (1 - beta) * q
+        expected = beta * (p * (p / m).log()).sum() + (1 - beta) * (q * (q / m).log()).sum()
+        assert divergence(p.log(), q.log(), "jsd", beta).item() == pytest.approx(expected.item(), rel=1e-6)
+    # TRL's convention: beta 0 is forward KL, beta 1 is reverse KL (the bug where beta is reversed fails here)
+    assert divergence(p.log(), q.log(), "jsd", 0.0) == pytest.approx(divergence(p.log(), q.log(), "forward_kl"))
+    assert divergence(p.log(), q.log(), "jsd", 1.0) == pytest.approx(divergence(p.log(), q.log(), "reverse_kl"))
+    assert divergence(p.log(), q.log(), "jsd", 0.5) <= math.log(2)
+
+
+def test_full_kd_tempers_both_sides_and_scales_by_t_squared():
+    torch.manual_seed(0)
+    s, t = torch.randn(4, 7), torch.randn(4, 7)
+    for temp in (1.0, 2.0, 4.0):
+        p = torch.softmax(t / temp, -1)
+        q = torch.softmax(s / temp, -1)
+        expected = temp**2 * (p * (p.log() - q.log())).sum(-1).mean()
+        assert full_kd(s, t, temp).item() == pytest.approx(expected.item(), rel=1e-5)
+        one_sided = temp**2 * (p * (p.log() - torch.log_softmax(s, -1))).sum(-1).mean()
+        if temp != 1.0:
+            assert full_kd(s, t, temp).item() != pytest.approx(one_sided.item(), rel=1e-3)
+
+
+def test_masked_positions_do_not_count():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, 1, 2, -100, -100]])
+    base = full_kd(s, t, 2.0, labels=labels)
+    s2 = s.clone()
+    s2[labels == -100] += 100 * torch.randn_like(s2[labels == -100])  # prompt/pad positions: anything goes
+    assert full_kd(s2, t, 2.0, labels=labels).item() == pytest.approx(base.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="every position is masked"):
+        full_kd(s, t, labels=torch.full((2, 5), -100))
+
+
+def test_vocab_mismatch_is_refused():
+    with pytest.raises(ValueError, match="vocabularies must match"):
+        full_kd(torch.randn(3, 10), torch.randn(3, 12))
+
+
+@pytest.mark.parametrize("kind,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)])
+def test_gradients_match_finite_differences(kind, beta):
+    torch.manual_seed(0)
+    s = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(3, 6, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: full_kd(x, t, 1.7, kind, beta), (s,))
+    top = torch.log_softmax(t, -1).topk(3)
+    assert torch.autograd.gradcheck(lambda x: topk_kd(x, top.indices, top.values, 1.7, kind, beta), (s,))
+
+
+def test_t_squared_keeps_soft_target_gradients_flat():
+    torch.manual_seed(0)
+    t = torch.randn(64, 50)
+    t = t - t.mean(-1, keepdim=True)
+    s0 = (t + 0.5 * torch.randn(64, 50)).detach()
+    norms, unscaled = {}, {}
+    for temp in (2.0, 4.0, 8.0, 16.0):
+        s = s0.clone().requires_grad_(True)
+        full_kd(s, t, temp).backward()
+        norms[temp] = s.grad.norm().item()
+        unscaled[temp] = norms[temp] / temp**2
+    assert max(norms.values()) / min(norms.values()) < 1.5  # flat with T²
+    assert unscaled[16.0] / unscaled[2.0] < 0.05  # without it the signal vanishes as 1/T²
+
+
+def test_forward_kl_covers_both_modes_reverse_kl_commits_to_one():
+    """A unimodal student (a discretised Gaussian over 41 tokens, mean and width learnable) fit to a bimodal
+    teacher, both from the same start near one mode: forward KL moves its mean between the modes with a wide
+    spread; reverse KL sits on that mode, at the textbook optimum KL = ln 2."""
+    x = torch.linspace(-20, 20, 41)
+    teacher = torch.logsumexp(torch.stack([-(x - 10) ** 2 / 8, -(x + 10) ** 2 / 8]), 0)
+    fits = {}
+    for kind in ("forward_kl", "reverse_kl"):
+        mu = torch.tensor(6.0, requires_grad=True)
+        log_sigma = torch.tensor(math.log(2.0), requires_grad=True)
+        opt = torch.optim.Adam([mu, log_sigma], lr=0.05)
+        for _ in range(1500):
+            opt.zero_grad()
+            student = -(x - mu) ** 2 / (2 * log_sigma.exp() ** 2)
+            loss = full_kd(student[None], teacher[None], 1.0, kind)
+            loss.backward()
+            opt.step()
+        fits[kind] = (mu.item(), log_sigma.exp().item(), loss.item())
+    (mu_f, sd_f, _), (mu_r, sd_r, loss_r) = fits["forward_kl"], fits["reverse_kl"]
+    assert abs(mu_f) < 1.5 and sd_f > 7  # mass over both modes
+    assert abs(mu_r - 10) < 0.5 and abs(sd_r - 2) < 0.5  # committed to one mode, with its width
+    assert loss_r == pytest.approx(math.log(2), abs=1e-3)
+
+
+def test_topk_bucket_is_exact_at_t1_and_renormalize_restricts():
+    torch.manual_seed(0)
+    s, t = torch.randn(5, 9), torch.randn(5, 9)
+    logp = torch.log_softmax(t, -1)
+    top = logp.topk(4)
+    # closed form at T=1: KL between the coarsened distributions [top-k..., rest]
+    q = torch.softmax(s, -1)
+    p_c = torch.cat([top.values.exp(), 1 - top.values.exp().sum(-1, keepdim=True)], -1)
+    q_top = q.gather(-1, top.indices)
+    q_c = torch.cat([q_top, 1 - q_top.sum(-1, keepdim=True)], -1)
+    expected = (p_c * (p_c.log() - q_c.log())).sum(-1).mean()
+    assert topk_kd(s, top.indices, top.values, 1.0).item() == pytest.approx(expected.item(), rel=1e-5)
+    p_r = top.values.softmax(-1)
+    q_r = q_top / q_top.sum(-1, keepdim=True)
+    expected_r = (p_r * (p_r.log() - q_r.log())).sum(-1).mean()
+    assert topk_kd(s, top.indices, top.values, 1.0, tail="renormalize").item() == pytest.approx(expected_r.item(),
+                                                                                                rel=1e-5)
+    # all k = V: the stored top-k is the whole teacher, and the loss is the full one
+    full = logp.topk(9)
+    assert topk_kd(s, full.indices, full.values, 1.0).item() == pytest.approx(full_kd(s, t).item(), abs=1e-4)
+
+
+def test_chunked_loss_equals_the_naive_one_with_its_gradients():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 40, bias=False)
+    hidden = torch.randn(30, 16, requires_grad=True)
+    teacher = torch.randn(30, 40)
+    labels = torch.randint(0, 40, (30,))
+    labels[:7] = -100
+    naive = full_kd(head(hidden), teacher, 2.0, "jsd", 0.4, labels=labels)
+    g_naive = torch.autograd.grad(naive, [hidden, head.weight])
+    for chunk in (4, 30, 1000):
+        chunked = chunked_kd_from_hidden(hidden, head, teacher, labels, 2.0, "jsd", 0.4, chunk_size=chunk)
+        assert chunked.item() == pytest.approx(naive.item(), rel=1e-5)
+        g = torch.autograd.grad(chunked, [hidden, head.weight])
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g, g_naive, strict=True))
+    top = torch.log_softmax(teacher, -1).topk(5)
+    naive_k = topk_kd(head(hidden), top.indices, top.values, 2.0, labels=labels)
+    chunked_k = chunked_kd_from_hidden(hidden, head, None, labels, 2.0, chunk_size=8, top_ids=top.indices,
+                                       top_logprobs=top.values)
+    assert chunked_k.item() == pytest.approx(naive_k.item(), rel=1e-5)
+
+
+def test_mix_and_nan_refusal():
+    kd, ce = torch.tensor(2.0), torch.tensor(4.0)
+    assert mixed(kd, ce, 0.25).item() == pytest.approx(0.25 * 2 + 0.75 * 4)
+    with pytest.raises(FloatingPointError, match="distillation loss is nan"):
+        mixed(torch.tensor(float("nan")), ce, 0.5)
+    with pytest.raises(ValueError, match="alpha"):
+        mixed(kd, ce, 1.5)
+    logits = torch.randn(2, 3, 5)
+    labels = torch.tensor([[1, -100, 2], [-100, -100, 4]])
+    assert hard_ce(logits, labels).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits.reshape(-1, 5), labels.reshape(-1), ignore_index=-100).item())
