@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -66,10 +67,13 @@ def run_worker(module: str, spec: dict[str, Any], kv_cache_gib: float = 1.0, tim
         tail.append(line.rstrip())
     rc = proc.wait(timeout=timeout)
     result_file = Path(spec["result_file"])
-    if rc != 0 or not result_file.exists():
-        last = "\n".join(tail)
-        raise RuntimeError(f"{module} worker failed (exit {rc}); last output:\n{last}")
-    return json.loads(result_file.read_text())
+    try:
+        if rc != 0 or not result_file.exists():
+            last = "\n".join(tail)
+            raise RuntimeError(f"{module} worker failed (exit {rc}); last output:\n{last}")
+        return json.loads(result_file.read_text())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def derive_seed(seed: int, *parts: str) -> int:
@@ -92,7 +96,8 @@ class VLLMEngine:
         self._stderr_tail: deque[str] = deque(maxlen=40)
 
     def _start(self) -> None:
-        spec_file = Path(tempfile.mkdtemp(prefix="distillery-engine-")) / "engine.json"
+        self._work = Path(tempfile.mkdtemp(prefix="distillery-engine-"))
+        spec_file = self._work / "engine.json"
         spec_file.write_text(json.dumps(self.spec))
         self.proc = subprocess.Popen([sys.executable, "-m", "distillery.engines", str(spec_file)],
                                      env=vllm_env(self.kv_cache_gib), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -137,6 +142,7 @@ class VLLMEngine:
         except (OSError, subprocess.TimeoutExpired, ValueError):
             self.proc.kill()
         self.proc = None
+        shutil.rmtree(self._work, ignore_errors=True)
 
 
 def _vllm_samples(req_output, k: int) -> list[dict]:

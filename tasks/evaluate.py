@@ -146,12 +146,20 @@ def evaluate_task(cfg: Pipeline, ctx: RunContext, models: dict[str, dict]) -> di
     prompts = throughput_prompts(cfg)
     with ctx.tracker().stage("evaluate", ctx.parent_run_id) as run:
         run.log_params({**cfg.evaluate.model_dump(), "models": ",".join(models)})
-        for i, (label, spec) in enumerate(models.items()):
-            print(f"evaluate [{i + 1}/{len(models)}] {label}: {spec['path']}")
-            trust = cfg.teacher.trust_remote_code if label == "teacher" else cfg.student.trust_remote_code
-            res = evaluate_model(spec["path"], cfg.evaluate, include, prompts, spec.get("params"), trust)
-            results[label] = res
-            atomic_write_text(out_dir / f"{label}.json", json.dumps(res, indent=2))
-            run.log_metrics({f"{k}.{label}": v for k, v in res["figures"].items() if v is not None})
-            run.log_dict(res, f"results/{label}.json")
+        try:
+            _evaluate_all(cfg, models, include, prompts, out_dir, run, results)
+        finally:
+            if include:
+                shutil.rmtree(include, ignore_errors=True)
     return results
+
+
+def _evaluate_all(cfg: Pipeline, models: dict[str, dict], include, prompts, out_dir: Path, run, results) -> None:
+    for i, (label, spec) in enumerate(models.items()):
+        print(f"evaluate [{i + 1}/{len(models)}] {label}: {spec['path']}")
+        trust = cfg.teacher.trust_remote_code if label == "teacher" else cfg.student.trust_remote_code
+        res = evaluate_model(spec["path"], cfg.evaluate, include, prompts, spec.get("params"), trust)
+        results[label] = res
+        atomic_write_text(out_dir / f"{label}.json", json.dumps(res, indent=2))
+        run.log_metrics({f"{k}.{label}": v for k, v in res["figures"].items() if v is not None})
+        run.log_dict(res, f"results/{label}.json")
