@@ -48,6 +48,38 @@ def load_records(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def lora_config(params: SFTParams):
+    """PEFT LoRA settings from the pipeline, or None for full fine-tuning."""
+    if not params.lora:
+        return None
+    from peft import LoraConfig
+
+    lora = params.lora
+    return LoraConfig(r=lora.get("r", 16), lora_alpha=lora.get("alpha", 32), lora_dropout=lora.get("dropout", 0.0),
+                      target_modules=lora.get("target_modules", "all-linear"), task_type="CAUSAL_LM")
+
+
+def finish(trainer, result, tokenizer, output_dir: Path, trainable: int, examples: int, merge: bool,
+           manifest: dict, where: str) -> dict:
+    """After any trainer: refuse non-finite losses, save the (merged) model atomically, manifest last, figures."""
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    if losses and not all(math.isfinite(x) for x in losses):
+        raise FloatingPointError(f"{where}: non-finite loss in log history {losses[-5:]}")
+    # ship a plain model: vLLM, pruning and bnb all want one
+    model = trainer.model.merge_and_unload() if merge else trainer.model
+    with atomic_dir(output_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    seconds = float(result.metrics.get("train_runtime", 0.0))
+    tokens = int(trainer.state.num_input_tokens_seen or 0)
+    figures = {"train_loss": float(result.training_loss), "final_loss": float(losses[-1]) if losses else float("nan"),
+               "steps": int(trainer.state.global_step), "train_seconds": seconds, "trainable_params": int(trainable),
+               "examples": examples, "tokens_seen": tokens, "train_tokens_per_s": tokens / seconds if seconds else 0.0}
+    write_manifest(output_dir, {"kind": "model", **manifest, "figures": figures,
+                                "loss_history": trainer.state.log_history})
+    return figures
+
+
 def sft(model_path: str, records: list[dict], output_dir: Path, params: SFTParams,
         callbacks: list | None = None, trust_remote_code: bool = False) -> dict:
     """Fine-tune `model_path` on prompt/completion `records`; save the (merged) model to `output_dir`.
@@ -90,45 +122,14 @@ def sft(model_path: str, records: list[dict], output_dir: Path, params: SFTParam
         include_num_input_tokens_seen="non_padding",
         **params.extra,
     )
-    peft_config = None
-    if params.lora:
-        from peft import LoraConfig
-
-        lora = params.lora
-        peft_config = LoraConfig(
-            r=lora.get("r", 16), lora_alpha=lora.get("alpha", 32), lora_dropout=lora.get("dropout", 0.0),
-            target_modules=lora.get("target_modules", "all-linear"), task_type="CAUSAL_LM",
-        )
+    peft_config = lora_config(params)
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in records])
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=callbacks or [])
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     result = trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    if losses and not all(math.isfinite(x) for x in losses):
-        raise FloatingPointError(f"train: non-finite loss in log history {losses[-5:]}")
-    model = trainer.model
-    if peft_config is not None:
-        model = model.merge_and_unload()  # ship a plain model: vLLM, pruning and bnb all want one
-    tokens = int(trainer.state.num_input_tokens_seen or 0)
-    with atomic_dir(output_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    seconds = result.metrics.get("train_runtime", 0.0)
-    figures = {
-        "train_loss": float(result.training_loss),
-        "final_loss": float(losses[-1]) if losses else float("nan"),
-        "steps": int(trainer.state.global_step),
-        "train_seconds": float(seconds),
-        "trainable_params": int(trainable),
-        "examples": len(records),
-    }
-    if tokens:
-        figures["tokens_seen"] = tokens
-        figures["train_tokens_per_s"] = tokens / seconds if seconds else 0.0
-    write_manifest(output_dir, {"kind": "model", "base": model_path, "figures": figures,
-                                "loss_history": trainer.state.log_history})
-    return figures
+    return finish(trainer, result, tokenizer, output_dir, trainable, len(records), merge=peft_config is not None,
+                  manifest={"base": model_path}, where="train")
 
 
 def logit_kd(model_path: str, teacher_path: str, rows: list[dict], logprobs: Path, output_dir: Path,
@@ -150,12 +151,9 @@ def logit_kd(model_path: str, teacher_path: str, rows: list[dict], logprobs: Pat
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=torch.bfloat16 if params.bf16 else torch.float32, trust_remote_code=trust_remote_code)
     if params.lora:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        lora = params.lora
-        model = get_peft_model(model, LoraConfig(
-            r=lora.get("r", 16), lora_alpha=lora.get("alpha", 32), lora_dropout=lora.get("dropout", 0.0),
-            target_modules=lora.get("target_modules", "all-linear"), task_type="CAUSAL_LM"))
+        model = get_peft_model(model, lora_config(params))
     args = TrainingArguments(
         output_dir=str(output_dir.parent / f".{output_dir.name}-trainer"), num_train_epochs=params.epochs,
         max_steps=params.max_steps, learning_rate=params.learning_rate, per_device_train_batch_size=params.batch_size,
@@ -167,20 +165,8 @@ def logit_kd(model_path: str, teacher_path: str, rows: list[dict], logprobs: Pat
                            kd.tail, callbacks)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     result = trainer.train()
-    model = trainer.model.merge_and_unload() if params.lora else trainer.model
-    with atomic_dir(output_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    seconds = result.metrics.get("train_runtime", 0.0)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    tokens = int(trainer.state.num_input_tokens_seen or 0)
-    figures = {"train_loss": float(result.training_loss), "final_loss": float(losses[-1]) if losses else float("nan"),
-               "steps": int(trainer.state.global_step), "train_seconds": float(seconds),
-               "trainable_params": int(trainable), "examples": len(examples), "tokens_seen": tokens,
-               "train_tokens_per_s": tokens / seconds if seconds else 0.0}
-    write_manifest(output_dir, {"kind": "model", "base": model_path, "method": "logit_kd", "kd": kd.model_dump(),
-                                "figures": figures, "loss_history": trainer.state.log_history})
-    return figures
+    return finish(trainer, result, tokenizer, output_dir, trainable, len(examples), merge=bool(params.lora),
+                  manifest={"base": model_path, "method": "logit_kd", "kd": kd.model_dump()}, where="logit_kd")
 
 
 def gkd(model_path: str, teacher_path: str, rows: list[dict], output_dir: Path, params: SFTParams, g,
@@ -215,34 +201,13 @@ def gkd(model_path: str, teacher_path: str, rows: list[dict], output_dir: Path, 
         bf16=params.bf16, use_cpu=not torch.cuda.is_available(), save_strategy="no", report_to=[],
         max_length=params.max_length, lmbda=g.lmbda, beta=g.beta, temperature=g.temperature,
         max_new_tokens=g.max_new_tokens, seq_kd=g.seq_kd, include_num_input_tokens_seen="non_padding")
-    peft_config = None
-    if params.lora:
-        from peft import LoraConfig
-
-        lora = params.lora
-        peft_config = LoraConfig(r=lora.get("r", 16), lora_alpha=lora.get("alpha", 32),
-                                 lora_dropout=lora.get("dropout", 0.0),
-                                 target_modules=lora.get("target_modules", "all-linear"), task_type="CAUSAL_LM")
+    peft_config = lora_config(params)
     trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks or [])
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     result = trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    if losses and not all(math.isfinite(x) for x in losses):
-        raise FloatingPointError(f"gkd: non-finite loss in log history {losses[-5:]}")
-    model = trainer.model.merge_and_unload() if peft_config is not None else trainer.model
-    with atomic_dir(output_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    seconds = result.metrics.get("train_runtime", 0.0)
-    tokens = int(trainer.state.num_input_tokens_seen or 0)
-    figures = {"train_loss": float(result.training_loss), "final_loss": float(losses[-1]) if losses else float("nan"),
-               "steps": int(trainer.state.global_step), "train_seconds": float(seconds),
-               "trainable_params": int(trainable), "examples": len(rows), "tokens_seen": tokens,
-               "train_tokens_per_s": tokens / seconds if seconds else 0.0}
-    write_manifest(output_dir, {"kind": "model", "base": model_path, "method": "gkd", "gkd": g.model_dump(),
-                                "figures": figures, "loss_history": trainer.state.log_history})
-    return figures
+    return finish(trainer, result, tokenizer, output_dir, trainable, len(rows), merge=peft_config is not None,
+                  manifest={"base": model_path, "method": "gkd", "gkd": g.model_dump()}, where="gkd")
 
 
 def training_records(rows: list[dict], chat: bool) -> list[dict]:
