@@ -8,10 +8,8 @@ thread-local. A tracker that is off is a NullTracker with the same methods.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -171,11 +169,3 @@ class NullTracker:
 
     def register(self, *a, **k) -> str:
         return "0"
-
-
-def json_safe(x: Any) -> Any:
-    return json.loads(json.dumps(x, default=str))
-
-
-def tmp_artifact_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="distillery-artifacts-"))

@@ -18,7 +18,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from distillery.artifacts import atomic_dir, write_manifest
+from distillery.artifacts import atomic_dir, read_jsonl, write_manifest
 from distillery.checks import check_pad_not_eos
 from distillery.config import Pipeline
 from distillery.demo.assets import resolve_model
@@ -41,11 +41,6 @@ class SFTParams:
     lora: dict[str, Any] | None = None  # {r, alpha, dropout, target_modules}; None = full fine-tuning
     max_steps: int = -1
     extra: dict[str, Any] = field(default_factory=dict)  # passed to SFTConfig as is
-
-
-def load_records(path: Path) -> list[dict]:
-    with path.open() as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def lora_config(params: SFTParams):
@@ -270,7 +265,7 @@ def train_task(cfg: Pipeline, ctx: RunContext, traces: str, student: str, genera
         if generated:
             log_traces_input(run, Path(generated), "generated", context="source")
         log_traces_input(run, Path(traces), "filtered", context="training")
-        rows = load_records(Path(traces))
+        rows = read_jsonl(Path(traces))
         if cfg.train.method == "logit_kd":
             gen_dir = Path(generated or traces).parent
             manifest = json.loads((gen_dir / "manifest.json").read_text())
