@@ -179,6 +179,10 @@ class LoraConfig(Strict):
     alpha: Annotated[float, Field(gt=0)] = 32
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     target_modules: str | list[str] = "all-linear"
+    quantize: Literal["nf4"] | None = Field(
+        None, description="QLoRA: load the frozen base in 4-bit NF4 (double quant) through bitsandbytes; the adapter "
+        "is merged into the dequantized base it was trained against. (An LLM.int8 base is not offered: it also "
+        "quantizes activations, so no float model reproduces what the adapter learned.)")
 
 
 class KDConfig(Strict):
@@ -199,12 +203,36 @@ class GKDSection(Strict):
     seq_kd: bool = Field(False, description="also train on teacher-generated sequences (sequence-level KD)")
 
 
+class DPOSection(Strict):
+    judge: Literal["verifier", "teacher"] = Field(
+        "verifier", description="verifier: a sample filter.verifier accepts beats one it rejects; teacher: the "
+        "sample with the highest mean token log-prob under the teacher beats the lowest")
+    sft_first: bool = Field(True, description="SFT on the kept traces first (the train.* settings), then sample, "
+                            "judge and DPO from that model, which is also the DPO reference")
+    samples: Annotated[int, Field(ge=2)] = Field(4, description="student samples per prompt to pair up")
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+    max_new_tokens: Annotated[int, Field(gt=0)] = 256
+    num_prompts: Annotated[int, Field(gt=0)] | None = Field(None, description="first N kept prompts; default all")
+    pairs_per_prompt: Annotated[int, Field(ge=1)] = 1
+    min_margin: Annotated[float, Field(ge=0)] = Field(0.0, description="teacher judge: least gap in mean token "
+                                                      "log-prob between chosen and rejected")
+    beta: Annotated[float, Field(gt=0)] = 0.1
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "apo_zero", "sigmoid_norm"] = "sigmoid"
+    epochs: Annotated[float, Field(gt=0)] = 1.0
+    learning_rate: Annotated[float, Field(gt=0)] = 5e-6
+
+
 class TrainConfig(Strict):
-    method: Literal["sft", "logit_kd", "gkd"] = Field(
-        "sft", description="sft: teacher traces as targets; logit_kd: the teacher's stored top-k distribution at "
-        "every token; gkd: on-policy generalized KD with the live teacher (TRL GKDTrainer)")
+    method: Literal["hard", "sft", "logit_kd", "gkd", "dpo"] = Field(
+        "sft", description="hard: the dataset's answers only, no teacher (the baseline); sft: teacher traces as "
+        "targets; logit_kd: the teacher's stored top-k distribution at every token; gkd: on-policy generalized KD "
+        "with the live teacher (TRL GKDTrainer); dpo: pairs of student samples ranked by the verifier or the "
+        "teacher, then TRL DPOTrainer")
     kd: KDConfig = KDConfig()
     gkd: GKDSection = GKDSection()
+    dpo: DPOSection = DPOSection()
+    hard_label_template: str = Field("{answer}", description="method hard: the completion for a prompt, from its "
+                                     "reference answer")
     epochs: Annotated[float, Field(gt=0)] = 1.0
     max_steps: int = Field(-1, description="> 0 overrides epochs")
     learning_rate: Annotated[float, Field(gt=0)] = 2e-5
@@ -288,10 +316,8 @@ class Pipeline(Strict):
             raise ValueError("a stage is listed twice")
         if v != sorted(v, key=STAGES.index):
             raise ValueError(f"stages must run in the order {', '.join(STAGES)}")
-        needs = {"filter": "generate", "train": "filter"}
-        for stage, dep in needs.items():
-            if stage in v and dep not in v:
-                raise ValueError(f"stage {stage!r} needs stage {dep!r}")
+        if "filter" in v and "generate" not in v:
+            raise ValueError("stage 'filter' needs stage 'generate'")
         return v
 
     @model_validator(mode="after")
@@ -300,6 +326,11 @@ class Pipeline(Strict):
             src = getattr(self, name).source
             if name in self.stages and src != "latest" and src not in self.stages:
                 raise ValueError(f"{name}.source: stage {src!r} is not in stages")
+        if "train" in self.stages and self.train.method != "hard" and "filter" not in self.stages:
+            raise ValueError(f"stages: train.method {self.train.method!r} learns from the teacher's traces and needs "
+                             "stage 'filter' (only method 'hard' trains on the dataset's answers alone)")
+        if "{answer}" not in self.train.hard_label_template:
+            raise ValueError("train.hard_label_template: must contain {answer}")
         if "train" in self.stages and self.train.method == "logit_kd" and self.generate.logprobs == 0:
             raise ValueError("train.method: logit_kd needs the teacher's top-k: set generate.logprobs > 0")
         if self.registry and self.registry.stage and self.registry.stage not in self.stages:

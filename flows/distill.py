@@ -27,6 +27,8 @@ from tasks.quantize import quantize_task
 from tasks.report import report_task
 from tasks.train import train_task
 
+METHOD_LABELS = {"hard": "student-hard", "sft": "student-sft", "logit_kd": "student-kd", "gkd": "student-gkd",
+                 "dpo": "student-dpo"}
 DEFAULT_FILE = str(Path(__file__).resolve().parents[1] / "pipelines.yaml")
 
 
@@ -61,7 +63,7 @@ def run_stages(cfg: Pipeline, ctx: RunContext, tracker) -> dict:
         kept = filter_task(cfg, ctx, traces)["path"]
     if "train" in stages:
         res = train_task(cfg, ctx, kept, student, generated=traces)
-        label = {"sft": "student-sft", "logit_kd": "student-kd", "gkd": "student-gkd"}[cfg.train.method]
+        label = METHOD_LABELS[cfg.train.method]
         models[label] = {"path": res["path"], "run_id": res["run_id"], "stage": "train"}
         student = res["path"]
     if "prune" in stages:

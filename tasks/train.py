@@ -1,10 +1,14 @@
-"""train: the student learns from the kept teacher traces with TRL's SFTTrainer (sequence-level KD).
+"""train: the student learns from the teacher, by the pipeline's `train.method`.
 
     distillery run demo --set train.epochs=1
 
-Loss is on completion tokens only (TRL masks the prompt for prompt/completion data), full fine-tuning or
-LoRA through PEFT. Refuses to start when the tokenizer's pad token equals eos (the student would never be
-taught to stop) or when the trace file is empty.
+- hard: the dataset's reference answers only (no teacher), the baseline every method is measured against;
+- sft: TRL SFTTrainer on the kept teacher traces (sequence-level KD), loss on completion tokens only;
+- logit_kd: the teacher's stored top-k distribution at every trace token (distillery.kd);
+- gkd: TRL's on-policy GKDTrainer against the live teacher;
+- dpo: SFT, then pairs of the student's own samples ranked by the verifier or the teacher, TRL DPOTrainer.
+Full fine-tuning, LoRA, or QLoRA (adapters on a bitsandbytes NF4/int8 base) through PEFT. Every method refuses
+pad == eos and stops at the first non-finite loss.
 """
 
 from __future__ import annotations
@@ -38,30 +42,123 @@ class SFTParams:
     seed: int = 0
     logging_steps: int = 10
     bf16: bool = False
-    lora: dict[str, Any] | None = None  # {r, alpha, dropout, target_modules}; None = full fine-tuning
+    lora: dict[str, Any] | None = None  # {r, alpha, dropout, target_modules, quantize: nf4}; None = full fine-tuning
     max_steps: int = -1
     extra: dict[str, Any] = field(default_factory=dict)  # passed to SFTConfig as is
 
 
-def lora_config(params: SFTParams):
-    """PEFT LoRA settings from the pipeline, or None for full fine-tuning."""
-    if not params.lora:
+def common_args(params: SFTParams, output_dir: Path) -> dict:
+    """TrainingArguments every method shares. Transformers' default `logging_nan_inf_filter` would replace a NaN
+    loss in the logs by the running mean and hide it; it is off, and `guard_finite` stops at the first one."""
+    import torch
+
+    return dict(output_dir=str(output_dir.parent / f".{output_dir.name}-trainer"), num_train_epochs=params.epochs,
+                max_steps=params.max_steps, learning_rate=params.learning_rate,
+                per_device_train_batch_size=params.batch_size,
+                gradient_accumulation_steps=params.gradient_accumulation_steps, warmup_steps=params.warmup_ratio,
+                weight_decay=params.weight_decay, lr_scheduler_type=params.lr_scheduler_type, seed=params.seed,
+                logging_steps=params.logging_steps, bf16=params.bf16, use_cpu=not torch.cuda.is_available(),
+                save_strategy="no", report_to=[], include_num_input_tokens_seen="non_padding",
+                logging_nan_inf_filter=False, disable_tqdm=False)
+
+
+def bnb_config(params: SFTParams):
+    """QLoRA's quantized frozen base (bitsandbytes), or None."""
+    if (params.lora or {}).get("quantize") != "nf4":
         return None
-    from peft import LoraConfig
+    import torch
+    from transformers import BitsAndBytesConfig
 
+    from tasks.quantize import require_bnb
+
+    require_bnb()
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16 if params.bf16 else torch.float32)
+
+
+def load_student(model_path: str, params: SFTParams, trust_remote_code: bool = False):
+    """The model to train: full weights, LoRA adapters (PEFT) on it, or QLoRA adapters on a bnb-quantized base."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    quant = bnb_config(params)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if params.bf16 else torch.float32,
+                                                 trust_remote_code=trust_remote_code, quantization_config=quant)
+    if not params.lora:
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quant is not None:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     lora = params.lora
-    return LoraConfig(r=lora.get("r", 16), lora_alpha=lora.get("alpha", 32), lora_dropout=lora.get("dropout", 0.0),
-                      target_modules=lora.get("target_modules", "all-linear"), task_type="CAUSAL_LM")
+    return get_peft_model(model, LoraConfig(r=lora.get("r", 16), lora_alpha=lora.get("alpha", 32),
+                                            lora_dropout=lora.get("dropout", 0.0), task_type="CAUSAL_LM",
+                                            target_modules=lora.get("target_modules", "all-linear")))
 
 
-def finish(trainer, result, tokenizer, output_dir: Path, trainable: int, examples: int, merge: bool,
-           manifest: dict, where: str) -> dict:
+def guard_finite(trainer, where: str):
+    """Stop training at the first NaN/inf loss, whatever the trainer: the stage fails and its MLflow run ends
+    FAILED instead of a broken model being saved."""
+    import torch
+
+    compute = trainer.compute_loss
+
+    def checked(model, inputs, *args, **kwargs):
+        out = compute(model, inputs, *args, **kwargs)
+        loss = out[0] if isinstance(out, tuple) else out
+        if not torch.isfinite(loss.detach()).all():
+            raise FloatingPointError(f"{where}: non-finite loss ({loss.detach().float().mean().item()}) at step "
+                                     f"{trainer.state.global_step}; lower train.learning_rate or check the data")
+        return out
+
+    trainer.compute_loss = checked
+    return trainer
+
+
+def merged_model(model, params: SFTParams, base_path: str, trust_remote_code: bool = False):
+    """A plain model to ship (vLLM, pruning and bnb all want one), with the merge checked against the trained one.
+
+    QLoRA adapters learned against the dequantized low-bit base, so they are merged into exactly that base, in
+    full precision, rather than into the original weights."""
+    if not params.lora:
+        return model, {}
+    import tempfile
+
+    import torch
+
+    probe = torch.randint(3, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=probe.to(model.device)).logits.float().cpu()
+    if bnb_config(params) is None:
+        plain = model.merge_and_unload()
+    else:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        with tempfile.TemporaryDirectory(prefix="distillery-adapter-") as tmp:
+            model.save_pretrained(tmp)
+            base = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=bnb_config(params),
+                                                        trust_remote_code=trust_remote_code)
+            base.dequantize()
+            plain = PeftModel.from_pretrained(base, tmp).merge_and_unload()
+    with torch.no_grad():
+        after = plain(input_ids=probe.to(plain.device)).logits.float().cpu()
+    diff = float((before - after).abs().max())
+    scale = float(before.abs().max())
+    if not diff <= 1e-2 * max(1.0, scale):
+        raise RuntimeError(f"train: the merged model's logits differ from the adapter model's by {diff:.3g} "
+                           f"(logit scale {scale:.3g}); refusing to save a model that is not the one trained")
+    return plain, {"merge_max_abs_logit_diff": diff}
+
+
+def finish(trainer, result, tokenizer, output_dir: Path, trainable: int, examples: int, params: SFTParams,
+           base_path: str, manifest: dict, where: str, trust_remote_code: bool = False) -> dict:
     """After any trainer: refuse non-finite losses, save the (merged) model atomically, manifest last, figures."""
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     if losses and not all(math.isfinite(x) for x in losses):
         raise FloatingPointError(f"{where}: non-finite loss in log history {losses[-5:]}")
-    # ship a plain model: vLLM, pruning and bnb all want one
-    model = trainer.model.merge_and_unload() if merge else trainer.model
+    model, merge = merged_model(trainer.model, params, base_path, trust_remote_code)
     with atomic_dir(output_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -69,99 +166,75 @@ def finish(trainer, result, tokenizer, output_dir: Path, trainable: int, example
     tokens = int(trainer.state.num_input_tokens_seen or 0)
     figures = {"train_loss": float(result.training_loss), "final_loss": float(losses[-1]) if losses else float("nan"),
                "steps": int(trainer.state.global_step), "train_seconds": seconds, "trainable_params": int(trainable),
-               "examples": examples, "tokens_seen": tokens, "train_tokens_per_s": tokens / seconds if seconds else 0.0}
-    write_manifest(output_dir, {"kind": "model", **manifest, "figures": figures,
+               "params": int(model.num_parameters()), "examples": examples, "tokens_seen": tokens,
+               "train_tokens_per_s": tokens / seconds if seconds else 0.0, **merge}
+    write_manifest(output_dir, {"kind": "model", **manifest, "lora": params.lora, "figures": figures,
                                 "loss_history": trainer.state.log_history})
     return figures
 
 
+def trainable_count(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def student_tokenizer(model_path: str, teacher_path: str | None, where: str, trust_remote_code: bool = False):
+    """The student's tokenizer, refused when pad == eos or (with a teacher) when the vocabularies differ."""
+    from transformers import AutoTokenizer
+
+    from distillery.checks import check_same_vocab
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    check_pad_not_eos(tokenizer, where=f"student tokenizer {model_path}")
+    if teacher_path:
+        check_same_vocab(AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=trust_remote_code), tokenizer,
+                         where=f"{where}: teacher vs student tokenizer")
+    return tokenizer
+
+
 def sft(model_path: str, records: list[dict], output_dir: Path, params: SFTParams,
-        callbacks: list | None = None, trust_remote_code: bool = False) -> dict:
+        callbacks: list | None = None, trust_remote_code: bool = False, where: str = "train") -> dict:
     """Fine-tune `model_path` on prompt/completion `records`; save the (merged) model to `output_dir`.
 
     Returns the training figures: final loss, steps, tokens seen, seconds, tokens/s, trainable params.
     """
-    import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     if not records:
-        raise ValueError("train: no training records (did the filter drop every trace?)")
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    check_pad_not_eos(tokenizer, where=f"student tokenizer {model_path}")
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=torch.bfloat16 if params.bf16 else torch.float32, trust_remote_code=trust_remote_code
-    )
-    use_cpu = not torch.cuda.is_available()
-    config = SFTConfig(
-        output_dir=str(output_dir.parent / f".{output_dir.name}-trainer"),
-        num_train_epochs=params.epochs,
-        max_steps=params.max_steps,
-        learning_rate=params.learning_rate,
-        per_device_train_batch_size=params.batch_size,
-        gradient_accumulation_steps=params.gradient_accumulation_steps,
-        max_length=params.max_length,
-        warmup_steps=params.warmup_ratio,
-        weight_decay=params.weight_decay,
-        lr_scheduler_type=params.lr_scheduler_type,
-        seed=params.seed,
-        logging_steps=params.logging_steps,
-        bf16=params.bf16,
-        use_cpu=use_cpu,
-        save_strategy="no",
-        report_to=[],
-        completion_only_loss=True,
-        dataset_num_proc=None,
-        disable_tqdm=False,
-        include_num_input_tokens_seen="non_padding",
-        **params.extra,
-    )
-    peft_config = lora_config(params)
+        raise ValueError(f"{where}: no training records (did the filter drop every trace?)")
+    tokenizer = student_tokenizer(model_path, None, where, trust_remote_code)
+    model = load_student(model_path, params, trust_remote_code)
+    config = SFTConfig(**common_args(params, output_dir), max_length=params.max_length, completion_only_loss=True,
+                       dataset_num_proc=None, **params.extra)
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in records])
-    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config, callbacks=callbacks or [])
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    trainer = guard_finite(SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                                      callbacks=callbacks or []), where)
     result = trainer.train()
-    return finish(trainer, result, tokenizer, output_dir, trainable, len(records), merge=peft_config is not None,
-                  manifest={"base": model_path}, where="train")
+    return finish(trainer, result, tokenizer, output_dir, trainable_count(trainer.model), len(records), params,
+                  model_path, manifest={"base": model_path, "method": "sft"}, where=where,
+                  trust_remote_code=trust_remote_code)
 
 
 def logit_kd(model_path: str, teacher_path: str, rows: list[dict], logprobs: Path, output_dir: Path,
              params: SFTParams, kd, sampling_temperature: float, logprobs_mode: str, callbacks: list | None = None,
              trust_remote_code: bool = False) -> dict:
     """Train `model_path` on the teacher's stored top-k distributions of the kept traces (distillery.kd)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+    from transformers import TrainingArguments
 
-    from distillery.checks import check_same_vocab, check_temperature_both_sides
+    from distillery.checks import check_temperature_both_sides
     from distillery.kd import build_examples, load_logprobs, make_trainer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    check_pad_not_eos(tokenizer, where=f"student tokenizer {model_path}")
-    check_same_vocab(AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=trust_remote_code), tokenizer,
-                     where="logit_kd: teacher vs student tokenizer")
+    tokenizer = student_tokenizer(model_path, teacher_path, "logit_kd", trust_remote_code)
     check_temperature_both_sides(logprobs_mode, sampling_temperature, kd.temperature)
     examples = build_examples(rows, load_logprobs(logprobs), tokenizer, params.max_length)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=torch.bfloat16 if params.bf16 else torch.float32, trust_remote_code=trust_remote_code)
-    if params.lora:
-        from peft import get_peft_model
-
-        model = get_peft_model(model, lora_config(params))
-    args = TrainingArguments(
-        output_dir=str(output_dir.parent / f".{output_dir.name}-trainer"), num_train_epochs=params.epochs,
-        max_steps=params.max_steps, learning_rate=params.learning_rate, per_device_train_batch_size=params.batch_size,
-        gradient_accumulation_steps=params.gradient_accumulation_steps, warmup_steps=params.warmup_ratio,
-        weight_decay=params.weight_decay, lr_scheduler_type=params.lr_scheduler_type, seed=params.seed,
-        logging_steps=params.logging_steps, bf16=params.bf16, use_cpu=not torch.cuda.is_available(),
-        save_strategy="no", report_to=[], include_num_input_tokens_seen="non_padding")
-    trainer = make_trainer(model, tokenizer, examples, args, kd.temperature, kd.alpha, kd.divergence, kd.beta,
-                           kd.tail, callbacks)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model = load_student(model_path, params, trust_remote_code)
+    args = TrainingArguments(**common_args(params, output_dir))
+    trainer = guard_finite(make_trainer(model, tokenizer, examples, args, kd.temperature, kd.alpha, kd.divergence,
+                                        kd.beta, kd.tail, callbacks), "logit_kd")
     result = trainer.train()
-    return finish(trainer, result, tokenizer, output_dir, trainable, len(examples), merge=bool(params.lora),
-                  manifest={"base": model_path, "method": "logit_kd", "kd": kd.model_dump()}, where="logit_kd")
+    return finish(trainer, result, tokenizer, output_dir, trainable_count(model), len(examples), params, model_path,
+                  manifest={"base": model_path, "method": "logit_kd", "kd": kd.model_dump()}, where="logit_kd",
+                  trust_remote_code=trust_remote_code)
 
 
 def gkd(model_path: str, teacher_path: str, rows: list[dict], output_dir: Path, params: SFTParams, g,
@@ -170,39 +243,87 @@ def gkd(model_path: str, teacher_path: str, rows: list[dict], output_dir: Path, 
     itself and scored by the live teacher under the generalized JSD (beta)."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    from distillery.checks import check_same_vocab, check_teacher_frozen
+    from distillery.checks import check_teacher_frozen
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    check_pad_not_eos(tokenizer, where=f"student tokenizer {model_path}")
-    check_same_vocab(AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=trust_remote_code), tokenizer,
-                     where="gkd: teacher vs student tokenizer")
+    tokenizer = student_tokenizer(model_path, teacher_path, "gkd", trust_remote_code)
     if tokenizer.chat_template is None:
         raise ValueError(f"gkd: the student tokenizer ({model_path}) has no chat template; TRL's GKD needs one")
-    dtype = torch.bfloat16 if params.bf16 else torch.float32
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.bfloat16 if params.bf16 else torch.float32,
+                                                   trust_remote_code=trust_remote_code)
     teacher.eval().requires_grad_(False)
     check_teacher_frozen(teacher, where=f"teacher {teacher_path}")
-    student = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    student = load_student(model_path, params, trust_remote_code)
     data = Dataset.from_list([{"messages": [{"role": "user", "content": r.get("prompt_text", r["prompt"])},
                                             {"role": "assistant", "content": r["completion"]}]} for r in rows])
-    args = GKDConfig(
-        output_dir=str(output_dir.parent / f".{output_dir.name}-trainer"), num_train_epochs=params.epochs,
-        max_steps=params.max_steps, learning_rate=params.learning_rate, per_device_train_batch_size=params.batch_size,
-        gradient_accumulation_steps=params.gradient_accumulation_steps, warmup_steps=params.warmup_ratio,
-        lr_scheduler_type=params.lr_scheduler_type, seed=params.seed, logging_steps=params.logging_steps,
-        bf16=params.bf16, use_cpu=not torch.cuda.is_available(), save_strategy="no", report_to=[],
-        max_length=params.max_length, lmbda=g.lmbda, beta=g.beta, temperature=g.temperature,
-        max_new_tokens=g.max_new_tokens, seq_kd=g.seq_kd, include_num_input_tokens_seen="non_padding")
-    peft_config = lora_config(params)
-    trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks or [])
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    args = GKDConfig(**common_args(params, output_dir), max_length=params.max_length, lmbda=g.lmbda, beta=g.beta,
+                     temperature=g.temperature, max_new_tokens=g.max_new_tokens, seq_kd=g.seq_kd)
+    trainer = guard_finite(GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
+                                      processing_class=tokenizer, callbacks=callbacks or []), "gkd")
     result = trainer.train()
-    return finish(trainer, result, tokenizer, output_dir, trainable, len(rows), merge=peft_config is not None,
-                  manifest={"base": model_path, "method": "gkd", "gkd": g.model_dump()}, where="gkd")
+    return finish(trainer, result, tokenizer, output_dir, trainable_count(trainer.model), len(rows), params,
+                  model_path, manifest={"base": model_path, "method": "gkd", "gkd": g.model_dump()}, where="gkd",
+                  trust_remote_code=trust_remote_code)
+
+
+def dpo(model_path: str, teacher_path: str, rows: list[dict], output_dir: Path, params: SFTParams, d, verifier,
+        chat: bool, callbacks: list | None = None, trust_remote_code: bool = False) -> dict:
+    """Preference distillation: (SFT on the traces, then) the student samples `d.samples` answers per prompt, the
+    verifier or the teacher ranks them into chosen/rejected pairs, and TRL's DPOTrainer trains on the pairs with
+    the starting student as the reference."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from distillery.preferences import preference_pairs, sample_student
+
+    figures: dict[str, Any] = {}
+    start = model_path
+    if d.sft_first:
+        sft_dir = output_dir.parent / f"{output_dir.name}-sft"
+        sft_figs = sft(model_path, training_records(rows, chat), sft_dir, params, callbacks, trust_remote_code,
+                       where="dpo (sft)")
+        figures.update({f"sft_{k}": v for k, v in sft_figs.items()})
+        start = str(sft_dir)
+    tokenizer = student_tokenizer(start, None, "dpo", trust_remote_code)  # the teacher judges text, not ids
+    prompts = list({r["prompt_id"]: r for r in rows}.values())[: d.num_prompts]
+    samples = sample_student(start, [r.get("prompt_text", r["prompt"]) for r in prompts], d, params.seed,
+                             trust_remote_code)
+    pairs, stats = preference_pairs(prompts, samples, d, verifier, teacher_path, trust_remote_code)
+    figures.update(stats)
+    if not pairs:
+        raise ValueError(f"dpo: no preference pairs from {len(prompts)} prompts x {d.samples} samples (judge "
+                         f"{d.judge}): every sample was judged alike; raise train.dpo.samples or temperature")
+    data = Dataset.from_list([to_preference_record(p, chat) for p in pairs])
+    args = DPOConfig(**{**common_args(params, output_dir), "num_train_epochs": d.epochs,
+                        "learning_rate": d.learning_rate}, beta=d.beta, loss_type=[d.loss_type],
+                     max_length=params.max_length)
+    model = load_student(start, params, trust_remote_code)
+    trainer = guard_finite(DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                                      callbacks=callbacks or []), "dpo")
+    result = trainer.train()
+    last = next((h for h in reversed(trainer.state.log_history) if "rewards/accuracies" in h), {})
+    figures.update({"dpo_reward_accuracy": float(last.get("rewards/accuracies", float("nan"))),
+                    "dpo_reward_margin": float(last.get("rewards/margins", float("nan")))})
+    figures.update(finish(trainer, result, tokenizer, output_dir, trainable_count(trainer.model), len(pairs), params,
+                          start, manifest={"base": model_path, "method": "dpo", "dpo": d.model_dump()}, where="dpo",
+                          trust_remote_code=trust_remote_code))
+    return figures
+
+
+def to_preference_record(pair: dict, chat: bool) -> dict:
+    if chat:
+        return {"prompt": [{"role": "user", "content": pair["prompt"]}],
+                "chosen": [{"role": "assistant", "content": pair["chosen"]}],
+                "rejected": [{"role": "assistant", "content": pair["rejected"]}]}
+    return {"prompt": pair["prompt_text"], "chosen": pair["chosen"], "rejected": pair["rejected"]}
+
+
+def hard_label_records(rows: list[dict], template: str, chat: bool) -> list[dict]:
+    """The no-teacher baseline: each distinct prompt once, its completion the reference answer in `template`."""
+    unique = {r.get("prompt_id", r.get("id")): r for r in rows}.values()
+    return training_records([{**r, "completion": template.format(answer=r["answer"])} for r in unique], chat)
 
 
 def training_records(rows: list[dict], chat: bool) -> list[dict]:
@@ -212,6 +333,36 @@ def training_records(rows: list[dict], chat: bool) -> list[dict]:
         return [{"prompt": [{"role": "user", "content": r["prompt"]}],
                  "completion": [{"role": "assistant", "content": r["completion"]}]} for r in rows]
     return [{"prompt": r.get("prompt_text", r["prompt"]), "completion": r["completion"]} for r in rows]
+
+
+def run_method(cfg: Pipeline, student: str, traces: str | None, generated: str | None, out: Path,
+               callbacks: list | None = None) -> dict:
+    """Train `student` by the pipeline's method into `out`; returns the training figures."""
+    t, trust, chat = cfg.train, cfg.student.trust_remote_code, cfg.data.chat_template
+    params = params_from(cfg)
+    if t.method == "hard":  # the dataset's answers only; the kept traces' prompts when there are any
+        from distillery.data import load_prompts
+
+        rows = read_jsonl(Path(traces)) if traces else load_prompts(cfg.data)
+        return sft(student, hard_label_records(rows, t.hard_label_template, chat), out, params, callbacks, trust,
+                   where="train (hard labels)")
+    rows = read_jsonl(Path(traces))
+    teacher = resolve_model(cfg.teacher.path)
+    if t.method == "logit_kd":
+        gen_dir = Path(generated or traces).parent
+        manifest = json.loads((gen_dir / "manifest.json").read_text())
+        return logit_kd(student, teacher, rows, gen_dir / "logprobs.parquet", out, params, t.kd,
+                        cfg.generate.temperature, (manifest.get("logprobs") or {}).get("mode", "raw_logprobs"),
+                        callbacks, trust)
+    if t.method == "gkd":
+        return gkd(student, teacher, rows, out, params, t.gkd, callbacks, trust)
+    if t.method == "dpo":
+        from tasks.filter import VERIFIERS
+
+        check = VERIFIERS[cfg.filter.verifier]
+        return dpo(student, teacher, rows, out, params, t.dpo, lambda text, ref: check(text, ref, cfg.filter), chat,
+                   callbacks, trust)
+    return sft(student, training_records(rows, chat), out, params, callbacks, trust)
 
 
 def params_from(cfg: Pipeline) -> SFTParams:
@@ -255,7 +406,8 @@ def _mlflow_callback(run):
 
 
 @task(name="train", cache_policy=NO_CACHE, log_prints=False)  # datasets prints bytecode when hashing
-def train_task(cfg: Pipeline, ctx: RunContext, traces: str, student: str, generated: str | None = None) -> dict:
+def train_task(cfg: Pipeline, ctx: RunContext, traces: str | None, student: str,
+               generated: str | None = None) -> dict:
     from distillery.lineage import log_traces_input
 
     out = ctx.stage_dir("train")
@@ -264,21 +416,9 @@ def train_task(cfg: Pipeline, ctx: RunContext, traces: str, student: str, genera
         # lineage: what the student was trained on, and what it was filtered from
         if generated:
             log_traces_input(run, Path(generated), "generated", context="source")
-        log_traces_input(run, Path(traces), "filtered", context="training")
-        rows = read_jsonl(Path(traces))
-        if cfg.train.method == "logit_kd":
-            gen_dir = Path(generated or traces).parent
-            manifest = json.loads((gen_dir / "manifest.json").read_text())
-            figures = logit_kd(student, resolve_model(cfg.teacher.path), rows, gen_dir / "logprobs.parquet", out,
-                               params_from(cfg), cfg.train.kd, cfg.generate.temperature,
-                               (manifest.get("logprobs") or {}).get("mode", "raw_logprobs"),
-                               callbacks=[_mlflow_callback(run)], trust_remote_code=cfg.student.trust_remote_code)
-        elif cfg.train.method == "gkd":
-            figures = gkd(student, resolve_model(cfg.teacher.path), rows, out, params_from(cfg), cfg.train.gkd,
-                          callbacks=[_mlflow_callback(run)], trust_remote_code=cfg.student.trust_remote_code)
-        else:
-            figures = sft(student, training_records(rows, cfg.data.chat_template), out, params_from(cfg),
-                          callbacks=[_mlflow_callback(run)], trust_remote_code=cfg.student.trust_remote_code)
+        if traces:
+            log_traces_input(run, Path(traces), "filtered", context="training")
+        figures = run_method(cfg, student, traces, generated, out, callbacks=[_mlflow_callback(run)])
         run.log_metrics(figures)
         import matplotlib.pyplot as plt
 
