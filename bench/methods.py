@@ -155,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
                 figs = run_method(arm_cfg, student, kept["path"], gen["path"], work / arm)
                 ev = evaluate_model(str(work / arm), cfg.evaluate, include, prompts)
                 figs.update(ev["figures"])
+                for k in ("steps", "tokens_seen", "train_seconds"):  # dpo: its SFT phase counts too
+                    figs[k] = figs.get(f"total_{k}", figs[k])
+                figs["train_tokens_per_s"] = figs["tokens_seen"] / figs["train_seconds"]
                 figs["mfu"] = 6 * figs["params"] * figs["tokens_seen"] / figs["train_seconds"] / peak
                 run.log_metrics(figs)
                 fig = loss_curve(json.loads((work / arm / "manifest.json").read_text())["loss_history"])

@@ -218,6 +218,9 @@ class DPOSection(Strict):
                                                       "log-prob between chosen and rejected")
     beta: Annotated[float, Field(gt=0)] = 0.1
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "apo_zero", "sigmoid_norm"] = "sigmoid"
+    sft_weight: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="add this weight of NLL on the chosen samples (RPO): keeps DPO from lowering the "
+        "likelihood of the chosen answers along with the rejected ones")
     epochs: Annotated[float, Field(gt=0)] = 1.0
     learning_rate: Annotated[float, Field(gt=0)] = 5e-6
 

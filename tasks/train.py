@@ -297,8 +297,9 @@ def dpo(model_path: str, teacher_path: str, rows: list[dict], output_dir: Path, 
                          f"{d.judge}): every sample was judged alike; raise train.dpo.samples or temperature")
     data = Dataset.from_list([to_preference_record(p, chat) for p in pairs])
     args = DPOConfig(**{**common_args(params, output_dir), "num_train_epochs": d.epochs,
-                        "learning_rate": d.learning_rate}, beta=d.beta, loss_type=[d.loss_type],
-                     max_length=params.max_length)
+                        "learning_rate": d.learning_rate}, beta=d.beta, max_length=params.max_length,
+                     **({"loss_type": [d.loss_type, "sft"], "loss_weights": [1.0, d.sft_weight]} if d.sft_weight
+                        else {"loss_type": [d.loss_type]}))
     model = load_student(start, params, trust_remote_code)
     trainer = guard_finite(DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                                       callbacks=callbacks or []), "dpo")
@@ -309,6 +310,9 @@ def dpo(model_path: str, teacher_path: str, rows: list[dict], output_dir: Path, 
     figures.update(finish(trainer, result, tokenizer, output_dir, trainable_count(trainer.model), len(pairs), params,
                           start, manifest={"base": model_path, "method": "dpo", "dpo": d.model_dump()}, where="dpo",
                           trust_remote_code=trust_remote_code))
+    # the whole budget, SFT included, for comparisons with single-phase methods
+    for k in ("steps", "tokens_seen", "train_seconds"):
+        figures[f"total_{k}"] = figures[k] + figures.get(f"sft_{k}", 0)
     return figures
 
 
