@@ -288,9 +288,41 @@ class DraftConfig(Strict):
     max_model_len: Annotated[int, Field(gt=0)] | None = None
 
 
+MODEL_STAGES = ("train", "prune", "quantize")
+ModelStage = Literal["train", "prune", "quantize"]
+# The figures evaluate records per model (tasks/evaluate.py); each registered version carries them as metric.* tags.
+GATE_METRICS = ("accuracy", "accuracy_stderr", "params", "memory_bytes", "tokens_per_s", "eval_seconds")
+
+
+class GateConfig(Strict):
+    metric: str = Field("accuracy", description=f"evaluate figure compared: {', '.join(GATE_METRICS)}")
+    higher_is_better: bool = Field(True, description="false for figures like memory_bytes, where less wins")
+    min_delta: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="the candidate must beat the champion by more than this to take the alias")
+    model: Literal["best", "last"] = Field(
+        "last", description="the gate candidate: the last version this run registered, or its best by metric")
+
+    @field_validator("metric")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in GATE_METRICS:
+            raise ValueError(f"unknown metric {v!r}; expected one of {', '.join(GATE_METRICS)}")
+        return v
+
+
 class RegistryConfig(Strict):
-    model_name: Annotated[str, Field(min_length=1)]
-    stage: Literal["train", "prune", "quantize"] | None = Field(None, description="default: last model stage")
+    model_name: Annotated[str, Field(min_length=1)] = Field(description="registered model; one version per model")
+    stages: Annotated[list[ModelStage], Field(min_length=1)] | None = Field(
+        None, description="model stages whose models become versions (quantize: one per format); default every "
+        "model stage the pipeline runs")
+    gate: GateConfig = Field(GateConfig(), description="when alias `champion` moves to the run's `candidate`")
+
+    @field_validator("stages")
+    @classmethod
+    def _unique(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("a stage is listed twice")
+        return v
 
 
 class Pipeline(Strict):
@@ -308,8 +340,8 @@ class Pipeline(Strict):
     draft: DraftConfig = DraftConfig()
     registry: RegistryConfig | None = None
     experiment: str = Field("distillery", description="MLflow experiment name")
-    log_models: bool = Field(True, description="log each stage's model folder to its MLflow run (the registered "
-                             "one is always logged)")
+    log_models: bool = Field(True, description="log each stage's model folder to its MLflow run (registered "
+                             "ones are always logged)")
     output_dir: str = Field("runs", description="where stage artifacts go, relative to the working directory")
 
     @field_validator("stages")
@@ -336,8 +368,12 @@ class Pipeline(Strict):
             raise ValueError("train.hard_label_template: must contain {answer}")
         if "train" in self.stages and self.train.method == "logit_kd" and self.generate.logprobs == 0:
             raise ValueError("train.method: logit_kd needs the teacher's top-k: set generate.logprobs > 0")
-        if self.registry and self.registry.stage and self.registry.stage not in self.stages:
-            raise ValueError(f"registry.stage: stage {self.registry.stage!r} is not in stages")
+        if self.registry:
+            missing = [s for s in self.registry.stages or [] if s not in self.stages]
+            if missing:
+                raise ValueError(f"registry.stages: stage {missing[0]!r} is not in stages")
+            if not set(MODEL_STAGES) & set(self.stages):
+                raise ValueError(f"registry: no model stage ({', '.join(MODEL_STAGES)}) in stages to register")
         return self
 
 

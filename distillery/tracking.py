@@ -134,9 +134,25 @@ class Tracker:
                 raise
         mv = self.client.create_model_version(
             name, source=run.artifact_uri(artifact_path), run_id=run.run_id,
-            tags={k: str(v) for k, v in (tags or {}).items()},
+            tags={k: str(v) for k, v in (tags or {}).items() if v is not None},  # no "None" strings
         )
-        return mv.version
+        return str(mv.version)
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        """Point `alias` at `version`; an alias is unique per model, so it leaves whatever version had it."""
+        self.client.set_registered_model_alias(name, alias, version)
+
+    def get_alias(self, name: str, alias: str):
+        """The ModelVersion `alias` points at, or None when the model or the alias does not exist yet."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_model_version_by_alias(name, alias)
+        except MlflowException as e:
+            # No model: RESOURCE_DOES_NOT_EXIST; a model without the alias: INVALID_PARAMETER_VALUE "... not found".
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST" or "alias" in str(e) and "not found" in str(e):
+                return None
+            raise
 
 
 class NullRun(StageRun):
@@ -169,3 +185,9 @@ class NullTracker:
 
     def register(self, *a, **k) -> str:
         return "0"
+
+    def set_alias(self, *a, **k) -> None:
+        return None
+
+    def get_alias(self, *a, **k) -> None:
+        return None

@@ -4,7 +4,8 @@
     prefect deployment run 'distill/demo'                # through a server, after `distillery serve`
 
 One MLflow parent run per pipeline run, a child per stage; stages pass paths, never live models, so each heavy
-stage can own its process and memory.
+stage can own its process and memory. The models made are registered, and the registry gate decides whether alias
+`champion` moves (distillery/registry.py).
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from pathlib import Path
 
 from prefect import flow, runtime
 
+from distillery import registry
 from distillery.config import Pipeline, load_pipeline, parse_overrides
 from distillery.demo.assets import resolve_model
 from distillery.runtime import RunContext
-from distillery.tracking import NullTracker, StageRun, Tracker, tracking_uri
+from distillery.tracking import NullTracker, Tracker, tracking_uri
 from tasks.draft import draft_task
 from tasks.evaluate import evaluate_task
 from tasks.filter import filter_task
@@ -82,10 +84,11 @@ def run_stages(cfg: Pipeline, ctx: RunContext, tracker) -> dict:
     if "draft" in stages:
         draft_label = label_for(models, cfg.draft.source)
         draft = draft_task(cfg, ctx, teacher, pick(models, cfg.draft.source, student))
+    gate = None
     if cfg.registry and models:
-        register(cfg, ctx, tracker, models, evals)
+        gate = registry.register_run(tracker, ctx, cfg.registry, models, evals, logged=cfg.log_models)
     table = report_task(ctx, evals, draft, draft_label) if evals else None
-    return {"models": models, "table": table["table"] if table else None}
+    return {"models": models, "table": table["table"] if table else None, "gate": gate}
 
 
 def label_for(models: dict[str, dict], source: str) -> str:
@@ -101,23 +104,6 @@ def pick(models: dict[str, dict], source: str, fallback: str) -> str:
     """The full-precision student a later stage starts from: the named stage's, or the latest."""
     label = label_for(models, source)
     return models[label]["path"] if label in models else fallback
-
-
-def register(cfg: Pipeline, ctx: RunContext, tracker, models: dict[str, dict], evals: dict | None) -> None:
-    """Log the chosen stage's model folder to its child run and register it as a new model version."""
-    if isinstance(tracker, NullTracker):
-        return
-    stage = cfg.registry.stage or [m["stage"] for m in models.values()][-1]
-    label, m = next((k, v) for k, v in models.items() if v["stage"] == stage)
-    run = StageRun(tracker.client, m["run_id"])
-    artifact = m.get("artifact", "model")
-    if not cfg.log_models:  # otherwise the stage logged it already
-        run.log_artifact(m["path"], artifact)
-    acc = evals[label]["figures"]["accuracy"] if evals and label in evals else None
-    version = tracker.register(cfg.registry.model_name, run, artifact,
-                               tags={"stage": stage, "model": label, "pipeline": ctx.pipeline,
-                                     "parent_run_id": ctx.parent_run_id, "accuracy": acc})
-    print(f"registered {cfg.registry.model_name} version {version} ({label})")
 
 
 def open_run(cfg: Pipeline, pipeline: str, config_file: str, overrides: list[str] | None, track: bool):

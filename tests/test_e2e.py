@@ -91,8 +91,15 @@ def test_demo_pipeline_end_to_end(demo_run):
     assert {"summary.md", "summary.json", "accuracy_vs_size.png"} <= names(parent.info.run_id)
 
     versions = client.search_model_versions("name='distillery-demo-student'")
-    assert len(versions) == 1 and versions[0].tags["pipeline"] == "demo"
-    assert versions[0].run_id in {r.info.run_id for r in children}
+    assert sorted(v.tags["model"] for v in versions) == ["student-int8", "student-nf4", "student-pruned",
+                                                        "student-sft"]
+    assert all(v.tags["pipeline"] == "demo" and v.run_id in {r.info.run_id for r in children} for v in versions)
+    # first run: the gate candidate (the last version, nf4) takes both aliases
+    champion = client.get_model_version_by_alias("distillery-demo-student", "champion")
+    assert champion.tags["model"] == "student-nf4"
+    assert float(champion.tags["metric.accuracy"]) == pytest.approx(m["accuracy.student-nf4"])
+    assert client.get_model_version_by_alias("distillery-demo-student", "candidate").version == champion.version
+    assert "no champion yet" in parent.data.tags["distillery.gate"] and "gate.json" in names(parent.info.run_id)
 
     # files on disk, each stage's folder complete (manifest last)
     run_dirs = list((work / "runs" / "demo").iterdir())
