@@ -251,12 +251,44 @@ class TrainConfig(Strict):
     lora: LoraConfig | None = Field(None, description="LoRA via PEFT; omit for full fine-tuning")
 
 
+class WidthPrune(Strict):
+    intermediate_size: Annotated[int, Field(gt=0)] | None = Field(
+        None, description="MLP neurons to keep per layer, ranked by mean |activation| into down_proj")
+    num_attention_heads: Annotated[int, Field(gt=0)] | None = Field(
+        None, description="query heads to keep per layer; grouped-query attention keeps or drops whole KV groups "
+        "(ranked by the summed output norm of their query heads), so this must be a multiple of heads per group")
+
+    @model_validator(mode="after")
+    def _something(self) -> WidthPrune:
+        if self.intermediate_size is None and self.num_attention_heads is None:
+            raise ValueError("set intermediate_size and/or num_attention_heads")
+        return self
+
+
+class HealConfig(Strict):
+    epochs: Annotated[float, Field(gt=0)] = 1.0
+    max_steps: int = Field(-1, description="> 0 overrides epochs")
+    learning_rate: Annotated[float, Field(gt=0)] = 1e-3
+    batch_size: Annotated[int, Field(gt=0)] = 32
+    temperature: Annotated[float, Field(gt=0)] = Field(1.0, description="KD temperature (T² scaled)")
+    max_length: Annotated[int, Field(gt=0)] = 256
+    num_texts: Annotated[int, Field(gt=0)] | None = Field(None, description="first N kept traces; default all")
+
+
 class PruneConfig(Strict):
-    method: Literal["depth"] = "depth"
-    drop_layers: Annotated[int, Field(ge=1)] = 1
-    importance: Literal["cosine"] = Field("cosine", description="1 - cos(block input, block output)")
+    drop_layers: Annotated[int, Field(ge=0)] = Field(1, description="depth: decoder layers to remove")
+    importance: Literal["cosine"] = Field("cosine", description="depth: 1 - cos(block input, block output)")
+    width: WidthPrune | None = Field(None, description="width: MLP neurons and attention heads to keep")
     calibration_samples: Annotated[int, Field(gt=0)] = 64
     max_length: Annotated[int, Field(gt=0)] = 256
+    heal: HealConfig | None = Field(None, description="after pruning, distil the unpruned model's full logits into "
+                                    "the pruned one on the kept traces (forward KL); omit to ship it unhealed")
+
+    @model_validator(mode="after")
+    def _something(self) -> PruneConfig:
+        if self.drop_layers == 0 and self.width is None:
+            raise ValueError("nothing to prune: set drop_layers > 0 and/or width")
+        return self
 
 
 class QuantizeConfig(Strict):

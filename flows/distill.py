@@ -70,6 +70,9 @@ def run_stages(cfg: Pipeline, ctx: RunContext, tracker) -> dict:
         student = res["path"]
     if "prune" in stages:
         res = prune_task(cfg, ctx, student, kept)
+        if "unhealed_path" in res:  # evaluated beside the healed one: what healing bought
+            models["student-pruned-unhealed"] = {"path": res["unhealed_path"], "run_id": res["run_id"],
+                                                 "stage": "prune-unhealed"}
         models["student-pruned"] = {"path": res["path"], "run_id": res["run_id"], "stage": "prune"}
         student = res["path"]
     if "quantize" in stages:

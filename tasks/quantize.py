@@ -15,7 +15,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from distillery.artifacts import atomic_dir, write_manifest
+from distillery.artifacts import atomic_dir, save_model, write_manifest
 from distillery.config import Pipeline, QuantizeConfig
 from distillery.runtime import RunContext
 
@@ -58,8 +58,7 @@ def quantize(model_path: str, fmt: str, cfg: QuantizeConfig, out_dir: Path, trus
     probe = tok(["Question: a quick probe of the round trip.\nAnswer:"], return_tensors="pt",
                 add_special_tokens=False).to(model.device)
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+        save_model(model, tok, tmp)
         # Compare with the model as saved: bitsandbytes' CPU path repacks fresh 4-bit weights for its kernel and
         # save_pretrained unpacks them, which moves bf16 logits a little; the file itself must round-trip exactly.
         with torch.no_grad():

@@ -22,7 +22,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from distillery.artifacts import atomic_dir, read_jsonl, write_manifest
+from distillery.artifacts import atomic_dir, read_jsonl, save_model, write_manifest
 from distillery.checks import check_pad_not_eos
 from distillery.config import Pipeline
 from distillery.demo.assets import resolve_model
@@ -160,8 +160,7 @@ def finish(trainer, result, tokenizer, output_dir: Path, trainable: int, example
         raise FloatingPointError(f"{where}: non-finite loss in log history {losses[-5:]}")
     model, merge = merged_model(trainer.model, params, base_path, trust_remote_code)
     with atomic_dir(output_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        save_model(model, tokenizer, tmp)
     seconds = float(result.metrics.get("train_runtime", 0.0))
     tokens = int(trainer.state.num_input_tokens_seen or 0)
     figures = {"train_loss": float(result.training_loss), "final_loss": float(losses[-1]) if losses else float("nan"),

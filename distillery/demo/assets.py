@@ -8,8 +8,6 @@ built on first use into the cache (seeded, so every machine gets the same weight
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 ASSETS = Path(__file__).parent / "assets"
@@ -87,13 +85,10 @@ def init_model(shape: dict, tokenizer, seed: int):
 
 def save_atomic(model, tokenizer, dest: Path) -> Path:
     """Write to a temp folder beside `dest`, then move it into place: a reader never sees half a model."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp.rename(dest)
+    from distillery.artifacts import atomic_dir, save_model
+
+    with atomic_dir(dest) as tmp:
+        save_model(model, tokenizer, tmp)
     return dest
 
 
