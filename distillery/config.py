@@ -156,6 +156,9 @@ class FilterConfig(Strict):
     keep_per_prompt: Annotated[int, Field(ge=1)] | None = Field(
         None, description="best-k-of-n: keep at most this many passing traces per prompt, the shortest first; "
         "null keeps every passing trace")
+    holdout_prompts: Annotated[int, Field(ge=0)] = Field(
+        0, description="kept traces of this many prompts (the last ones) go to heldout.jsonl instead of training: "
+        "evaluate reports every model's perplexity on them")
 
     @field_validator("answer_pattern")
     @classmethod

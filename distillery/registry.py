@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from distillery.config import GateConfig, RegistryConfig
+from distillery.config import MODEL_STAGES, GateConfig, RegistryConfig
 from distillery.runtime import RunContext
 from distillery.tracking import NullTracker, StageRun, Tracker
 
@@ -73,7 +73,8 @@ def register_run(tracker: Tracker | NullTracker, ctx: RunContext, registry: Regi
     if isinstance(tracker, NullTracker):
         return None
     name, gate = registry.model_name, registry.gate
-    chosen = {k: m for k, m in models.items() if registry.stages is None or m["stage"] in registry.stages}
+    stages = registry.stages or MODEL_STAGES  # not e.g. prune-unhealed: evaluated for comparison, never shipped
+    chosen = {k: m for k, m in models.items() if m["stage"] in stages}
     if not chosen:
         return None
     versions = []

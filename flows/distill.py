@@ -61,8 +61,10 @@ def run_stages(cfg: Pipeline, ctx: RunContext, tracker) -> dict:
 
     if "generate" in stages:
         traces = generate_task(cfg, ctx)["path"]
+    heldout = None
     if "filter" in stages:
-        kept = filter_task(cfg, ctx, traces)["path"]
+        filtered = filter_task(cfg, ctx, traces)
+        kept, heldout = filtered["path"], filtered.get("heldout")
     if "train" in stages:
         res = train_task(cfg, ctx, kept, student, generated=traces)
         label = METHOD_LABELS[cfg.train.method]
@@ -83,7 +85,7 @@ def run_stages(cfg: Pipeline, ctx: RunContext, tracker) -> dict:
     evals = draft = draft_label = None
     if "evaluate" in stages:
         to_evaluate.update({label: {"path": m["path"], "params": m.get("params")} for label, m in models.items()})
-        evals = evaluate_task(cfg, ctx, to_evaluate)
+        evals = evaluate_task(cfg, ctx, to_evaluate, heldout)
     if "draft" in stages:
         draft_label = label_for(models, cfg.draft.source)
         draft = draft_task(cfg, ctx, teacher, pick(models, cfg.draft.source, student))

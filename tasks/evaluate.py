@@ -10,6 +10,7 @@ weight memory, and greedy generation tokens/s measured the same way for every mo
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -19,7 +20,7 @@ import yaml
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from distillery.artifacts import atomic_write_text
+from distillery.artifacts import atomic_write_text, read_jsonl
 from distillery.config import EvaluateConfig, Pipeline
 from distillery.runtime import RunContext
 
@@ -88,8 +89,38 @@ def tokens_per_second(model, tok, prompts: list[str], new_tokens: int) -> float:
     return generated / seconds
 
 
+def perplexity(model, tok, rows: list[dict], batch_size: int = 16) -> float:
+    """exp(mean NLL per completion token, eos included) of held-out teacher traces: how well a model predicts the
+    teacher, beyond whether its final answers are right."""
+    import torch
+
+    nll, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        ids, starts = [], []
+        for r in rows[i : i + batch_size]:
+            p = tok(r.get("prompt_text", r["prompt"]), add_special_tokens=False)["input_ids"]
+            c = tok(r["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            ids.append(p + c)
+            starts.append(len(p))
+        width = max(map(len, ids))
+        input_ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in ids], device=model.device)
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=model.device)
+        labels = input_ids.masked_fill(mask == 0, -100)
+        for row, s in enumerate(starts):
+            labels[row, :s] = -100  # the prompt is given, not predicted
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
+        lab = labels[:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), lab.reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+        nll += float(loss)
+        count += int((lab != -100).sum())
+    return math.exp(nll / count) if count else float("nan")
+
+
 def evaluate_model(path: str, cfg: EvaluateConfig, include_path: Path | None, throughput_prompts: list[str],
-                   params: int | None = None, trust_remote_code: bool = False) -> dict:
+                   params: int | None = None, trust_remote_code: bool = False,
+                   heldout: list[dict] | None = None) -> dict:
     require_lm_eval()
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -126,6 +157,8 @@ def evaluate_model(path: str, cfg: EvaluateConfig, include_path: Path | None, th
         "tokens_per_s": tokens_per_second(model, tok, throughput_prompts, cfg.throughput_new_tokens),
         "eval_seconds": eval_seconds,
     }
+    if heldout:
+        figures["heldout_perplexity"] = perplexity(model, tok, heldout)
     del lm, model
     return {"path": path, "quantized": quantized, "figures": figures, "tasks": per_task, "samples": samples}
 
@@ -138,8 +171,10 @@ def throughput_prompts(cfg: Pipeline) -> list[str]:
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(cfg: Pipeline, ctx: RunContext, models: dict[str, dict]) -> dict[str, dict]:
-    """`models`: label -> {path, params?}; evaluated in order, one result per label."""
+def evaluate_task(cfg: Pipeline, ctx: RunContext, models: dict[str, dict], heldout: str | None = None
+                  ) -> dict[str, dict]:
+    """`models`: label -> {path, params?}; evaluated in order, one result per label. `heldout`: teacher traces
+    no model trained on, for perplexity."""
     results: dict[str, dict] = {}
     out_dir = ctx.stage_dir("evaluate")
     include = local_task_dir(cfg.evaluate.tasks)
@@ -147,18 +182,20 @@ def evaluate_task(cfg: Pipeline, ctx: RunContext, models: dict[str, dict]) -> di
     with ctx.tracker().stage("evaluate", ctx.parent_run_id) as run:
         run.log_params({**cfg.evaluate.model_dump(), "models": ",".join(models)})
         try:
-            _evaluate_all(cfg, models, include, prompts, out_dir, run, results)
+            _evaluate_all(cfg, models, include, prompts, out_dir, run, results,
+                          read_jsonl(Path(heldout)) if heldout else None)
         finally:
             if include:
                 shutil.rmtree(include, ignore_errors=True)
     return results
 
 
-def _evaluate_all(cfg: Pipeline, models: dict[str, dict], include, prompts, out_dir: Path, run, results) -> None:
+def _evaluate_all(cfg: Pipeline, models: dict[str, dict], include, prompts, out_dir: Path, run, results,
+                  heldout: list[dict] | None) -> None:
     for i, (label, spec) in enumerate(models.items()):
         print(f"evaluate [{i + 1}/{len(models)}] {label}: {spec['path']}")
         trust = cfg.teacher.trust_remote_code if label == "teacher" else cfg.student.trust_remote_code
-        res = evaluate_model(spec["path"], cfg.evaluate, include, prompts, spec.get("params"), trust)
+        res = evaluate_model(spec["path"], cfg.evaluate, include, prompts, spec.get("params"), trust, heldout)
         results[label] = res
         atomic_write_text(out_dir / f"{label}.json", json.dumps(res, indent=2))
         run.log_metrics({f"{k}.{label}": v for k, v in res["figures"].items() if v is not None})

@@ -432,11 +432,19 @@ def run_filter(cfg: Pipeline, traces: Path, out_dir: Path) -> dict:
     kept, report = filter_traces(rows, f, eval_set)
     report["decontamination"] = {"enabled": f.decontaminate, "eval_tasks": cfg.evaluate.tasks,
                                  "eval_texts": len(eval_set), "ngram": f.decontam_ngram}
+    prompt_ids = list(dict.fromkeys(r["prompt_id"] for r in kept))
+    held_ids = set(prompt_ids[max(0, len(prompt_ids) - f.holdout_prompts) :]) if f.holdout_prompts else set()
+    heldout = [r for r in kept if r["prompt_id"] in held_ids]
+    kept = [r for r in kept if r["prompt_id"] not in held_ids]
+    report["heldout"] = {"prompts": len(held_ids), "traces": len(heldout)}
     with atomic_dir(out_dir) as tmp:
         write_jsonl(tmp / "kept.jsonl", kept)
+        if heldout:
+            write_jsonl(tmp / "heldout.jsonl", heldout)
         atomic_write_text(tmp / "report.json", json.dumps(report, indent=2))
         write_manifest(tmp, {"kind": "traces", "source": str(traces), "report": report})
-    return {"path": str(out_dir / "kept.jsonl"), "report": report}
+    return {"path": str(out_dir / "kept.jsonl"), "report": report,
+            "heldout": str(out_dir / "heldout.jsonl") if heldout else None}
 
 
 @task(name="filter", cache_policy=NO_CACHE)

@@ -4,8 +4,9 @@
 
 Each format is loaded through `BitsAndBytesConfig`, saved as safetensors, reloaded from disk, and the reloaded
 model's logits are compared with the in-memory quantized model's (they must match: a save/load round trip is
-not allowed to change the model). Weight memory (`get_memory_footprint`) and size on disk
-are reported.
+not allowed to change the model). Weight memory (`get_memory_footprint`), size on disk, and the peak memory of
+loading the model and running a batch (a fresh process each; the full-precision source too) are reported. LoRA
+adapters are merged in full precision by the train stage, so what is quantized here is always a plain model.
 """
 
 from __future__ import annotations
@@ -36,6 +37,44 @@ def bnb_config(fmt: str, cfg: QuantizeConfig):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                               bnb_4bit_use_double_quant=cfg.double_quant,
                               bnb_4bit_compute_dtype=getattr(torch, cfg.compute_dtype))
+
+
+_PEAK_PROBE = """
+import json, sys
+import torch, bitsandbytes, transformers  # imported before the baseline: libraries are not the model
+
+
+def status(key):  # kB figures of /proc/self/status
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+
+
+path, cuda = sys.argv[1], torch.cuda.is_available()
+tok = transformers.AutoTokenizer.from_pretrained(path)
+probe = tok(["Question: Ann has 3 pens. She buys 4 more. How many pens does Ann have now? Answer:"] * 8,
+            return_tensors="pt", add_special_tokens=False)
+if not cuda:
+    open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark (VmHWM) to the current RSS
+    base = status("VmRSS:")
+model = transformers.AutoModelForCausalLM.from_pretrained(path, device_map="auto" if cuda else "cpu")
+with torch.no_grad():
+    model(**probe.to(model.device))
+peak = torch.cuda.max_memory_allocated() if cuda else status("VmHWM:") - base
+print(json.dumps({"peak_bytes": int(peak), "device": "cuda" if cuda else "cpu"}))
+"""
+
+
+def peak_memory(path: str | Path) -> int:
+    """Peak memory of loading `path` and one forward pass over a batch of 8, in a fresh process: CUDA's
+    max_memory_allocated on a GPU; on CPU the high-water mark of RSS (reset after the imports) over the RSS then."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _PEAK_PROBE, str(path)], capture_output=True, text=True,
+                         timeout=1800, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"quantize: peak-memory probe of {path} failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
 def dir_bytes(path: Path) -> int:
@@ -74,6 +113,7 @@ def quantize(model_path: str, fmt: str, cfg: QuantizeConfig, out_dir: Path, trus
         figures = {"params": params, "memory_bytes": reloaded.get_memory_footprint(),
                    "full_precision_bytes": full_bytes, "disk_bytes": dir_bytes(tmp), "reload_max_abs_diff": diff}
         figures["compression"] = full_bytes / figures["memory_bytes"]
+        figures["peak_bytes"] = peak_memory(tmp)
         write_manifest(tmp, {"kind": "model", "format": fmt, "base": model_path, "figures": figures})
     return {"path": str(out_dir), "format": fmt, "figures": figures}
 
@@ -83,6 +123,7 @@ def quantize_task(cfg: Pipeline, ctx: RunContext, student: str) -> dict[str, dic
     results = {}
     with ctx.tracker().stage("quantize", ctx.parent_run_id) as run:
         run.log_params({"source_model": student, **cfg.quantize.model_dump()})
+        run.log_metrics({"full_precision.peak_bytes": peak_memory(student)})
         for fmt in cfg.quantize.formats:
             res = quantize(student, fmt, cfg.quantize, ctx.stage_dir("quantize") / fmt, cfg.student.trust_remote_code)
             run.log_metrics({f"{fmt}.{k}": v for k, v in res["figures"].items()})

@@ -19,10 +19,13 @@ from distillery.runtime import RunContext
 
 def build_rows(evals: dict[str, dict], draft: dict | None, draft_label: str | None) -> list[dict]:
     rows = []
+    teacher = (evals.get("teacher") or {}).get("figures", {}).get("accuracy")
     for label, res in evals.items():
         f = res["figures"]
         rows.append({
             "model": label, "accuracy": f["accuracy"], "stderr": f.get("accuracy_stderr"),
+            "recovery": f["accuracy"] / teacher if teacher else None,  # student / teacher
+            "perplexity": f.get("heldout_perplexity"),
             "params": int(f["params"]), "memory_mb": f["memory_bytes"] / 2**20, "tokens_per_s": f["tokens_per_s"],
             "draft_acceptance": draft["figures"]["acceptance_rate"] if draft and label == draft_label else None,
         })
@@ -36,9 +39,12 @@ def render(rows: list[dict], draft: dict | None = None) -> str:
         return f"{r['accuracy']:.3f} ± {r['stderr']:.3f}" if r["stderr"] is not None else f"{r['accuracy']:.3f}"
 
     table = tabulate(
-        [[r["model"], acc(r), f"{r['params'] / 1e6:.2f}M", f"{r['memory_mb']:.1f}", f"{r['tokens_per_s']:.0f}",
+        [[r["model"], acc(r), "" if r["recovery"] is None else f"{r['recovery']:.1%}",
+          "" if r["perplexity"] is None else f"{r['perplexity']:.3f}", f"{r['params'] / 1e6:.2f}M",
+          f"{r['memory_mb']:.1f}", f"{r['tokens_per_s']:.0f}",
           "" if r["draft_acceptance"] is None else f"{r['draft_acceptance']:.2f}"] for r in rows],
-        headers=["model", "accuracy", "params", "memory MB", "tokens/s", "draft acceptance"], tablefmt="github")
+        headers=["model", "accuracy", "recovery", "held-out ppl", "params", "memory MB", "tokens/s",
+                 "draft acceptance"], tablefmt="github")
     if draft:
         f = draft["figures"]
         table += (f"\n\ndraft: acceptance {f['acceptance_rate']:.2f}, mean accepted length "
@@ -89,7 +95,7 @@ def report_task(ctx: RunContext, evals: dict[str, dict], draft: dict | None, dra
         parent.log_dict({"rows": rows, "draft": draft}, "summary.json")
         metrics = {}
         for r in rows:
-            for k in ("accuracy", "params", "memory_mb", "tokens_per_s", "draft_acceptance"):
+            for k in ("accuracy", "recovery", "perplexity", "params", "memory_mb", "tokens_per_s", "draft_acceptance"):
                 if r[k] is not None:
                     metrics[f"{k}.{r['model']}"] = r[k]
         if draft:

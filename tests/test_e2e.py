@@ -64,6 +64,8 @@ def test_demo_pipeline_end_to_end(demo_run):
         assert {f"accuracy.{label}", f"params.{label}", f"memory_mb.{label}", f"tokens_per_s.{label}"} <= set(m)
     assert m["memory_mb.student-nf4"] < m["memory_mb.student-int8"] < m["memory_mb.student-sft"]
     assert m["params.student-pruned"] < m["params.student-sft"]
+    # healing (KD from the unpruned student) recovers what depth + width pruning lost
+    assert m["accuracy.student-pruned"] > m["accuracy.student-pruned-unhealed"] + 0.1
     assert 0 <= m["draft_acceptance.student-sft"] <= 1
 
     d = by_name["draft"].data.metrics
@@ -105,7 +107,7 @@ def test_demo_pipeline_end_to_end(demo_run):
     run_dirs = list((work / "runs" / "demo").iterdir())
     assert len(run_dirs) == 1
     rd = run_dirs[0]
-    for stage in ("generate", "filter", "train", "prune", "draft", "quantize/int8", "quantize/nf4"):
+    for stage in ("generate", "filter", "train", "prune", "prune-unhealed", "draft", "quantize/int8", "quantize/nf4"):
         assert (rd / stage / "manifest.json").exists(), stage
     assert json.loads((rd / "summary.json").read_text())["rows"][0]["model"] == "teacher"
     assert not list(rd.rglob(".*.tmp-*"))  # no half-written leftovers

