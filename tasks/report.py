@@ -44,7 +44,7 @@ def render(rows: list[dict], draft: dict | None = None) -> str:
           f"{r['memory_mb']:.1f}", f"{r['tokens_per_s']:.0f}",
           "" if r["draft_acceptance"] is None else f"{r['draft_acceptance']:.2f}"] for r in rows],
         headers=["model", "accuracy", "recovery", "held-out ppl", "params", "memory MB", "tokens/s",
-                 "draft acceptance"], tablefmt="github")
+                 "draft acceptance"], tablefmt="github", disable_numparse=True)
     if draft:
         f = draft["figures"]
         table += (f"\n\ndraft: acceptance {f['acceptance_rate']:.2f}, mean accepted length "
@@ -52,6 +52,15 @@ def render(rows: list[dict], draft: dict | None = None) -> str:
                   f"{f['teacher_with_draft_tokens_per_s']:.0f} with draft (speed-up {f['speedup']:.2f}x), "
                   f"outputs identical: {bool(f['outputs_identical'])}")
     return table
+
+
+def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The Pareto frontier of (size, accuracy): each point no smaller model beats or matches, smallest first."""
+    out: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not out or y > out[-1][1]:
+            out.append((x, y))
+    return out
 
 
 def plot(rows: list[dict]):
@@ -63,17 +72,22 @@ def plot(rows: list[dict]):
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], "params", "parameters (M)"), (axes[1], "memory_mb", "weight memory (MB)")):
+        points = []
         for r in rows:
             x = r[key] / 1e6 if key == "params" else r[key]
+            points.append((x, r["accuracy"]))
             ax.errorbar(x, r["accuracy"], yerr=r["stderr"] or 0, fmt="o", capsize=3)
             ax.annotate(r["model"], (x, r["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        front = frontier(points)
+        ax.step(*zip(*front, strict=True), where="post", color="grey", ls="--", lw=1, label="frontier")
+        ax.legend(loc="lower right", fontsize=8)
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(label)
         ax.set_ylabel("task accuracy")
         ax.grid(alpha=0.3)
-    fig.suptitle("accuracy vs size")
+    fig.suptitle("accuracy vs size: the frontier of what each stage buys")
     fig.tight_layout()
     return fig
 

@@ -1,0 +1,30 @@
+"""The comparison table: recovery, held-out perplexity, and the accuracy-vs-size frontier."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.report import build_rows, frontier, plot, render
+
+
+def result(acc, params, mem, ppl=None):
+    return {"figures": {"accuracy": acc, "accuracy_stderr": 0.01, "params": params, "memory_bytes": mem,
+                        "tokens_per_s": 100.0, "heldout_perplexity": ppl}}
+
+
+def test_frontier_keeps_only_models_no_smaller_one_beats():
+    pts = [(2.9, 0.99), (0.8, 0.95), (0.6, 0.90), (0.6, 0.10), (0.7, 0.85), (0.3, 0.2)]
+    assert frontier(pts) == [(0.3, 0.2), (0.6, 0.90), (0.8, 0.95), (2.9, 0.99)]
+
+
+def test_rows_carry_recovery_and_perplexity_and_render():
+    evals = {"teacher": result(0.8, 2_900_000, 11 * 2**20, 1.1), "student-sft": result(0.6, 790_000, 3 * 2**20, 1.4),
+             "student-nf4": result(0.4, 620_000, 2**19)}
+    rows = build_rows(evals, None, None)
+    by = {r["model"]: r for r in rows}
+    assert by["student-sft"]["recovery"] == pytest.approx(0.75) and by["teacher"]["recovery"] == 1.0
+    assert by["student-sft"]["perplexity"] == 1.4 and by["student-nf4"]["perplexity"] is None
+    table = render(rows)
+    assert "75.0%" in table and "held-out ppl" in table and "1.400" in table
+    fig = plot(rows)
+    assert [ax.get_legend().get_texts()[0].get_text() for ax in fig.axes] == ["frontier", "frontier"]
