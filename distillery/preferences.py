@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from distillery.engines import HFEngine
+from distillery.scoring import completion_logprobs
 
 
 def sample_student(model_path: str, prompts: list[str], d, seed: int, trust_remote_code: bool = False,
@@ -34,27 +35,12 @@ def teacher_scores(teacher_path: str, prompts: list[str], completions: list[str]
     from distillery.checks import check_teacher_frozen
 
     tok = AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32,
-                                                 trust_remote_code=trust_remote_code)
+    cuda = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.bfloat16 if cuda else torch.float32,
+                                                 trust_remote_code=trust_remote_code).to("cuda" if cuda else "cpu")
     model.eval().requires_grad_(False)
     check_teacher_frozen(model, where=f"dpo judge {teacher_path}")
-    scores: list[float] = []
-    for i in range(0, len(prompts), batch_size):
-        ids, starts = [], []
-        for p, c in zip(prompts[i : i + batch_size], completions[i : i + batch_size], strict=True):
-            p_ids = tok(p, add_special_tokens=False)["input_ids"]
-            c_ids = tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            ids.append(p_ids + c_ids)
-            starts.append(len(p_ids))
-        width = max(map(len, ids))
-        input_ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in ids])
-        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
-        with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=input_ids, attention_mask=mask).logits.float(), dim=-1)
-        token_lp = logp[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # position t-1 predicts token t
-        for row, (x, s) in enumerate(zip(ids, starts, strict=True)):
-            scores.append(float(token_lp[row, s - 1 : len(x) - 1].mean()))
-    return scores
+    return [total / n for total, n in completion_logprobs(model, tok, prompts, completions, batch_size)]
 
 
 def preference_pairs(prompts: list[dict], samples: list[list[str]], d, verifier: Callable[[str, str], bool],

@@ -92,29 +92,11 @@ def tokens_per_second(model, tok, prompts: list[str], new_tokens: int) -> float:
 def perplexity(model, tok, rows: list[dict], batch_size: int = 16) -> float:
     """exp(mean NLL per completion token, eos included) of held-out teacher traces: how well a model predicts the
     teacher, beyond whether its final answers are right."""
-    import torch
+    from distillery.scoring import completion_logprobs
 
-    nll, count = 0.0, 0
-    for i in range(0, len(rows), batch_size):
-        ids, starts = [], []
-        for r in rows[i : i + batch_size]:
-            p = tok(r.get("prompt_text", r["prompt"]), add_special_tokens=False)["input_ids"]
-            c = tok(r["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            ids.append(p + c)
-            starts.append(len(p))
-        width = max(map(len, ids))
-        input_ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in ids], device=model.device)
-        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=model.device)
-        labels = input_ids.masked_fill(mask == 0, -100)
-        for row, s in enumerate(starts):
-            labels[row, :s] = -100  # the prompt is given, not predicted
-        with torch.no_grad():
-            logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
-        lab = labels[:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), lab.reshape(-1),
-                                                 ignore_index=-100, reduction="sum")
-        nll += float(loss)
-        count += int((lab != -100).sum())
+    scored = completion_logprobs(model, tok, [r.get("prompt_text", r["prompt"]) for r in rows],
+                                 [r["completion"] for r in rows], batch_size)
+    nll, count = -sum(lp for lp, _ in scored), sum(n for _, n in scored)
     return math.exp(nll / count) if count else float("nan")
 
 

@@ -1,0 +1,28 @@
+"""Log-likelihood of completions given their prompts under a causal LM: what the DPO teacher judge ranks by and
+what held-out perplexity is made of."""
+
+from __future__ import annotations
+
+
+def completion_logprobs(model, tok, prompts: list[str], completions: list[str],
+                        batch_size: int = 16) -> list[tuple[float, int]]:
+    """(sum of log-probs, token count) of each completion plus eos, the prompt given and never scored."""
+    import torch
+
+    out: list[tuple[float, int]] = []
+    for i in range(0, len(prompts), batch_size):
+        ids, starts = [], []
+        for p, c in zip(prompts[i : i + batch_size], completions[i : i + batch_size], strict=True):
+            p_ids = tok(p, add_special_tokens=False)["input_ids"]
+            ids.append(p_ids + tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+            starts.append(len(p_ids))
+        width = max(map(len, ids))
+        input_ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in ids], device=model.device)
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=model.device)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=input_ids, attention_mask=mask).logits.float(), dim=-1)
+        token_lp = logp[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # position t-1 predicts token t
+        for row, (x, s) in enumerate(zip(ids, starts, strict=True)):
+            scored = token_lp[row, s - 1 : len(x) - 1]
+            out.append((float(scored.sum()), scored.numel()))
+    return out
