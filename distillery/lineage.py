@@ -9,7 +9,9 @@ from pathlib import Path
 
 def log_traces_input(run, path: Path, name: str, context: str) -> None:
     """Log the jsonl at `path` as a dataset input of `run` (a StageRun; a NullRun does nothing)."""
-    if getattr(run, "client", None) is None:
+    from distillery.tracking import NullRun
+
+    if isinstance(run, NullRun):  # tracking off (its attributes are all no-op callables)
         return
     import pandas as pd
     from mlflow.data import from_pandas

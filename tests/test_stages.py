@@ -198,3 +198,14 @@ def _problems(n):
     from distillery.demo import task
 
     return [p.as_record() for p in task.problems(seed=3, count=n)]
+
+
+def test_lineage_is_skipped_when_tracking_is_off(tmp_path):
+    """`distillery run --no-track`: the stages get a NullRun, whose every attribute is a no-op callable."""
+    from distillery.lineage import log_traces_input
+    from distillery.tracking import NullTracker
+
+    path = tmp_path / "traces.jsonl"
+    path.write_text('{"prompt": "Q", "completion": " A", "teacher": "t"}\n')
+    with NullTracker().stage("generate", None) as run:
+        assert log_traces_input(run, path, "generated", context="generated") is None
