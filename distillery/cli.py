@@ -3,6 +3,7 @@
     distillery validate [FILE]                   check a pipelines file; exit 2 naming the bad field
     distillery list [--file FILE]                the pipelines a file defines
     distillery run PIPELINE [--set k=v ...]      run one pipeline now (ephemeral Prefect API unless PREFECT_API_URL)
+    distillery deploy --work-pool POOL [--pipelines a,b]   one deployment per pipeline, run by the pool's workers
     distillery serve [--pipelines a,b]           one Prefect deployment per pipeline, served from this process
 
 Exit codes: 0 success, 1 a stage failed, 2 bad configuration or usage.
@@ -11,6 +12,7 @@ Exit codes: 0 success, 1 a stage failed, 2 bad configuration or usage.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -89,28 +91,96 @@ def cmd_run(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
+def _selected(args):
+    """The file and the pipelines named by --pipelines (default all), or the one-line error lines."""
     from distillery.config import ConfigError, load_file
 
     try:
         f = load_file(args.file)
     except ConfigError as e:
-        return _fail(e.lines)
-    names = args.pipelines.split(",") if args.pipelines else list(f.pipelines)
+        return None, [], e.lines
+    names = [n.strip() for n in args.pipelines.split(",")] if args.pipelines else list(f.pipelines)
     unknown = [n for n in names if n not in f.pipelines]
     if unknown:
-        return _fail([f"--pipelines: unknown pipeline {unknown[0]!r} (defined: {', '.join(f.pipelines)})"])
-    from prefect import serve
+        return None, [], [f"--pipelines: unknown pipeline {unknown[0]!r} (defined: {', '.join(f.pipelines)})"]
+    return f, names, []
 
-    from flows.distill import distill
+
+def _api_problem() -> str | None:
+    """Deployments live on a server: say so in one line when there is none to talk to."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        return ("PREFECT_API_URL is not set: deployments need a Prefect server "
+                "(prefect server start; export PREFECT_API_URL=http://127.0.0.1:4200/api)")
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        error = client.api_healthcheck()
+    return f"PREFECT_API_URL={url}: no Prefect API answers ({type(error).__name__})" if error else None
+
+
+def _schedule_note(p) -> str:
+    s = p.schedule
+    if s is None:
+        return "no schedule"
+    when = f"cron {s.cron!r}" if s.cron is not None else f"every {s.interval:g}s"
+    return f"{when} {s.timezone}" + ("" if s.active else " (inactive)")
+
+
+def cmd_deploy(args) -> int:
+    f, names, problems = _selected(args)
+    if problems:
+        return _fail(problems)
+    try:
+        job_variables = json.loads(args.job_variables) if args.job_variables else None
+        if job_variables is not None and not isinstance(job_variables, dict):
+            raise ValueError("expected a JSON object")
+    except ValueError as e:
+        return _fail([f"--job-variables: not a JSON object ({e})"])
+    problem = _api_problem()
+    if problem:
+        return _fail([problem])
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(args.work_pool)
+        except ObjectNotFound:
+            return _fail([f"--work-pool {args.work_pool}: no such work pool "
+                          f"(create one: prefect work-pool create {args.work_pool} --type process)"])
+    from distillery.deployments import deploy_to_pool, ensure_limit
 
     path = str(Path(args.file).resolve())
-    deployments = [
-        distill.to_deployment(name=n, parameters={"pipeline": n, "config_file": path},
-                              description=f.pipelines[n].description, tags=["distillery", n])
-        for n in names
-    ]
-    print(f"serving {len(deployments)} deployments: " + ", ".join(f"'distill/{n}'" for n in names))
+    for limit in {f.pipelines[n].concurrency.limit_name: f.pipelines[n].concurrency for n in names
+                  if f.pipelines[n].concurrency.enabled}.values():
+        print(ensure_limit(limit))
+    for n in names:
+        deploy_to_pool(n, f.pipelines[n], path, args.work_pool, job_variables, args.image)
+        print(f"deployed 'distill/{n}' to work pool {args.work_pool!r} ({_schedule_note(f.pipelines[n])})")
+    print(f"start a worker: prefect worker start --pool {args.work_pool}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    f, names, problems = _selected(args)
+    if problems:
+        return _fail(problems)
+    from prefect import serve
+
+    from distillery.deployments import deployment_args, ensure_limit
+    from flows.distill import distill
+
+    if _api_problem() is None:  # an ephemeral API forgets the limit when we exit; only a server keeps it
+        for limit in {f.pipelines[n].concurrency.limit_name: f.pipelines[n].concurrency for n in names
+                      if f.pipelines[n].concurrency.enabled}.values():
+            print(ensure_limit(limit))
+    path = str(Path(args.file).resolve())
+    deployments = [distill.to_deployment(**deployment_args(n, f.pipelines[n], path)) for n in names]
+    print(f"serving {len(deployments)} deployments: "
+          + ", ".join(f"'distill/{n}' ({_schedule_note(f.pipelines[n])})" for n in names))
     serve(*deployments, limit=args.limit)
     return 0
 
@@ -146,6 +216,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a field, e.g. --set train.epochs=1 (repeatable)")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("deploy", help="register one deployment per pipeline with a work pool",
+                       description="Register 'distill/<pipeline>' deployments with the Prefect server at "
+                       "PREFECT_API_URL, each with its pipelines.yaml schedule, to run on WORK_POOL's workers "
+                       "(`prefect worker start --pool WORK_POOL`). The flow code is this project folder. Creates "
+                       "the global concurrency limit (concurrency.limit_name) when it is missing.")
+    p.add_argument("--work-pool", required=True, help="an existing work pool (e.g. prefect work-pool create "
+                   "local --type process)")
+    p.add_argument("--file", default=default_file())
+    p.add_argument("--pipelines", help="comma-separated subset (default: all)")
+    p.add_argument("--image", help="Docker/Kubernetes pools: an image with distillery installed (the Dockerfile's); "
+                   "runs import flows.distill and read the image's pipelines.yaml")
+    p.add_argument("--job-variables", metavar="JSON", help="the pool's job variables for these deployments, e.g. "
+                   "'{\"gpus\": 1}' for a pool whose job template requests nvidia.com/gpu (README: Deployments)")
+    p.set_defaults(fn=cmd_deploy)
 
     p = sub.add_parser("serve", help="serve one Prefect deployment per pipeline",
                        description="Register 'distill/<pipeline>' deployments with the Prefect API at "

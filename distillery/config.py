@@ -7,7 +7,9 @@ Every problem is reported as one line naming its place, e.g. `pipelines.demo.tra
 
 from __future__ import annotations
 
+import copy
 import re
+import zoneinfo
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -360,6 +362,62 @@ class RegistryConfig(Strict):
         return v
 
 
+class ScheduleConfig(Strict):
+    """When `distillery deploy` / `distillery serve` have the server start runs of the pipeline on their own."""
+
+    cron: str | None = Field(None, description="cron string, e.g. '0 3 * * *' (03:00 daily in `timezone`)")
+    interval: Annotated[float, Field(gt=0)] | None = Field(None, description="seconds between runs")
+    timezone: str = Field("UTC", description="IANA name, e.g. Europe/Berlin: what the cron hours mean")
+    overrides: list[str] = Field([], description="`key=value` overrides for the scheduled runs, applied like "
+                                 "--set; checked against the pipeline when the file is loaded")
+    active: bool = Field(True, description="false: the schedule is registered but paused (no runs)")
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from prefect._vendor.croniter import croniter  # Prefect's own parser: what the server will accept
+
+        if not croniter.is_valid(v) or any(f.casefold() in ("r", "h") for f in v.split()):
+            raise ValueError(f"not a valid cron string: {v!r} (five fields, e.g. '0 3 * * *')")
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        if v not in zoneinfo.available_timezones():
+            raise ValueError(f"unknown timezone {v!r}; expected an IANA name like UTC or Europe/Berlin")
+        return v
+
+    @field_validator("overrides")
+    @classmethod
+    def _pairs(cls, v: list[str]) -> list[str]:
+        for item in v:
+            key, sep, _ = item.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"{item!r}: expected key=value, e.g. train.epochs=1")
+        return v
+
+    @model_validator(mode="after")
+    def _one(self) -> ScheduleConfig:
+        if (self.cron is None) == (self.interval is None):
+            raise ValueError("set exactly one of cron and interval")
+        return self
+
+
+DEFAULT_LIMIT = "distillery-gpu"
+
+
+class ConcurrencyConfig(Strict):
+    """A Prefect global concurrency limit: a run holds one slot while its stages run, so two runs never share a GPU."""
+
+    enabled: bool = Field(True, description="false: runs take no slot")
+    limit_name: Annotated[str, Field(min_length=1)] = Field(DEFAULT_LIMIT, description="global concurrency limit")
+    slots: Annotated[int, Field(ge=1)] = Field(1, description="runs at once (GPUs); `distillery deploy` creates "
+                                               "the limit with this many slots when it is missing")
+
+
 class Pipeline(Strict):
     description: str = ""
     teacher: ModelRef
@@ -378,6 +436,9 @@ class Pipeline(Strict):
     log_models: bool = Field(True, description="log each stage's model folder to its MLflow run (registered "
                              "ones are always logged)")
     output_dir: str = Field("runs", description="where stage artifacts go, relative to the working directory")
+    schedule: ScheduleConfig | None = Field(None, description="runs the server starts on its own (cron or interval)")
+    concurrency: ConcurrencyConfig = Field(ConcurrencyConfig(), description="the global concurrency limit a run "
+                                           "takes a slot of; default: the file's top-level `concurrency`")
 
     @field_validator("stages")
     @classmethod
@@ -413,7 +474,14 @@ class Pipeline(Strict):
 
 
 class PipelinesFile(Strict):
+    concurrency: ConcurrencyConfig = Field(ConcurrencyConfig(), description="default for every pipeline")
     pipelines: Annotated[dict[str, Pipeline], Field(min_length=1)]
+
+
+def _inherit_concurrency(data: dict, raw: dict) -> None:
+    """A pipeline without its own `concurrency` section takes the file's (so one line serialises every pipeline)."""
+    if isinstance(data.get("concurrency"), dict) and isinstance(raw, dict) and "concurrency" not in raw:
+        raw["concurrency"] = copy.deepcopy(data["concurrency"])
 
 
 _MESSAGES = {
@@ -484,10 +552,46 @@ def read_file(path: str | Path) -> dict:
 
 def load_file(path: str | Path) -> PipelinesFile:
     data = read_file(path)
+    for raw in (data.get("pipelines") or {}).values() if isinstance(data.get("pipelines"), dict) else ():
+        _inherit_concurrency(data, raw)
+    context = {"base_dir": str(Path(path).resolve().parent)}
     try:
-        return PipelinesFile.model_validate(data, context={"base_dir": str(Path(path).resolve().parent)})
+        f = PipelinesFile.model_validate(copy.deepcopy(data), context=context)
     except ValidationError as e:
         raise ConfigError([_format(err, "") for err in e.errors()]) from None
+    lines = []
+    for name, p in f.pipelines.items():
+        if p.schedule and p.schedule.overrides:
+            lines += _check_overrides(name, data["pipelines"][name], p.schedule.overrides, context)
+    limits: dict[str, tuple[str, int]] = {}
+    for name, p in f.pipelines.items():
+        c = p.concurrency
+        if not c.enabled:
+            continue
+        first, slots = limits.setdefault(c.limit_name, (name, c.slots))
+        if slots != c.slots:
+            lines.append(f"pipelines.{name}.concurrency.slots: limit {c.limit_name!r} has {slots} slot(s) in "
+                         f"pipelines.{first}; one limit has one size")
+    if lines:
+        raise ConfigError(lines)
+    return f
+
+
+def _check_overrides(name: str, raw: dict, overrides: list[str], context: dict) -> list[str]:
+    """A schedule's overrides must make a valid pipeline: find out now, not at 3 a.m. when the run starts."""
+    where = f"pipelines.{name}.schedule.overrides"
+    raw = copy.deepcopy(raw)
+    raw.pop("schedule", None)
+    try:
+        for key, value in parse_overrides(overrides).items():
+            set_dotted(raw, key, value)
+    except ConfigError as e:
+        return [f"{where}: {e.lines[0].removeprefix('--set ')}"]
+    try:
+        Pipeline.model_validate(raw, context=context)
+    except ValidationError as e:
+        return [f"{where}: {_format(err, '')}" for err in e.errors()]
+    return []
 
 
 def load_pipeline(path: str | Path, name: str, overrides: dict[str, Any] | None = None) -> Pipeline:
@@ -498,6 +602,7 @@ def load_pipeline(path: str | Path, name: str, overrides: dict[str, Any] | None 
         known = ", ".join(sorted(pipelines)) or "none"
         raise ConfigError([f"pipelines.{name}: unknown pipeline (defined: {known})"])
     raw = pipelines[name]
+    _inherit_concurrency(data, raw)
     for key, value in (overrides or {}).items():
         set_dotted(raw, key, value)
     try:

@@ -4,8 +4,9 @@
     prefect deployment run 'distill/demo'                # through a server, after `distillery serve`
 
 One MLflow parent run per pipeline run, a child per stage; stages pass paths, never live models, so each heavy
-stage can own its process and memory. The models made are registered, and the registry gate decides whether alias
-`champion` moves (distillery/registry.py).
+stage can own its process and memory. The stages run holding one slot of the global concurrency limit
+(`concurrency.limit_name`), so two runs never share a GPU: the second waits. The models made are registered, and
+the registry gate decides whether alias `champion` moves (distillery/registry.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from prefect import flow, runtime
 from distillery import registry
 from distillery.config import Pipeline, load_pipeline, parse_overrides
 from distillery.demo.assets import resolve_model
+from distillery.deployments import gpu_slot
 from distillery.runtime import RunContext
 from distillery.tracking import NullTracker, Tracker, tracking_uri
 from tasks.draft import draft_task
@@ -41,7 +43,8 @@ def distill(pipeline: str = "demo", overrides: list[str] | None = None, config_f
     cfg = load_pipeline(config_file, pipeline, parse_overrides(overrides))
     tracker, parent, ctx = open_run(cfg, pipeline, config_file, overrides, track)
     try:
-        result = run_stages(cfg, ctx, tracker)
+        with gpu_slot(cfg.concurrency):
+            result = run_stages(cfg, ctx, tracker)
     except BaseException:
         tracker.end(parent, ok=False)
         raise

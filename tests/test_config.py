@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,23 @@ CASES = [
     (lambda p: p["demo"].pop("teacher"), "pipelines.demo.teacher: required key is missing"),
     (lambda p: p["smoke"]["evaluate"].update(limit=-1), "pipelines.smoke.evaluate.limit: must be > 0"),
     (lambda p: p["demo"]["generate"].update(temperature=0), "pipelines.demo.generate: n = 2 with temperature 0"),
+    (lambda p: p["demo"].update(schedule={"cron": "61 * * * *"}), "pipelines.demo.schedule.cron: not a valid cron"),
+    (lambda p: p["demo"].update(schedule={"cron": "0 3 * * *", "interval": 3600}),
+     "pipelines.demo.schedule: set exactly one of cron and interval"),
+    (lambda p: p["demo"].update(schedule={}), "pipelines.demo.schedule: set exactly one of cron and interval"),
+    (lambda p: p["demo"].update(schedule={"interval": 0}), "pipelines.demo.schedule.interval: must be > 0"),
+    (lambda p: p["demo"].update(schedule={"cron": "0 3 * * *", "timezone": "Mars/Olympus"}),
+     "pipelines.demo.schedule.timezone: unknown timezone 'Mars/Olympus'"),
+    (lambda p: p["demo"].update(schedule={"interval": 60, "overrides": ["train.epochs"]}),
+     "pipelines.demo.schedule.overrides: 'train.epochs': expected key=value"),
+    (lambda p: p["demo"].update(schedule={"interval": 60, "overrides": ["train.epochs=-1"]}),
+     "pipelines.demo.schedule.overrides: train.epochs: must be > 0"),
+    (lambda p: p["demo"].update(schedule={"interval": 60, "overrides": ["train.lr=0.1"]}),
+     "pipelines.demo.schedule.overrides: train.lr: unknown key"),
+    (lambda p: p["demo"].update(schedule={"interval": 60, "oops": 1}), "pipelines.demo.schedule.oops: unknown key"),
+    (lambda p: p["demo"].update(concurrency={"slots": 0}), "pipelines.demo.concurrency.slots: must be >= 1"),
+    (lambda p: p["smoke"].update(concurrency={"slots": 2}),
+     "pipelines.smoke.concurrency.slots: limit 'distillery-gpu' has 1 slot(s) in pipelines.demo"),
 ]
 
 
@@ -99,7 +117,42 @@ def test_overrides_are_typed():
     assert cfg.train.learning_rate == 1e-4 and cfg.quantize.formats == ["nf4"] and cfg.train.bf16 is True
 
 
-@pytest.mark.parametrize("cmd", [[], ["validate"], ["run"], ["serve"], ["list"]])
+def test_schedule_and_concurrency_sections(tmp_path):
+    def mutate(p):
+        p["demo"]["schedule"] = {"cron": "0 3 * * 1-5", "timezone": "Europe/Berlin", "active": False,
+                                 "overrides": ["train.epochs=1", "quantize.formats=[nf4]"]}
+        p["smoke"]["schedule"] = {"interval": 900}
+        p["smoke"]["concurrency"] = {"enabled": False}
+
+    data = yaml.safe_load(bad_file(tmp_path, mutate).read_text())
+    data["concurrency"] = {"limit_name": "lab-gpus", "slots": 2}
+    (tmp_path / "pipelines.yaml").write_text(yaml.safe_dump(data))
+    f = load_file(tmp_path / "pipelines.yaml")
+    demo, smoke = f.pipelines["demo"], f.pipelines["smoke"]
+    assert demo.schedule.cron == "0 3 * * 1-5" and demo.schedule.active is False
+    assert demo.schedule.overrides == ["train.epochs=1", "quantize.formats=[nf4]"]
+    assert smoke.schedule.interval == 900 and smoke.schedule.timezone == "UTC" and smoke.schedule.active
+    # the file-level section is every pipeline's default; a pipeline's own section wins
+    assert (demo.concurrency.limit_name, demo.concurrency.slots, demo.concurrency.enabled) == ("lab-gpus", 2, True)
+    assert smoke.concurrency.enabled is False
+    assert load_pipeline(tmp_path / "pipelines.yaml", "demo").concurrency.limit_name == "lab-gpus"
+    # the shipped file: no schedules, the default limit
+    shipped = load_file(REPO / "pipelines.yaml").pipelines["smoke"]
+    assert shipped.concurrency.limit_name == "distillery-gpu" and shipped.concurrency.slots == 1
+
+
+def test_deploy_refuses_without_a_server(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    r = subprocess.run([sys.executable, "-m", "distillery.cli", "deploy", "--work-pool", "local",
+                        "--file", str(REPO / "pipelines.yaml")], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith("PREFECT_API_URL is not set")
+    r = subprocess.run([sys.executable, "-m", "distillery.cli", "deploy", "--work-pool", "local", "--pipelines",
+                        "nope", "--file", str(REPO / "pipelines.yaml")], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and r.stderr.startswith("--pipelines: unknown pipeline 'nope'")
+
+
+@pytest.mark.parametrize("cmd", [[], ["validate"], ["run"], ["serve"], ["deploy"], ["list"]])
 def test_every_command_has_help(cmd):
     r = subprocess.run([sys.executable, "-m", "distillery.cli", *cmd, "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "usage: distillery" in r.stdout
