@@ -65,9 +65,10 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def save_model(model, tokenizer, folder: Path) -> None:
+def save_model(model, tokenizer, folder: Path, state_dict: dict | None = None) -> None:
     """A model and its tokenizer as safetensors into `folder` (usually an `atomic_dir`). Trainers switch the KV
-    cache off in the config; it is switched back on, or every later `generate` runs ~5x slower."""
+    cache off in the config; it is switched back on, or every later `generate` runs ~5x slower. `state_dict`: the
+    full weights gathered from a sharded (FSDP/ZeRO-3) model, whose own parameters are only this process's shard."""
     model.config.use_cache = True
-    model.save_pretrained(folder, safe_serialization=True)
+    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(folder)

@@ -4,6 +4,7 @@
     distillery list [--file FILE]                the pipelines a file defines
     distillery run PIPELINE [--set k=v ...]      run one pipeline now (ephemeral Prefect API unless PREFECT_API_URL)
     distillery deploy --work-pool POOL [--pipelines a,b]   one deployment per pipeline, run by the pool's workers
+    distillery train PIPELINE --traces F --out D only the train stage, on kept traces; works under `accelerate launch`
     distillery serve [--pipelines a,b]           one Prefect deployment per pipeline, served from this process
 
 Exit codes: 0 success, 1 a stage failed, 2 bad configuration or usage.
@@ -88,6 +89,47 @@ def cmd_run(args) -> int:
     if result.get("table"):
         print(f"\n{args.pipeline}: {result['run_dir']}  (MLflow run {result['mlflow_run_id']})\n")
         print(result["table"])
+    return 0
+
+
+def cmd_train(args) -> int:
+    """The train stage alone, no Prefect and no MLflow: what `accelerate launch` runs on every process."""
+    from distillery.config import ConfigError, load_pipeline, parse_overrides
+
+    try:
+        cfg = load_pipeline(args.file, args.pipeline, parse_overrides(args.set))
+    except ConfigError as e:
+        return _fail(e.lines)
+    traces = Path(args.traces)
+    if not traces.is_file():
+        return _fail([f"--traces: no such file {traces}"])
+    out = Path(args.out).resolve()
+    if out.exists() and not out.is_dir():
+        return _fail([f"--out: {out} exists and is not a folder"])
+    _offline_if_local(cfg)
+    import torch
+    from accelerate import PartialState
+
+    from distillery.demo.assets import resolve_model
+    from tasks.train import run_method
+
+    # Under `accelerate launch` (torchrun) this joins the process group the Trainer then uses: NCCL on GPUs, gloo
+    # on CPUs; cpu= as the Trainer's use_cpu (tasks.train.common_args), or the two would disagree.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    with state.main_process_first():  # rank 0 builds a cached demo student; the others then read it
+        student = resolve_model(cfg.student.path, seed=cfg.train.seed)
+    print(f"distillery train: process {state.process_index} of {state.num_processes} ({state.distributed_type.value},"
+          f" {state.backend or 'no backend'}, {state.device}); method {cfg.train.method}, student {student}",
+          file=sys.stderr, flush=True)
+    try:
+        figures = run_method(cfg, student, str(traces.resolve()), None, out)
+    except KeyboardInterrupt:
+        return _fail(["distillery: interrupted"], 130)
+    except Exception as e:
+        return _fail([f"distillery: train {args.pipeline} failed: {type(e).__name__}: {e}".splitlines()[0]], 1)
+    if state.is_main_process:
+        print(f"{out}: steps {figures['steps']}, final loss {figures['final_loss']:.4f}, "
+              f"{figures['train_seconds']:.1f}s on {figures['world_size']} processes")
     return 0
 
 
@@ -186,9 +228,11 @@ def cmd_serve(args) -> int:
 
 
 def quiet_defaults() -> None:
-    """No phoning home from the libraries we drive (and Prefect's heartbeat races SQLite writers)."""
+    """No phoning home from the libraries we drive (and Prefect's heartbeat races SQLite writers). The ephemeral
+    Prefect API gets 2 minutes to start, not 20 s: on a busy machine (a training run beside it) it took longer."""
     for var, value in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
-                       ("VLLM_NO_USAGE_STATS", "1"), ("DO_NOT_TRACK", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+                       ("VLLM_NO_USAGE_STATS", "1"), ("DO_NOT_TRACK", "1"), ("TOKENIZERS_PARALLELISM", "false"),
+                       ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")):
         os.environ.setdefault(var, value)
 
 
@@ -231,6 +275,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--job-variables", metavar="JSON", help="the pool's job variables for these deployments, e.g. "
                    "'{\"gpus\": 1}' for a pool whose job template requests nvidia.com/gpu (README: Deployments)")
     p.set_defaults(fn=cmd_deploy)
+
+    p = sub.add_parser("train", help="run only the train stage on kept traces (accelerate-friendly)",
+                       description="Train the pipeline's student by its train.method on an existing kept-traces "
+                       "jsonl (the filter stage's kept.jsonl) and save it to --out with a manifest. No Prefect, no "
+                       "MLflow. Multi-GPU or multi-node: `accelerate launch --config_file "
+                       "configs/accelerate/ddp-8gpu.yaml -m distillery.cli train ...`; every process trains, "
+                       "process 0 alone writes --out.")
+    p.add_argument("pipeline")
+    p.add_argument("--traces", required=True, help="kept traces (jsonl with prompt, completion, answer, prompt_id)")
+    p.add_argument("--out", required=True, help="folder for the trained model (replaced atomically)")
+    p.add_argument("--file", default=default_file())
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="override a field, e.g. --set train.max_steps=100 (repeatable)")
+    p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("serve", help="serve one Prefect deployment per pipeline",
                        description="Register 'distill/<pipeline>' deployments with the Prefect API at "

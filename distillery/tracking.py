@@ -90,16 +90,31 @@ class Tracker:
 
         self.uri = uri or tracking_uri()
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            location = None
-            if not self.uri.startswith(("http://", "https://", "databricks")):
-                # Local stores keep artifacts beside the database, not wherever the process happened to start.
-                base = Path(self.uri.removeprefix("sqlite:///")).parent if self.uri.startswith("sqlite") else Path.cwd()
-                location = (base / "mlartifacts").resolve().as_uri()
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
-        else:
-            self.experiment_id = exp.experiment_id
+        self.experiment_id = self._experiment_id(experiment)
+
+    def _experiment_id(self, name: str) -> str:
+        """The experiment's id, created when missing. Two runs sharing a store may both find it missing and both
+        create it: the loser gets RESOURCE_ALREADY_EXISTS (a unique-name violation) and reads the winner's."""
+        from mlflow.exceptions import MlflowException
+
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        location = None
+        if not self.uri.startswith(("http://", "https://", "databricks")):
+            # Local stores keep artifacts beside the database, not wherever the process happened to start; a
+            # server decides itself (--artifacts-destination / --default-artifact-root).
+            base = Path(self.uri.removeprefix("sqlite:///")).parent if self.uri.startswith("sqlite") else Path.cwd()
+            location = (base / "mlartifacts").resolve().as_uri()
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS" and "already exists" not in str(e).lower():
+                raise
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
 
     def start(self, name: str, parent_id: str | None = None, tags: dict[str, str] | None = None) -> StageRun:
         all_tags = dict(tags or {})

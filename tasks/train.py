@@ -158,17 +158,29 @@ def finish(trainer, result, tokenizer, output_dir: Path, trainable: int, example
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     if losses and not all(math.isfinite(x) for x in losses):
         raise FloatingPointError(f"{where}: non-finite loss in log history {losses[-5:]}")
-    model, merge = merged_model(trainer.model, params, base_path, trust_remote_code)
-    with atomic_dir(output_dir) as tmp:
-        save_model(model, tokenizer, tmp)
+    acc = trainer.accelerator
+    # Sharded weights (FSDP, DeepSpeed ZeRO-3): every process takes part in gathering the full state dict.
+    state_dict = None
+    if acc.distributed_type.value in ("FSDP", "DEEPSPEED"):
+        if params.lora:
+            raise ValueError(f"{where}: train.lora with FSDP/DeepSpeed is not supported yet; use a DDP config")
+        state_dict = acc.get_state_dict(trainer.model_wrapped)
     seconds = float(result.metrics.get("train_runtime", 0.0))
-    tokens = int(trainer.state.num_input_tokens_seen or 0)
+    tokens = int(trainer.state.num_input_tokens_seen or 0)  # summed over processes by the Trainer
     figures = {"train_loss": float(result.training_loss), "final_loss": float(losses[-1]) if losses else float("nan"),
                "steps": int(trainer.state.global_step), "train_seconds": seconds, "trainable_params": int(trainable),
-               "params": int(model.num_parameters()), "examples": examples, "tokens_seen": tokens,
-               "train_tokens_per_s": tokens / seconds if seconds else 0.0, **merge}
-    write_manifest(output_dir, {"kind": "model", **manifest, "lora": params.lora, "figures": figures,
-                                "loss_history": trainer.state.log_history})
+               "examples": examples, "tokens_seen": tokens, "train_tokens_per_s": tokens / seconds if seconds else 0.0,
+               "world_size": int(trainer.args.world_size)}
+    # Under `accelerate launch` every process trained the same weights; one writes them, the others never touch
+    # output_dir and wait until it is complete, so no process exits while the model is half written.
+    if trainer.is_world_process_zero():
+        model, merge = merged_model(trainer.model, params, base_path, trust_remote_code)
+        with atomic_dir(output_dir) as tmp:
+            save_model(model, tokenizer, tmp, state_dict=state_dict)
+        figures.update(params=int(model.num_parameters()), **merge)
+        write_manifest(output_dir, {"kind": "model", **manifest, "lora": params.lora, "figures": figures,
+                                    "loss_history": trainer.state.log_history})
+    acc.wait_for_everyone()
     return figures
 
 
