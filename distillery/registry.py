@@ -18,7 +18,7 @@ from distillery.config import MODEL_STAGES, GateConfig, RegistryConfig
 from distillery.runtime import RunContext
 from distillery.tracking import NullTracker, StageRun, Tracker
 
-CANDIDATE, CHAMPION = "candidate", "champion"
+CANDIDATE, CHAMPION, DRAFT = "candidate", "champion", "draft"
 
 
 def as_value(x: Any) -> float | None:
@@ -113,3 +113,19 @@ def register_run(tracker: Tracker | NullTracker, ctx: RunContext, registry: Regi
     registered = ", ".join(f"v{v['version']} ({v['model']})" for v in versions)
     print(f"registered {name} {registered}; {summary}")
     return decision
+
+
+def register_draft(tracker: Tracker | NullTracker, ctx: RunContext, registry: RegistryConfig, draft: dict,
+                   source: str | None) -> str | None:
+    """The draft stage's artifact (the student with the teacher's vocabulary) as a version with alias `draft`,
+    tagged with what it measured: acceptance rate, mean accepted length, speed-up."""
+    if isinstance(tracker, NullTracker):
+        return None
+    f = draft["figures"]
+    tags = {"stage": "draft", "model": "draft", "source": source, "pipeline": ctx.pipeline,
+            "parent_run_id": ctx.parent_run_id,
+            **{f"metric.{k}": f[k] for k in ("acceptance_rate", "mean_accepted_length", "speedup") if k in f}}
+    version = tracker.register(registry.model_name, StageRun(tracker.client, draft["run_id"]), "draft-model", tags=tags)
+    tracker.set_alias(registry.model_name, DRAFT, version)
+    print(f"registered {registry.model_name} v{version} (draft from {source}), alias {DRAFT}")
+    return version

@@ -95,6 +95,8 @@ def run_stages(cfg: Pipeline, ctx: RunContext, tracker) -> dict:
     gate = None
     if cfg.registry and models:
         gate = registry.register_run(tracker, ctx, cfg.registry, models, evals, logged=cfg.log_models)
+    if cfg.registry and draft:
+        registry.register_draft(tracker, ctx, cfg.registry, draft, draft_label)
     table = report_task(ctx, evals, draft, draft_label) if evals else None
     return {"models": models, "table": table["table"] if table else None, "gate": gate}
 

@@ -1,8 +1,10 @@
-"""draft: the student as a speculative-decoding draft for the teacher, measured in vLLM.
+"""draft: the student as a speculative-decoding draft for the teacher: an artifact, measured in vLLM.
 
     distillery run demo --set draft.num_speculative_tokens=2
 
-Two engine runs on the same prompts, greedy: the teacher alone, then the teacher with the student as its
+The draft artifact (`draft-model/`, registered with alias `draft`) is the student with the teacher's vocabulary:
+refused when the tokenizers differ, the embedding padded when only its size does. Then two engine runs on the
+same prompts, greedy: the teacher alone, then the teacher with the student as its
 draft model (`speculative_config={"method": "draft_model", ...}`). Reported: draft acceptance rate (accepted /
 proposed draft tokens), acceptance per position, mean accepted length (tokens per teacher step), teacher
 tokens/s with and without the draft and their ratio, and whether the outputs are identical (greedy
@@ -35,17 +37,47 @@ def draft_prompts(cfg: Pipeline) -> list[str]:
     return [p["prompt"] for p in load_prompts(cfg.data)][-cfg.draft.num_prompts :]
 
 
-def measure_draft(teacher: str, draft: str, prompts: list[str], cfg: Pipeline, out_dir: Path) -> dict:
-    from transformers import AutoConfig, AutoTokenizer
+def pad_vocab(model, size: int) -> None:
+    """Grow the input and output embeddings to `size` rows, the new ones zero: ids past the tokenizer are never
+    fed in, and a zero output row gives them a logit of 0, far below a trained model's top logits."""
+    import torch
 
+    old = model.get_input_embeddings().weight.shape[0]
+    if size < old:
+        raise ValueError(f"draft: the draft's embedding ({old}) is larger than the teacher's ({size})")
+    model.resize_token_embeddings(size, mean_resizing=False)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[old:] = 0
+        model.get_output_embeddings().weight[old:] = 0
+
+
+def make_draft(teacher: str, student: str, dest: Path) -> dict:
+    """The draft artifact: the student, refused unless its tokenizer is the teacher's (same tokens, same ids), with
+    its embedding padded to the teacher's size when only the size differs (vLLM requires equal sizes)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from distillery.artifacts import save_model
+
+    tok = AutoTokenizer.from_pretrained(student)
+    check_same_vocab(AutoTokenizer.from_pretrained(teacher), tok, where="draft: teacher vs draft tokenizer")
+    tv, dv = AutoConfig.from_pretrained(teacher).vocab_size, AutoConfig.from_pretrained(student).vocab_size
+    model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
+    if tv != dv:
+        pad_vocab(model, tv)
+    with atomic_dir(dest) as tmp:
+        save_model(model, tok, tmp)
+        write_manifest(tmp, {"kind": "model", "role": "draft", "teacher": teacher, "base": student,
+                             "vocab_size": tv, "padded_from": dv if tv != dv else None})
+    return {"path": str(dest), "padded_from": dv if tv != dv else None}
+
+
+def measure_draft(teacher: str, student: str, prompts: list[str], cfg: Pipeline, out_dir: Path) -> dict:
     from distillery.engines import require_vllm, run_worker
 
     require_vllm()
-    check_same_vocab(AutoTokenizer.from_pretrained(teacher), AutoTokenizer.from_pretrained(draft),
-                     where="draft: teacher vs draft tokenizer")
-    tv, dv = AutoConfig.from_pretrained(teacher).vocab_size, AutoConfig.from_pretrained(draft).vocab_size
-    if tv != dv:
-        raise ValueError(f"draft: embedding sizes differ (teacher {tv}, draft {dv}); vLLM needs them equal")
+    made = make_draft(teacher, student, out_dir.parent / f"{out_dir.name}-model")
+    draft = made["path"]
     d = cfg.draft
     base = {"model": teacher, "prompts": prompts, "max_tokens": d.max_tokens, "enforce_eager": d.enforce_eager,
             "max_model_len": d.max_model_len, "dtype": cfg.generate.dtype,
@@ -63,6 +95,7 @@ def measure_draft(teacher: str, draft: str, prompts: list[str], cfg: Pipeline, o
         "teacher_with_draft_tokens_per_s": spec["tokens"] / spec["seconds"],
         "num_drafts": drafts, "num_draft_tokens": proposed, "num_accepted_tokens": accepted,
         "outputs_identical": float(alone["texts"] == spec["texts"]),
+        "vocab_padded": float(made["padded_from"] is not None),
     }
     figures["speedup"] = figures["teacher_with_draft_tokens_per_s"] / figures["teacher_tokens_per_s"]
     for i, n in enumerate(per_pos):
@@ -71,7 +104,7 @@ def measure_draft(teacher: str, draft: str, prompts: list[str], cfg: Pipeline, o
         (tmp / "samples.json").write_text(json.dumps(
             [{"prompt": p, "teacher": a, "with_draft": s}
              for p, a, s in zip(prompts[:10], alone["texts"], spec["texts"], strict=False)], indent=2))
-        write_manifest(tmp, {"kind": "draft", "teacher": teacher, "draft": draft,
+        write_manifest(tmp, {"kind": "draft", "teacher": teacher, "draft": draft, "student": student,
                              "num_speculative_tokens": d.num_speculative_tokens, "figures": figures})
     return {"draft": draft, "figures": figures}
 
@@ -123,7 +156,8 @@ def draft_task(cfg: Pipeline, ctx: RunContext, teacher: str, draft: str) -> dict
         result = measure_draft(teacher, draft, draft_prompts(cfg), cfg, ctx.stage_dir("draft"))
         run.log_metrics(result["figures"])
         run.log_artifact(ctx.stage_dir("draft") / "samples.json")
-    return result
+        run.log_artifact(result["draft"], "draft-model")  # registered with alias `draft` when there is a registry
+    return {**result, "run_id": run.run_id}
 
 
 if __name__ == "__main__":

@@ -93,8 +93,11 @@ def test_demo_pipeline_end_to_end(demo_run):
     assert {"summary.md", "summary.json", "accuracy_vs_size.png"} <= names(parent.info.run_id)
 
     versions = client.search_model_versions("name='distillery-demo-student'")
-    assert sorted(v.tags["model"] for v in versions) == ["student-int8", "student-nf4", "student-pruned",
+    assert sorted(v.tags["model"] for v in versions) == ["draft", "student-int8", "student-nf4", "student-pruned",
                                                         "student-sft"]
+    draft_version = client.get_model_version_by_alias("distillery-demo-student", "draft")
+    assert draft_version.tags["stage"] == "draft" and draft_version.tags["source"] == "student-sft"
+    assert float(draft_version.tags["metric.acceptance_rate"]) == pytest.approx(d["acceptance_rate"])
     assert all(v.tags["pipeline"] == "demo" and v.run_id in {r.info.run_id for r in children} for v in versions)
     # first run: the gate candidate (the last version, nf4) takes both aliases
     champion = client.get_model_version_by_alias("distillery-demo-student", "champion")
@@ -107,7 +110,8 @@ def test_demo_pipeline_end_to_end(demo_run):
     run_dirs = list((work / "runs" / "demo").iterdir())
     assert len(run_dirs) == 1
     rd = run_dirs[0]
-    for stage in ("generate", "filter", "train", "prune", "prune-unhealed", "draft", "quantize/int8", "quantize/nf4"):
+    for stage in ("generate", "filter", "train", "prune", "prune-unhealed", "draft", "draft-model", "quantize/int8",
+                  "quantize/nf4"):
         assert (rd / stage / "manifest.json").exists(), stage
     assert json.loads((rd / "summary.json").read_text())["rows"][0]["model"] == "teacher"
     assert not list(rd.rglob(".*.tmp-*"))  # no half-written leftovers
