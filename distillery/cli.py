@@ -6,6 +6,7 @@
     distillery deploy --work-pool POOL [--pipelines a,b]   one deployment per pipeline, run by the pool's workers
     distillery train PIPELINE --traces F --out D only the train stage, on kept traces; works under `accelerate launch`
     distillery serve [--pipelines a,b]           one Prefect deployment per pipeline, served from this process
+    distillery serve-model MODEL [--draft D]     a model (folder, demo:*, run folder) behind vLLM's OpenAI server
 
 Exit codes: 0 success, 1 a stage failed, 2 bad configuration or usage.
 """
@@ -227,6 +228,27 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_serve_model(args) -> int:
+    from distillery.serving import ServeError, serve
+
+    if args.num_speculative_tokens is not None and not args.draft:
+        return _fail(["--num-speculative-tokens: needs --draft"])
+    if args.num_speculative_tokens is not None and args.num_speculative_tokens < 1:
+        return _fail([f"--num-speculative-tokens: must be >= 1, got {args.num_speculative_tokens}"])
+    if args.max_model_len is not None and args.max_model_len < 1:
+        return _fail([f"--max-model-len: must be >= 1, got {args.max_model_len}"])
+    if not 0 < args.port < 65536:
+        return _fail([f"--port: must be 1-65535, got {args.port}"])
+    try:
+        return serve(args.model, api_key=args.api_key or os.environ.get("DISTILLERY_API_KEY") or None,
+                     draft_ref=args.draft, print_command=args.print_command, host=args.host, port=args.port,
+                     num_speculative_tokens=args.num_speculative_tokens or 4,
+                     served_model_name=args.served_model_name, max_model_len=args.max_model_len, dtype=args.dtype,
+                     trust_remote_code=args.trust_remote_code, vllm_args=args.vllm_args)
+    except ServeError as e:
+        return _fail([str(e)])
+
+
 def quiet_defaults() -> None:
     """No phoning home from the libraries we drive (and Prefect's heartbeat races SQLite writers). The ephemeral
     Prefect API gets 2 minutes to start, not 20 s: on a busy machine (a training run beside it) it took longer."""
@@ -298,7 +320,46 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=1, help="flow runs at once (default 1: one GPU, one run)")
     p.set_defaults(fn=cmd_serve)
 
+    p = sub.add_parser(
+        "serve-model", help="serve a model with vLLM's OpenAI-compatible server",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve a model through vLLM's OpenAI-compatible server (/v1/completions,\n"
+        "/v1/chat/completions, /health, /metrics). This process becomes the server: signals reach it\n"
+        "and its exit code is this command's.",
+        epilog="MODEL is a model folder, demo:teacher, demo:student, a hub id org/name, or a run folder\n"
+        "runs/<pipeline>/<run>, which serves its final full-precision student: prune/ if the run pruned, else\n"
+        "train/ (quantize/ holds bitsandbytes checkpoints the CPU build cannot serve; name them on a GPU).\n\n"
+        "examples:\n"
+        "  distillery serve-model runs/demo/<run>\n"
+        "  distillery serve-model demo:teacher --draft runs/demo/<run>/train --num-speculative-tokens 4\n"
+        "  DISTILLERY_API_KEY=... distillery serve-model demo:student --print-command\n"
+        "  distillery serve-model demo:student -- --enforce-eager     # after --: passed to vLLM as is")
+    p.add_argument("model", help="model folder, demo:teacher|demo:student, run folder or hub id")
+    p.add_argument("--draft", metavar="FOLDER", help="speculative decoding: this model (folder, demo:*, run folder) "
+                   "drafts for MODEL; it must have MODEL's vocabulary")
+    p.add_argument("--num-speculative-tokens", type=int, metavar="K", help="draft tokens per step (default 4)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 in a container)")
+    p.add_argument("--port", type=int, default=8000, help="default 8000")
+    p.add_argument("--api-key", help="require this bearer token on /v1 (default: $DISTILLERY_API_KEY; prefer the "
+                   "variable, a command line shows in ps). Never printed")
+    p.add_argument("--served-model-name", metavar="NAME", help="the name clients ask for (vLLM's default: the path)")
+    p.add_argument("--max-model-len", type=int, metavar="TOKENS", help="context length (default: the model's)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="weights and activations "
+                   "(default: vLLM's auto)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own Python code (off)")
+    p.add_argument("--print-command", action="store_true", help="print the server command (the key as "
+                   "$DISTILLERY_API_KEY) and exit, e.g. to run it on a GPU box")
+    p.set_defaults(fn=cmd_serve_model)
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    vllm_args: list[str] = []
+    if "--" in argv:  # argparse in 3.11 rejects "--" after a subcommand's options; split it off ourselves
+        cut = argv.index("--")
+        argv, vllm_args = argv[:cut], argv[cut + 1 :]
     args = ap.parse_args(argv)
+    if vllm_args and args.command != "serve-model":
+        ap.error("arguments after -- are passed to vLLM by serve-model only")
+    args.vllm_args = vllm_args
     return args.fn(args)
 
 
