@@ -7,7 +7,7 @@
 - logit_kd: the teacher's stored top-k distribution at every trace token (distillery.kd);
 - gkd: TRL's on-policy GKDTrainer against the live teacher;
 - dpo: SFT, then pairs of the student's own samples ranked by the verifier or the teacher, TRL DPOTrainer.
-Full fine-tuning, LoRA, or QLoRA (adapters on a bitsandbytes NF4/int8 base) through PEFT. Every method refuses
+Full fine-tuning, LoRA, or QLoRA (adapters on a bitsandbytes NF4 base) through PEFT. Every method refuses
 pad == eos and stops at the first non-finite loss.
 """
 
@@ -66,14 +66,13 @@ def bnb_config(params: SFTParams):
     """QLoRA's quantized frozen base (bitsandbytes), or None."""
     if (params.lora or {}).get("quantize") != "nf4":
         return None
-    import torch
-    from transformers import BitsAndBytesConfig
-
+    from distillery.config import QuantizeConfig
+    from tasks.quantize import bnb_config as quantize_config
     from tasks.quantize import require_bnb
 
-    require_bnb()
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16 if params.bf16 else torch.float32)
+    require_bnb()  # the quantize stage's NF4 (double quant), computing in the training dtype
+    return quantize_config("nf4", QuantizeConfig(double_quant=True, compute_dtype="bfloat16" if params.bf16
+                                                 else "float32"))
 
 
 def load_student(model_path: str, params: SFTParams, trust_remote_code: bool = False):
@@ -130,7 +129,8 @@ def merged_model(model, params: SFTParams, base_path: str, trust_remote_code: bo
     model.eval()
     with torch.no_grad():
         before = model(input_ids=probe.to(model.device)).logits.float().cpu()
-    if bnb_config(params) is None:
+    quant = bnb_config(params)
+    if quant is None:
         plain = model.merge_and_unload()
     else:
         from peft import PeftModel
@@ -138,7 +138,7 @@ def merged_model(model, params: SFTParams, base_path: str, trust_remote_code: bo
 
         with tempfile.TemporaryDirectory(prefix="distillery-adapter-") as tmp:
             model.save_pretrained(tmp)
-            base = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=bnb_config(params),
+            base = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quant,
                                                         trust_remote_code=trust_remote_code)
             base.dequantize()
             plain = PeftModel.from_pretrained(base, tmp).merge_and_unload()
