@@ -305,6 +305,12 @@ class QuantizeConfig(Strict):
 
 class EvaluateConfig(Strict):
     tasks: Annotated[list[str], Field(min_length=1)] = ["demo_arith"]
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="lm-eval model type: hf (transformers) or vllm (lm-eval's vLLM backend, in its own "
+        "process; bitsandbytes-quantized models are always evaluated with hf)")
+    tensor_parallel_size: Annotated[int, Field(ge=1)] = Field(1, description="backend vllm: GPUs per model copy")
+    data_parallel_size: Annotated[int, Field(ge=1)] = Field(
+        1, description="backend vllm: model copies (lm-eval runs them as Ray workers: needs `ray`)")
     limit: Annotated[int, Field(gt=0)] | None = None
     batch_size: Annotated[int, Field(gt=0)] = 32
     max_gen_toks: Annotated[int, Field(gt=0)] = 128
@@ -315,6 +321,22 @@ class EvaluateConfig(Strict):
     metric: str = Field("exact_match", description="the lm-eval metric reported as accuracy")
 
 
+class DraftDistillConfig(Strict):
+    """DistillSpec-style alignment of the draft to the teacher (Zhou et al. 2023): the draft samples its own
+    continuations of the pipeline's prompts (on-policy) and learns the teacher's full next-token distribution on them
+    (TRL DistillationTrainer). Forward KL by default: acceptance under speculative sampling is 1 - TVD(teacher,
+    draft), and forward KL keeps the draft's mass where the teacher's is."""
+    steps: Annotated[int, Field(gt=0)] = 200
+    learning_rate: Annotated[float, Field(gt=0)] = 1.0e-4
+    batch_size: Annotated[int, Field(gt=0)] = 32
+    num_prompts: Annotated[int, Field(gt=0)] = Field(2000, description="training prompts (never the eval split)")
+    beta: Annotated[float, Field(ge=0, le=1)] = Field(0.0, description="0 forward KL, 0.5 JSD, 1 reverse KL")
+    temperature: Annotated[float, Field(gt=0)] = Field(1.0, description="draft sampling and loss temperature")
+    max_new_tokens: Annotated[int, Field(gt=0)] = 64
+    seed: int = 0
+    logging_steps: Annotated[int, Field(gt=0)] = 10
+
+
 class DraftConfig(Strict):
     backend: Literal["vllm"] = "vllm"
     source: Literal["latest", "train", "prune"] = "train"
@@ -323,6 +345,12 @@ class DraftConfig(Strict):
     max_tokens: Annotated[int, Field(gt=0)] = 64
     enforce_eager: bool = True
     max_model_len: Annotated[int, Field(gt=0)] | None = None
+    distill: DraftDistillConfig | None = Field(
+        None, description="on-policy distillation of the draft toward the teacher before it is measured; off if absent")
+    sample_temperature: Annotated[float, Field(gt=0)] | None = Field(
+        1.0, description="also measure sampled acceptance with transformers assisted generation (speculative "
+        "sampling) at this temperature; null skips it")
+    sample_prompts: Annotated[int, Field(gt=0)] = Field(16, description="prompts for the sampled measurement")
 
 
 MODEL_STAGES = ("train", "prune", "quantize")

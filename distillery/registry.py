@@ -115,6 +115,9 @@ def register_run(tracker: Tracker | NullTracker, ctx: RunContext, registry: Regi
     return decision
 
 
+DRAFT_TAGS = ("acceptance_rate", "mean_accepted_length", "speedup", "sampled_acceptance_rate", "sampled_speedup")
+
+
 def register_draft(tracker: Tracker | NullTracker, ctx: RunContext, registry: RegistryConfig, draft: dict,
                    source: str | None) -> str | None:
     """The draft stage's artifact (the student with the teacher's vocabulary) as a version with alias `draft`,
@@ -124,7 +127,7 @@ def register_draft(tracker: Tracker | NullTracker, ctx: RunContext, registry: Re
     f = draft["figures"]
     tags = {"stage": "draft", "model": "draft", "source": source, "pipeline": ctx.pipeline,
             "parent_run_id": ctx.parent_run_id,
-            **{f"metric.{k}": f[k] for k in ("acceptance_rate", "mean_accepted_length", "speedup") if k in f}}
+            **{f"metric.{k}": f[k] for k in DRAFT_TAGS if k in f}}
     version = tracker.register(registry.model_name, StageRun(tracker.client, draft["run_id"]), "draft-model", tags=tags)
     tracker.set_alias(registry.model_name, DRAFT, version)
     print(f"registered {registry.model_name} v{version} (draft from {source}), alias {DRAFT}")

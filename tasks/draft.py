@@ -8,8 +8,14 @@ same prompts, greedy: the teacher alone, then the teacher with the student as it
 draft model (`speculative_config={"method": "draft_model", ...}`). Reported: draft acceptance rate (accepted /
 proposed draft tokens), acceptance per position, mean accepted length (tokens per teacher step), teacher
 tokens/s with and without the draft and their ratio, and whether the outputs are identical (greedy
-speculative decoding must not change them). Greedy because the CPU build of vLLM garbles sampled
-speculative output (see ../shared/STACK.md); on GPU the same code measures sampled runs too.
+speculative decoding must not change them). The vLLM runs are greedy: the CPU build of vLLM garbles sampled
+speculative output (see ../shared/STACK.md). Sampled acceptance comes from transformers' assisted generation,
+which runs speculative sampling (Leviathan et al. 2023, algorithm 1) when `do_sample` is on, at
+`draft.sample_temperature` (default 1.0; null skips it), batch size 1.
+
+`draft.distill` (off by default) first aligns the student to the teacher, DistillSpec-style (Zhou et al. 2023):
+the draft samples its own continuations of training prompts and learns the teacher's full next-token
+distribution on them (TRL's DistillationTrainer, forward KL by default); the aligned model becomes the draft.
 """
 
 from __future__ import annotations
@@ -26,6 +32,17 @@ from distillery.artifacts import atomic_dir, read_jsonl, write_manifest
 from distillery.checks import check_same_vocab
 from distillery.config import Pipeline
 from distillery.runtime import RunContext
+from tasks.train import (
+    SFTParams,
+    common_args,
+    finish,
+    guard_finite,
+    load_student,
+    loss_curve,
+    mlflow_callback,
+    student_tokenizer,
+    trainable_count,
+)
 
 
 def draft_prompts(cfg: Pipeline) -> list[str]:
@@ -35,6 +52,122 @@ def draft_prompts(cfg: Pipeline) -> list[str]:
     if cfg.data.source == "demo":
         return [r["question"] for r in read_jsonl(DEMO_EVAL_FILE)][: cfg.draft.num_prompts]
     return [p["prompt"] for p in load_prompts(cfg.data)][-cfg.draft.num_prompts :]
+
+
+def distill_prompts(cfg: Pipeline, measured: list[str]) -> list[str]:
+    """Training prompts for `draft.distill`: the pipeline's prompts, never one the draft is measured on."""
+    from distillery.data import load_prompts
+
+    seen = set(measured)
+    rows = load_prompts(cfg.data.model_copy(update={"num_prompts": cfg.draft.distill.num_prompts + len(seen)}))
+    return [r["prompt"] for r in rows if r["prompt"] not in seen][: cfg.draft.distill.num_prompts]
+
+
+def distill_draft(teacher: str, student: str, prompts: list[str], out: Path, d, callbacks: list | None = None,
+                  trust_remote_code: bool = False) -> dict:
+    """DistillSpec: on-policy distillation of the draft toward the teacher with TRL's DistillationTrainer. The draft
+    samples a continuation of each prompt; the loss is the generalized JSD (`d.beta`: 0 forward KL) between the
+    teacher's and the draft's full next-token distributions on it. Saves the model to `out`; returns figures."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import DistillationConfig, DistillationTrainer
+
+    from distillery.checks import check_teacher_frozen
+
+    if not prompts:
+        raise ValueError("draft.distill: no training prompts")
+    tokenizer = student_tokenizer(student, teacher, "draft.distill", trust_remote_code)
+    teacher_model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32,
+                                                         trust_remote_code=trust_remote_code)
+    teacher_model.eval().requires_grad_(False)
+    check_teacher_frozen(teacher_model, where=f"teacher {teacher}")
+    params = SFTParams(learning_rate=d.learning_rate, batch_size=d.batch_size, max_steps=d.steps, seed=d.seed,
+                       logging_steps=d.logging_steps)
+    # The trainer counts its own tokens; transformers' counter cannot see the generated batches and warns each step.
+    args = DistillationConfig(**{**common_args(params, out), "include_num_input_tokens_seen": "no"},
+                              max_completion_length=d.max_new_tokens, temperature=d.temperature, beta=d.beta,
+                              gradient_checkpointing=False, disable_dropout=True)
+    trainer = guard_finite(DistillationTrainer(
+        model=load_student(student, params, trust_remote_code), teacher_model=teacher_model, args=args,
+        train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]), processing_class=tokenizer,
+        callbacks=callbacks or []), "draft.distill")
+    result = trainer.train()
+    return finish(trainer, result, tokenizer, out, trainable_count(trainer.model), len(prompts),
+                  params, student, manifest={"base": student, "method": "distillspec", "distill": d.model_dump()},
+                  where="draft.distill", trust_remote_code=trust_remote_code)
+
+
+def assisted_acceptance(teacher: str, draft: str, prompts: list[str], k: int, temperature: float,
+                        max_new_tokens: int, seed: int = 0) -> dict:
+    """Sampled speculative decoding with transformers' assisted generation (batch size 1): the draft proposes `k`
+    tokens per step (constant schedule, no early stop), the teacher accepts each with min(1, p/q). Returns the
+    acceptance rate, per position and overall, mean accepted length, and tokens/s with and without the draft."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    tok = AutoTokenizer.from_pretrained(teacher)
+    target = AutoModelForCausalLM.from_pretrained(teacher, dtype=dtype).to(dev).eval()
+    helper = AutoModelForCausalLM.from_pretrained(draft, dtype=dtype).to(dev).eval()
+    helper.generation_config.update(num_assistant_tokens=k, num_assistant_tokens_schedule="constant",
+                                    assistant_confidence_threshold=0.0)
+    gen = copy.deepcopy(target.generation_config)
+    gen.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+               pad_token_id=tok.pad_token_id)
+    steps: list[tuple[int, int]] = []  # (tokens proposed, tokens accepted) per teacher forward
+
+    # transformers reports no acceptance counts: record them where its decoding loop hands them to the generator.
+    make_generator = target._get_candidate_generator
+
+    def counted(*args, **kwargs):
+        g = make_generator(*args, **kwargs)
+        get, update, last = g.get_candidates, g.update_candidate_strategy, [0]
+
+        def get_candidates(input_ids, *a, **kw):
+            ids, logits = get(input_ids, *a, **kw)
+            last[0] = ids.shape[1] - input_ids.shape[1]
+            return ids, logits
+
+        def update_candidate_strategy(input_ids, scores, n_matches):
+            steps.append((last[0], int(n_matches)))
+            return update(input_ids, scores, n_matches)
+
+        g.get_candidates, g.update_candidate_strategy = get_candidates, update_candidate_strategy
+        return g
+
+    target._get_candidate_generator = counted
+
+    def run(assist: bool) -> tuple[int, float]:
+        kwargs = {"assistant_model": helper} if assist else {}
+        encoded = [tok(p, return_tensors="pt").to(dev) for p in prompts]
+        target.generate(**encoded[0], generation_config=gen, **kwargs)  # warm-up, not timed or counted
+        steps.clear()
+        torch.manual_seed(seed)
+        tokens, start = 0, time.perf_counter()
+        for enc in encoded:
+            out = target.generate(**enc, generation_config=gen, **kwargs)
+            tokens += out.shape[1] - enc["input_ids"].shape[1]
+        return tokens, time.perf_counter() - start
+
+    alone_tokens, alone_s = run(False)
+    spec_tokens, spec_s = run(True)
+    if not steps:
+        raise RuntimeError("draft: transformers' assisted generation reported no draft steps; this transformers "
+                           "version changed the candidate-generator hooks distillery counts through")
+    proposed, accepted = sum(p for p, _ in steps), sum(a for _, a in steps)
+    figures = {"sampled_temperature": temperature, "sampled_acceptance_rate": accepted / proposed if proposed else 0.0,
+               "sampled_mean_accepted_length": 1 + accepted / len(steps),
+               "sampled_teacher_tokens_per_s": alone_tokens / alone_s,
+               "sampled_teacher_with_draft_tokens_per_s": spec_tokens / spec_s}
+    figures["sampled_speedup"] = figures["sampled_teacher_with_draft_tokens_per_s"] / figures[
+        "sampled_teacher_tokens_per_s"]
+    for i in range(k):
+        figures[f"sampled_acceptance_pos_{i + 1}"] = sum(a > i for _, a in steps) / len(steps)
+    return figures
 
 
 def pad_vocab(model, size: int) -> None:
@@ -72,17 +205,28 @@ def make_draft(teacher: str, student: str, dest: Path) -> dict:
     return {"path": str(dest), "padded_from": dv if tv != dv else None}
 
 
-def measure_draft(teacher: str, student: str, prompts: list[str], cfg: Pipeline, out_dir: Path) -> dict:
+def measure_draft(teacher: str, student: str, prompts: list[str], cfg: Pipeline, out_dir: Path,
+                  callbacks: list | None = None, alone: dict | None = None) -> dict:
+    """The draft artifact from `student` (after `draft.distill` when set), then its acceptance and speed-up: vLLM
+    greedy, and transformers speculative sampling when `draft.sample_temperature` is set. `alone`: the teacher's
+    own run on these prompts from an earlier call (the result's `alone`), to compare several drafts to one run."""
     from distillery.engines import require_vllm, run_worker
 
     require_vllm()
+    d = cfg.draft
+    distilled: dict = {}
+    if d.distill:
+        distill_dir = out_dir.parent / f"{out_dir.name}-distill"
+        distilled = distill_draft(teacher, student, distill_prompts(cfg, prompts), distill_dir, d.distill, callbacks,
+                                  cfg.student.trust_remote_code)
+        student = str(distill_dir)
     made = make_draft(teacher, student, out_dir.parent / f"{out_dir.name}-model")
     draft = made["path"]
-    d = cfg.draft
     base = {"model": teacher, "prompts": prompts, "max_tokens": d.max_tokens, "enforce_eager": d.enforce_eager,
             "max_model_len": d.max_model_len, "dtype": cfg.generate.dtype,
             "gpu_memory_utilization": cfg.generate.gpu_memory_utilization}
-    alone = run_worker("tasks.draft", {**base, "draft": None}, kv_cache_gib=cfg.generate.kv_cache_gib)
+    if alone is None:
+        alone = run_worker("tasks.draft", {**base, "draft": None}, kv_cache_gib=cfg.generate.kv_cache_gib)
     spec = run_worker("tasks.draft", {**base, "draft": draft, "k": d.num_speculative_tokens},
                       kv_cache_gib=cfg.generate.kv_cache_gib)
     m = spec["metrics"]
@@ -100,13 +244,19 @@ def measure_draft(teacher: str, student: str, prompts: list[str], cfg: Pipeline,
     figures["speedup"] = figures["teacher_with_draft_tokens_per_s"] / figures["teacher_tokens_per_s"]
     for i, n in enumerate(per_pos):
         figures[f"acceptance_pos_{i + 1}"] = n / drafts if drafts else 0.0
+    if d.sample_temperature:
+        figures.update(assisted_acceptance(teacher, draft, prompts[: d.sample_prompts], d.num_speculative_tokens,
+                                           d.sample_temperature, d.max_tokens))
+    figures.update({f"distill_{k}": v for k, v in distilled.items()
+                    if k in ("steps", "train_seconds", "final_loss", "train_loss")})
     with atomic_dir(out_dir) as tmp:
         (tmp / "samples.json").write_text(json.dumps(
             [{"prompt": p, "teacher": a, "with_draft": s}
              for p, a, s in zip(prompts[:10], alone["texts"], spec["texts"], strict=False)], indent=2))
         write_manifest(tmp, {"kind": "draft", "teacher": teacher, "draft": draft, "student": student,
-                             "num_speculative_tokens": d.num_speculative_tokens, "figures": figures})
-    return {"draft": draft, "figures": figures}
+                             "num_speculative_tokens": d.num_speculative_tokens,
+                             "distill": d.distill.model_dump() if d.distill else None, "figures": figures})
+    return {"draft": draft, "figures": figures, "alone": alone}
 
 
 def _worker(spec_file: str) -> None:
@@ -153,11 +303,19 @@ def _spec_counters(snapshot, Counter, Vector) -> dict:
 def draft_task(cfg: Pipeline, ctx: RunContext, teacher: str, draft: str) -> dict:
     with ctx.tracker().stage("draft", ctx.parent_run_id) as run:
         run.log_params({"draft_model": draft, **cfg.draft.model_dump()})
-        result = measure_draft(teacher, draft, draft_prompts(cfg), cfg, ctx.stage_dir("draft"))
+        result = measure_draft(teacher, draft, draft_prompts(cfg), cfg, ctx.stage_dir("draft"),
+                               callbacks=[mlflow_callback(run)] if cfg.draft.distill else None)
         run.log_metrics(result["figures"])
+        if cfg.draft.distill:
+            import matplotlib.pyplot as plt
+
+            manifest = json.loads((ctx.stage_dir("draft").parent / "draft-distill" / "manifest.json").read_text())
+            fig = loss_curve(manifest["loss_history"], "draft.distill: divergence to the teacher (draft samples)")
+            run.log_figure(fig, "distill_loss_curve.png")
+            plt.close(fig)
         run.log_artifact(ctx.stage_dir("draft") / "samples.json")
         run.log_artifact(result["draft"], "draft-model")  # registered with alias `draft` when there is a registry
-    return {**result, "run_id": run.run_id}
+    return {"draft": result["draft"], "figures": result["figures"], "run_id": run.run_id}
 
 
 if __name__ == "__main__":

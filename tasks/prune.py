@@ -324,11 +324,11 @@ def prune_task(cfg: Pipeline, ctx: RunContext, student: str, traces: str | None)
             from distillery.data import load_prompts
 
             texts = [p["prompt"] for p in load_prompts(cfg.data)]
-        from tasks.train import _mlflow_callback
+        from tasks.train import mlflow_callback
 
         result = prune(student, texts, cfg.prune, ctx.stage_dir("prune"), cfg.student.trust_remote_code,
                        unhealed_dir=ctx.stage_dir("prune-unhealed"), bf16=cfg.train.bf16,
-                       callbacks=[_mlflow_callback(run)])
+                       callbacks=[mlflow_callback(run)])
         run.log_metrics(result["figures"])
         run.log_metrics({f"importance.layer_{i}": v for i, v in enumerate(result["importance"])})
         run.log_dict({"importance": result["importance"], "dropped": result["dropped"]}, "layer_importance.json")

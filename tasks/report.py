@@ -51,6 +51,12 @@ def render(rows: list[dict], draft: dict | None = None) -> str:
                   f"{f['mean_accepted_length']:.2f}, teacher {f['teacher_tokens_per_s']:.0f} tok/s alone vs "
                   f"{f['teacher_with_draft_tokens_per_s']:.0f} with draft (speed-up {f['speedup']:.2f}x), "
                   f"outputs identical: {bool(f['outputs_identical'])}")
+        if "sampled_acceptance_rate" in f:
+            table += (f"; sampled at T={f['sampled_temperature']:g}: acceptance {f['sampled_acceptance_rate']:.2f}, "
+                      f"mean accepted length {f['sampled_mean_accepted_length']:.2f}, speed-up "
+                      f"{f['sampled_speedup']:.2f}x")
+        if "distill_steps" in f:
+            table += f" (draft aligned to the teacher first: {int(f['distill_steps'])} DistillSpec steps)"
     return table
 
 

@@ -389,7 +389,7 @@ def params_from(cfg: Pipeline) -> SFTParams:
                      lora=t.lora.model_dump() if t.lora else None)
 
 
-def loss_curve(history: list[dict]):
+def loss_curve(history: list[dict], title: str = "train: student loss"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -400,14 +400,14 @@ def loss_curve(history: list[dict]):
     if pts:
         ax.plot(*zip(*pts, strict=True), marker=".")
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss (completion tokens)")
-    ax.set_title("train: student loss")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
 
 
-def _mlflow_callback(run):
+def mlflow_callback(run):
     from transformers import TrainerCallback
 
     class LogToRun(TrainerCallback):
@@ -433,7 +433,7 @@ def train_task(cfg: Pipeline, ctx: RunContext, traces: str | None, student: str,
             log_traces_input(run, Path(generated), "generated", context="source")
         if traces:
             log_traces_input(run, Path(traces), "filtered", context="training")
-        figures = run_method(cfg, student, traces, generated, out, callbacks=[_mlflow_callback(run)])
+        figures = run_method(cfg, student, traces, generated, out, callbacks=[mlflow_callback(run)])
         run.log_metrics(figures)
         import matplotlib.pyplot as plt
 

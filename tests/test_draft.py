@@ -43,3 +43,58 @@ def test_draft_with_another_tokenizer_is_refused(tiny_student, tmp_path):
     with pytest.raises(DistillationCheckError, match="vocabularies differ"):
         make_draft(str(tmp_path / "teacher"), str(tiny_student), tmp_path / "draft")
     assert not (tmp_path / "draft").exists()
+
+
+def _forward_kl(teacher: str, draft: str, records: list[dict]) -> float:
+    """Mean KL(teacher || draft) per completion token of `records`, teacher-forced."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(teacher)
+    t = AutoModelForCausalLM.from_pretrained(teacher).eval()
+    d = AutoModelForCausalLM.from_pretrained(draft).eval()
+    total, count = 0.0, 0
+    for r in records:
+        n = len(tok(r["prompt"])["input_ids"])
+        ids = tok(r["prompt"] + r["completion"], return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            lt = t(input_ids=ids).logits[0, n - 1 : -1].log_softmax(-1)
+            ld = d(input_ids=ids).logits[0, n - 1 : -1].log_softmax(-1)
+        total += (lt.exp() * (lt - ld)).sum().item()
+        count += lt.shape[0]
+    return total / count
+
+
+def test_assisted_acceptance_is_one_for_the_teacher_itself_and_low_for_a_random_draft(tiny_student):
+    """Speculative sampling accepts a token with min(1, p/q): a draft identical to the teacher is always accepted,
+    an untrained one rarely. The counts come from transformers' own decoding loop."""
+    from distillery.demo.assets import TEACHER_DIR
+    from tasks.draft import assisted_acceptance
+
+    prompts = ["Question: Mia has 7 shells. She finds 5 more. How many shells does Mia have now?\nAnswer:",
+               "Question: Tom has 12 coins. He loses 3. How many coins does Tom have now?\nAnswer:"]
+    same = assisted_acceptance(str(TEACHER_DIR), str(TEACHER_DIR), prompts, k=3, temperature=1.0, max_new_tokens=24)
+    assert same["sampled_acceptance_rate"] > 0.97
+    assert same["sampled_mean_accepted_length"] > 3.5  # up to k accepted + the teacher's own token per step
+    rand = assisted_acceptance(str(TEACHER_DIR), str(tiny_student), prompts, k=3, temperature=1.0, max_new_tokens=24)
+    assert rand["sampled_acceptance_rate"] < 0.3
+    pos = [rand[f"sampled_acceptance_pos_{i}"] for i in (1, 2, 3)]
+    assert pos == sorted(pos, reverse=True)  # a later position is only reached past an accepted earlier one
+
+
+def test_distillspec_moves_the_draft_toward_the_teacher(tiny_student, gold_records, tmp_path):
+    """draft.distill: a few on-policy steps (TRL DistillationTrainer, forward KL) lower the draft's KL to the
+    teacher on held-out traces, and the result is a saved model with its manifest."""
+    from distillery.config import DataConfig, DraftDistillConfig
+    from distillery.data import load_prompts
+    from distillery.demo.assets import TEACHER_DIR
+    from tasks.draft import distill_draft
+
+    prompts = [r["prompt"] for r in load_prompts(DataConfig(source="demo", num_prompts=256))]
+    d = DraftDistillConfig(steps=30, learning_rate=3e-3, batch_size=16, max_new_tokens=32, logging_steps=5)
+    before = _forward_kl(str(TEACHER_DIR), str(tiny_student), gold_records[:16])
+    figures = distill_draft(str(TEACHER_DIR), str(tiny_student), prompts, tmp_path / "draft-distill", d)
+    after = _forward_kl(str(TEACHER_DIR), str(tmp_path / "draft-distill"), gold_records[:16])
+    assert figures["steps"] == 30
+    assert after < 0.8 * before, (before, after)
+    manifest = json.loads((tmp_path / "draft-distill" / "manifest.json").read_text())
+    assert manifest["method"] == "distillspec" and manifest["distill"]["beta"] == 0.0

@@ -71,6 +71,9 @@ def test_demo_pipeline_end_to_end(demo_run):
     d = by_name["draft"].data.metrics
     assert d["outputs_identical"] == 1.0  # greedy speculative decoding changes nothing
     assert d["num_draft_tokens"] > 0 and d["mean_accepted_length"] >= 1
+    # speculative sampling at T=1 (transformers assisted generation): the distilled draft is mostly accepted
+    assert d["sampled_temperature"] == 1.0 and d["sampled_acceptance_rate"] > 0.5
+    assert d["distill_steps"] == 40  # DistillSpec (draft.distill) aligned the student to the teacher first
     assert by_name["train"].data.metrics["train_loss"] > 0
     assert by_name["filter"].data.metrics["kept"] > 0
     assert by_name["generate"].data.metrics["shards_generated"] == by_name["generate"].data.metrics["shards"] > 1
@@ -88,6 +91,7 @@ def test_demo_pipeline_end_to_end(demo_run):
     assert "traces_sample.json" in names(by_name["generate"].info.run_id)
     assert {"filter_report.json", "filter_report.png"} <= names(by_name["filter"].info.run_id)
     assert {"loss_curve.png", "model"} <= names(by_name["train"].info.run_id)
+    assert {"distill_loss_curve.png", "draft-model", "samples.json"} <= names(by_name["draft"].info.run_id)
     assert "model/model.safetensors" in names(by_name["prune"].info.run_id, "model")
     assert "results/teacher.json" in names(by_name["evaluate"].info.run_id, "results")
     assert {"summary.md", "summary.json", "accuracy_vs_size.png"} <= names(parent.info.run_id)
@@ -110,8 +114,8 @@ def test_demo_pipeline_end_to_end(demo_run):
     run_dirs = list((work / "runs" / "demo").iterdir())
     assert len(run_dirs) == 1
     rd = run_dirs[0]
-    for stage in ("generate", "filter", "train", "prune", "prune-unhealed", "draft", "draft-model", "quantize/int8",
-                  "quantize/nf4"):
+    for stage in ("generate", "filter", "train", "prune", "prune-unhealed", "draft", "draft-distill", "draft-model",
+                  "quantize/int8", "quantize/nf4"):
         assert (rd / stage / "manifest.json").exists(), stage
     assert json.loads((rd / "summary.json").read_text())["rows"][0]["model"] == "teacher"
     assert not list(rd.rglob(".*.tmp-*"))  # no half-written leftovers

@@ -28,3 +28,15 @@ def test_rows_carry_recovery_and_perplexity_and_render():
     assert "75.0%" in table and "held-out ppl" in table and "1.400" in table
     fig = plot(rows)
     assert [ax.get_legend().get_texts()[0].get_text() for ax in fig.axes] == ["frontier", "frontier"]
+
+
+def test_draft_line_names_greedy_sampled_and_distillspec_figures():
+    evals = {"teacher": result(0.8, 2_900_000, 11 * 2**20), "student-sft": result(0.6, 790_000, 3 * 2**20)}
+    draft = {"figures": {"acceptance_rate": 0.9, "mean_accepted_length": 4.5, "teacher_tokens_per_s": 100.0,
+                         "teacher_with_draft_tokens_per_s": 150.0, "speedup": 1.5, "outputs_identical": 1.0,
+                         "sampled_temperature": 0.6, "sampled_acceptance_rate": 0.8,
+                         "sampled_mean_accepted_length": 4.1, "sampled_speedup": 1.3, "distill_steps": 40}}
+    rows = build_rows(evals, draft, "student-sft")
+    assert {r["model"]: r["draft_acceptance"] for r in rows} == {"teacher": None, "student-sft": 0.9}
+    table = render(rows, draft)
+    assert "speed-up 1.50x" in table and "sampled at T=0.6: acceptance 0.80" in table and "40 DistillSpec" in table
