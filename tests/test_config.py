@@ -24,6 +24,8 @@ def test_every_yaml_in_the_repo_is_valid():
     r1 = f.pipelines["r1-distill"]
     assert r1.teacher.path.startswith("deepseek-ai/") and r1.generate.backend == "vllm"
     assert r1.train.lora is not None and r1.data.chat_template
+    assert r1.evaluate.backend == "vllm" and r1.draft.distill is not None
+    assert f.pipelines["demo-draft"].draft.distill.beta == 0.0  # forward KL, DistillSpec's choice for greedy
     for y in (REPO / "evals").rglob("*.yaml"):
         assert yaml.safe_load(y.read_text())["task"]
 
@@ -65,6 +67,11 @@ CASES = [
      "pipelines.demo.schedule.overrides: train.lr: unknown key"),
     (lambda p: p["demo"].update(schedule={"interval": 60, "oops": 1}), "pipelines.demo.schedule.oops: unknown key"),
     (lambda p: p["demo"].update(concurrency={"slots": 0}), "pipelines.demo.concurrency.slots: must be >= 1"),
+    (lambda p: p["demo"]["draft"].update(distill={"beta": 2}), "pipelines.demo.draft.distill.beta: must be <= 1"),
+    (lambda p: p["demo"]["draft"].update(sample_temperature=0), "pipelines.demo.draft.sample_temperature: must be > 0"),
+    (lambda p: p["demo"]["evaluate"].update(backend="sglang"), "pipelines.demo.evaluate.backend: must be one of"),
+    (lambda p: p["demo"]["evaluate"].update(tensor_parallel_size=0),
+     "pipelines.demo.evaluate.tensor_parallel_size: must be >= 1"),
     (lambda p: p["smoke"].update(concurrency={"slots": 2}),
      "pipelines.smoke.concurrency.slots: limit 'distillery-gpu' has 1 slot(s) in pipelines.demo"),
 ]

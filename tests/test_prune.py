@@ -125,32 +125,3 @@ def test_depth_and_width_pruned_teacher_is_healed_by_distillation(tokenizer, tmp
     assert after < 0.85 * before, (before, after)
     manifest = json.loads((tmp_path / "healed" / "manifest.json").read_text())
     assert manifest["healed"] and manifest["dropped"] and len(manifest["width_kept"]["mlp"]) == 3
-
-
-@pytest.mark.slow
-@pytest.mark.vllm
-def test_pruned_model_loads_in_vllm_and_decodes_like_transformers(tokenizer, tmp_path):
-    """Width- and depth-pruned (explicit head_dim, fewer heads and KV heads): vLLM's greedy tokens equal HF's."""
-    from transformers import AutoModelForCausalLM
-
-    from distillery.demo.assets import TEACHER_DIR
-    from distillery.engines import VLLMEngine
-
-    cfg = PruneConfig(drop_layers=1, width={"intermediate_size": 256, "num_attention_heads": 2},
-                      calibration_samples=16, max_length=96)
-    out = tmp_path / "pruned"
-    prune(str(TEACHER_DIR), texts(16), cfg, out)
-    prompts = [p.split("Answer:")[0] + "Answer:" for p in texts(6)]
-    hf = AutoModelForCausalLM.from_pretrained(out).eval()
-    expected = []
-    for p in prompts:
-        enc = tokenizer(p, return_tensors="pt", add_special_tokens=False)
-        ids = hf.generate(**enc, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        expected.append(tokenizer.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
-    engine = VLLMEngine({"model": str(out), "dtype": "float32", "enforce_eager": True, "max_model_len": 128,
-                         "gpu_memory_utilization": 0.5, "tensor_parallel_size": 1, "seed": 0})
-    try:
-        got = engine.generate(prompts, {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": 16, "stop": []})
-    finally:
-        engine.close()
-    assert [s[0]["text"] for s in got["samples"]] == expected
