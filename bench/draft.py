@@ -1,0 +1,200 @@
+"""The draft benchmark: a generic small model vs the distilled draft, as the teacher's speculative-decoding draft.
+
+    .venv/bin/python bench/draft.py                       # pipeline demo-draft, every arm
+    .venv/bin/python bench/draft.py --arms generic distilled --set draft.num_prompts=16
+
+Every arm is the same student architecture and size, from the same random init, with the same training budget:
+  generic               trained on the teacher's own training data (gold reasoning traces for the same prompts),
+                        never on the teacher's outputs: the demo's stand-in for an off-the-shelf small model of
+                        the teacher's family (same tokenizer, same data, no distillation)
+  distilled             SFT on the teacher's filtered traces (the pipeline's train stage)
+  generic+distillspec   generic, then DistillSpec (draft.distill: on-policy draft samples, the teacher's full
+                        distribution, forward KL; TRL DistillationTrainer)
+  distilled+sft         distilled, then as many more SFT steps on the traces as DistillSpec takes (same batch
+                        size and learning rate): the equal-compute control for the DistillSpec arms
+  distilled+distillspec distilled, then the same DistillSpec steps
+Each arm is measured as the teacher's draft on the same held-out prompts: vLLM greedy speculative decoding
+(acceptance rate, per position, mean accepted length, tokens/s against the teacher alone, outputs identical) and
+transformers speculative sampling at draft.sample_temperature (acceptance, speed-up). One MLflow parent run
+("draft-bench"), one child per arm with the same metric names; the table and plot go on the parent and to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ARMS = ["generic", "generic+distillspec", "distilled", "distilled+sft", "distilled+distillspec"]
+COLUMNS = ["acceptance_rate", "mean_accepted_length", "speedup", "sampled_acceptance_rate",
+           "sampled_mean_accepted_length", "sampled_speedup"]
+
+
+def gold_records(cfg, count: int) -> list[dict]:
+    """Gold traces (question -> the generator's reasoning and answer) for the pipeline's own prompts: the data the
+    demo teacher itself was trained on, never its outputs."""
+    from distillery.artifacts import read_jsonl
+    from distillery.data import DEMO_EVAL_FILE
+    from distillery.demo import task
+
+    if cfg.data.source != "demo":
+        raise SystemExit("bench/draft.py: the generic arm needs gold traces, which only data.source: demo has")
+    held_out = {r["question"] for r in read_jsonl(DEMO_EVAL_FILE)}
+    return [p.as_record() for p in task.problems(seed=10_000 + cfg.data.seed, count=count, exclude=held_out)]
+
+
+def plot(rows: list[dict], k: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    names = [r["arm"] for r in rows]
+    x = range(len(rows))
+    left.bar([i - 0.2 for i in x], [r["acceptance_rate"] for r in rows], 0.4, label="greedy (vLLM)")
+    left.bar([i + 0.2 for i in x], [r.get("sampled_acceptance_rate", 0) for r in rows], 0.4,
+             label="sampled (transformers)")
+    left.set_xticks(list(x), names, rotation=15)
+    left.set_ylim(0, 1)
+    left.set_ylabel("draft acceptance rate")
+    left.legend(loc="lower right")
+    for r in rows:
+        right.plot(range(1, k + 1), [r.get(f"acceptance_pos_{i}", float("nan")) for i in range(1, k + 1)],
+                   marker="o", label=r["arm"])
+    right.set_xlabel("draft position")
+    right.set_ylabel("share of steps accepting it (greedy)")
+    right.set_ylim(0, 1.02)
+    right.legend()
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.suptitle("generic vs distilled draft for the demo teacher")
+    fig.tight_layout()
+    return fig
+
+
+def render(rows: list[dict]) -> str:
+    from tabulate import tabulate
+
+    body = [[r["arm"], r["train_steps"], f"{r['acceptance_rate']:.3f}", f"{r['mean_accepted_length']:.2f}",
+             f"{r['speedup']:.2f}×", f"{r.get('sampled_acceptance_rate', float('nan')):.3f}",
+             f"{r.get('sampled_mean_accepted_length', float('nan')):.2f}",
+             f"{r.get('sampled_speedup', float('nan')):.2f}×",
+             f"{r['accuracy']:.3f}"] for r in rows]
+    return tabulate(body, headers=["draft", "train steps", "greedy acceptance", "tokens/step", "greedy speed-up",
+                                   "sampled acceptance", "tokens/step", "sampled speed-up", "draft accuracy"],
+                    tablefmt="github")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pipeline", default="demo-draft", help="pipeline in pipelines.yaml (default demo-draft)")
+    p.add_argument("--config", default=str(REPO / "pipelines.yaml"))
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=ARMS)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the pipeline, e.g. draft.distill.steps=100")
+    p.add_argument("--out", default=str(REPO / "bench" / "results"), help="where draft.json/.md/.png go")
+    p.add_argument("--workdir", default="runs/bench-draft", help="stage artifacts")
+    a = p.parse_args(argv)
+
+    from distillery.config import load_pipeline, parse_overrides
+    from distillery.demo.assets import resolve_model
+    from distillery.tracking import Tracker
+    from tasks.draft import draft_prompts, measure_draft
+    from tasks.evaluate import evaluate_model, local_task_dir, throughput_prompts
+    from tasks.filter import run_filter
+    from tasks.generate import generate
+    from tasks.train import params_from, sft, training_records
+
+    cfg = load_pipeline(a.config, a.pipeline, parse_overrides(a.overrides))
+    if cfg.draft.distill is None and any("+" in arm for arm in a.arms):
+        raise SystemExit(f"bench/draft.py: pipeline {a.pipeline} has no draft.distill section for the distillspec arms")
+    work = Path(a.workdir).resolve() / time.strftime("%Y%m%d-%H%M%S")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = resolve_model(cfg.teacher.path)
+    student = resolve_model(cfg.student.path, seed=cfg.train.seed)
+    prompts = draft_prompts(cfg)
+    include = local_task_dir(cfg.evaluate.tasks)
+
+    tracker = Tracker(cfg.experiment)
+    parent = tracker.start("draft-bench", tags={"distillery.pipeline": a.pipeline, "distillery.bench": "draft"})
+    parent.log_params({"arms": ",".join(a.arms), "overrides": " ".join(a.overrides), **cfg.model_dump()})
+    ok = False
+    try:
+        with tracker.stage("generate", parent.run_id) as run:
+            gen = generate(cfg, work / "generate")
+            run.log_metrics(gen["figures"])
+        with tracker.stage("filter", parent.run_id) as run:
+            kept = run_filter(cfg, Path(gen["path"]), work / "filter")
+            run.log_metrics({"kept": kept["report"]["kept"], "keep_rate": kept["report"]["keep_rate"]})
+        from distillery.artifacts import read_jsonl
+
+        traces = read_jsonl(Path(kept["path"]))
+        chat = cfg.data.chat_template
+        # Same number of examples for both bases, so the same number of optimizer steps.
+        data = {"generic": training_records(gold_records(cfg, len(traces)), chat),
+                "distilled": training_records(traces, chat)}
+        bases: dict[str, dict] = {}
+        results: dict[str, dict] = {}
+        alone = None
+        for arm in a.arms:
+            base, _, extra = arm.partition("+")
+            key = arm.replace("+", "-")  # MLflow names take no '+'
+            print(f"\n=== arm {arm} ===", flush=True)
+            with tracker.stage(key, parent.run_id, tags={"distillery.arm": arm}) as run:
+                if base not in bases:
+                    bases[base] = sft(student, data[base], work / base, params_from(cfg), where=f"train ({base})")
+                model, steps = work / base, bases[base]["steps"]
+                if extra == "sft":  # the equal-compute control: DistillSpec's steps, spent on more SFT instead
+                    dd = cfg.draft.distill
+                    more = replace(params_from(cfg), learning_rate=dd.learning_rate, batch_size=dd.batch_size,
+                                   max_steps=dd.steps, warmup_ratio=0.0)
+                    steps += sft(str(model), data[base], work / key, more, where="train (more sft)")["steps"]
+                    model = work / key
+                arm_cfg = cfg if extra == "distillspec" else cfg.model_copy(update={"draft": cfg.draft.model_copy(
+                    update={"distill": None})})
+                run.log_params({"base": base, "extra": extra or "none", **arm_cfg.draft.model_dump()})
+                m = measure_draft(teacher, str(model), prompts, arm_cfg, work / f"draft-{key}", alone=alone)
+                alone = m["alone"]
+                ev = evaluate_model(m["draft"], cfg.evaluate, include, throughput_prompts(cfg))
+                figs = {**m["figures"], "accuracy": ev["figures"]["accuracy"],
+                        "train_steps": steps + int(m["figures"].get("distill_steps", 0))}
+                run.log_metrics(figs)
+                results[arm] = figs
+        rows = [{"arm": arm, **f} for arm, f in results.items()]
+        table = render(rows)
+        print("\n" + table)
+        summary = {"pipeline": a.pipeline, "overrides": a.overrides, "rows": rows,
+                   "num_speculative_tokens": cfg.draft.num_speculative_tokens, "prompts": len(prompts),
+                   "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                   "mlflow_parent_run": parent.run_id}
+        (out / "draft.json").write_text(json.dumps(summary, indent=2))
+        (out / "draft.md").write_text(table + "\n")
+        fig = plot(rows, cfg.draft.num_speculative_tokens)
+        fig.savefig(out / "draft.png", dpi=110)
+        parent.log_figure(fig, "draft.png")
+        parent.log_text(table, "draft.md")
+        parent.log_metrics({f"{c}.{r['arm'].replace('+', '-')}": r[c] for r in rows for c in COLUMNS if c in r})
+        ok = True
+    finally:
+        tracker.end(parent, ok=ok)
+        if include:
+            import shutil
+
+            shutil.rmtree(include, ignore_errors=True)
+    print(f"\nMLflow parent run {parent.run_id}; results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
