@@ -71,6 +71,7 @@ def plot(rows: list[dict], k: int):
     for r in rows:
         right.plot(range(1, k + 1), [r.get(f"acceptance_pos_{i}", float("nan")) for i in range(1, k + 1)],
                    marker="o", label=r["arm"])
+    right.set_xticks(range(1, k + 1))
     right.set_xlabel("draft position")
     right.set_ylabel("share of steps accepting it (greedy)")
     right.set_ylim(0, 1.02)
