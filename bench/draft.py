@@ -21,8 +21,6 @@ transformers speculative sampling at draft.sample_temperature (acceptance, speed
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import sys
@@ -33,6 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from bench.common import arms_parser, publish, teacher_traces  # noqa: E402 - after the path is set
 
 ARMS = ["generic", "generic+distillspec", "distilled", "distilled+sft", "distilled+distillspec"]
 COLUMNS = ["acceptance_rate", "mean_accepted_length", "speedup", "sampled_acceptance_rate",
@@ -97,23 +97,13 @@ def render(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--pipeline", default="demo-draft", help="pipeline in pipelines.yaml (default demo-draft)")
-    p.add_argument("--config", default=str(REPO / "pipelines.yaml"))
-    p.add_argument("--arms", nargs="+", choices=ARMS, default=ARMS)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override the pipeline, e.g. draft.distill.steps=100")
-    p.add_argument("--out", default=str(REPO / "bench" / "results"), help="where draft.json/.md/.png go")
-    p.add_argument("--workdir", default="runs/bench-draft", help="stage artifacts")
-    a = p.parse_args(argv)
+    a = arms_parser(__doc__, "draft", "demo-draft", ARMS, "draft.distill.steps=100").parse_args(argv)
 
     from distillery.config import load_pipeline, parse_overrides
     from distillery.demo.assets import resolve_model
     from distillery.tracking import Tracker
     from tasks.draft import draft_prompts, measure_draft
     from tasks.evaluate import evaluate_model, local_task_dir, throughput_prompts
-    from tasks.filter import run_filter
-    from tasks.generate import generate
     from tasks.train import params_from, sft, training_records
 
     cfg = load_pipeline(a.config, a.pipeline, parse_overrides(a.overrides))
@@ -132,12 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parent.log_params({"arms": ",".join(a.arms), "overrides": " ".join(a.overrides), **cfg.model_dump()})
     ok = False
     try:
-        with tracker.stage("generate", parent.run_id) as run:
-            gen = generate(cfg, work / "generate")
-            run.log_metrics(gen["figures"])
-        with tracker.stage("filter", parent.run_id) as run:
-            kept = run_filter(cfg, Path(gen["path"]), work / "filter")
-            run.log_metrics({"kept": kept["report"]["kept"], "keep_rate": kept["report"]["keep_rate"]})
+        gen, kept = teacher_traces(cfg, tracker, parent.run_id, work)
         from distillery.artifacts import read_jsonl
 
         traces = read_jsonl(Path(kept["path"]))
@@ -179,12 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                    "num_speculative_tokens": cfg.draft.num_speculative_tokens, "prompts": len(prompts),
                    "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                    "mlflow_parent_run": parent.run_id}
-        (out / "draft.json").write_text(json.dumps(summary, indent=2))
-        (out / "draft.md").write_text(table + "\n")
-        fig = plot(rows, cfg.draft.num_speculative_tokens)
-        fig.savefig(out / "draft.png", dpi=110)
-        parent.log_figure(fig, "draft.png")
-        parent.log_text(table, "draft.md")
+        publish(out, "draft", summary, table, plot(rows, cfg.draft.num_speculative_tokens), parent)
         parent.log_metrics({f"{c}.{r['arm'].replace('+', '-')}": r[c] for r in rows for c in COLUMNS if c in r})
         ok = True
     finally:

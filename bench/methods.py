@@ -21,7 +21,6 @@ plot go on the parent, and to --out.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -34,6 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from bench.common import arms_parser, publish, teacher_traces  # noqa: E402 - after the path is set
 
 ARMS = ["hard", "sft", "logit_kd", "gkd", "dpo"]
 
@@ -101,22 +102,12 @@ def render(rows: list[dict], teacher: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--pipeline", default="demo-methods", help="pipeline in pipelines.yaml (default demo-methods)")
-    p.add_argument("--config", default=str(REPO / "pipelines.yaml"))
-    p.add_argument("--arms", nargs="+", choices=ARMS, default=ARMS)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override the pipeline, e.g. train.epochs=1")
-    p.add_argument("--out", default=str(REPO / "bench" / "results"), help="where methods.json/.md/.png go")
-    p.add_argument("--workdir", default="runs/bench-methods", help="stage artifacts")
-    a = p.parse_args(argv)
+    a = arms_parser(__doc__, "methods", "demo-methods", ARMS, "train.epochs=1").parse_args(argv)
 
     from distillery.config import load_pipeline, parse_overrides
     from distillery.demo.assets import resolve_model
     from distillery.tracking import Tracker
     from tasks.evaluate import evaluate_model, local_task_dir, throughput_prompts
-    from tasks.filter import run_filter
-    from tasks.generate import generate
     from tasks.train import loss_curve, run_method
 
     cfg = load_pipeline(a.config, a.pipeline, parse_overrides(a.overrides))
@@ -135,12 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = throughput_prompts(cfg)
     ok = False
     try:
-        with tracker.stage("generate", parent.run_id) as run:
-            gen = generate(cfg, work / "generate")
-            run.log_metrics(gen["figures"])
-        with tracker.stage("filter", parent.run_id) as run:
-            kept = run_filter(cfg, Path(gen["path"]), work / "filter")
-            run.log_metrics({"kept": kept["report"]["kept"], "keep_rate": kept["report"]["keep_rate"]})
+        gen, kept = teacher_traces(cfg, tracker, parent.run_id, work)
         results: dict[str, dict] = {}
         with tracker.stage("teacher", parent.run_id) as run:
             ev = evaluate_model(resolve_model(cfg.teacher.path), cfg.evaluate, include, prompts)
@@ -178,12 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = {"pipeline": a.pipeline, "overrides": a.overrides, "teacher": teacher, "rows": rows,
                    "matmul_peak_flops": peak, "machine": f"{platform.processor() or platform.machine()}, "
                    f"{os.cpu_count()} cores", "mlflow_parent_run": parent.run_id}
-        (out / "methods.json").write_text(json.dumps(summary, indent=2))
-        (out / "methods.md").write_text(table + "\n")
-        fig = plot(rows, teacher)
-        fig.savefig(out / "methods.png", dpi=110)
-        parent.log_figure(fig, "methods.png")
-        parent.log_text(table, "methods.md")
+        publish(out, "methods", summary, table, plot(rows, teacher), parent)
         parent.log_metrics({f"accuracy.{r['arm']}": r["accuracy"] for r in rows} | {"accuracy.teacher": teacher[
             "accuracy"]} | {f"gap_recovered.{r['arm']}": r["gap_recovered"] for r in rows})
         ok = True

@@ -1,0 +1,48 @@
+"""What the arm benchmarks (methods.py, draft.py) share: their command line, and the teacher's traces made once."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def arms_parser(doc: str, name: str, pipeline: str, arms: list[str], example: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--pipeline", default=pipeline, help=f"pipeline in pipelines.yaml (default {pipeline})")
+    p.add_argument("--config", default=str(REPO / "pipelines.yaml"))
+    p.add_argument("--arms", nargs="+", choices=arms, default=arms)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override the pipeline, e.g. {example}")
+    p.add_argument("--out", default=str(REPO / "bench" / "results"), help=f"where {name}.json/.md/.png go")
+    p.add_argument("--workdir", default=f"runs/bench-{name}", help="stage artifacts")
+    return p
+
+
+def teacher_traces(cfg, tracker, parent_id: str, work: Path) -> tuple[dict, dict]:
+    """Generate and filter the teacher's traces once for every arm, each a child run of the benchmark's parent."""
+    from tasks.filter import run_filter
+    from tasks.generate import generate
+
+    with tracker.stage("generate", parent_id) as run:
+        gen = generate(cfg, work / "generate")
+        run.log_metrics(gen["figures"])
+    with tracker.stage("filter", parent_id) as run:
+        kept = run_filter(cfg, Path(gen["path"]), work / "filter")
+        run.log_metrics({"kept": kept["report"]["kept"], "keep_rate": kept["report"]["keep_rate"]})
+    return gen, kept
+
+
+def publish(out: Path, name: str, summary: dict, table: str, fig, parent) -> None:
+    """The results: `<name>.json`, `.md` and `.png` in `out`, the table and plot on the MLflow parent run."""
+    import json
+
+    import matplotlib.pyplot as plt
+
+    (out / f"{name}.json").write_text(json.dumps(summary, indent=2))
+    (out / f"{name}.md").write_text(table + "\n")
+    fig.savefig(out / f"{name}.png", dpi=110)
+    parent.log_figure(fig, f"{name}.png")
+    parent.log_text(table, f"{name}.md")
+    plt.close(fig)
