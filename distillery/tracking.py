@@ -89,8 +89,22 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = uri or tracking_uri()
-        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        self.client = self._open_client(MlflowClient)
         self.experiment_id = self._experiment_id(experiment)
+
+    def _open_client(self, MlflowClient):  # noqa: N803 - the class, imported lazily by the caller
+        """MLflow creates and migrates a new SQLite store when a client first opens it; two processes doing that at
+        once (two first runs started together) crash in the migrations. One at a time: the second finds it made."""
+        if not self.uri.startswith("sqlite:///"):
+            return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        from filelock import FileLock
+
+        db = Path(self.uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{db}.lock", timeout=600):
+            client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+            client.search_registered_models(max_results=1)  # the registry's store opened under the lock too
+        return client
 
     def _experiment_id(self, name: str) -> str:
         """The experiment's id, created when missing. Two runs sharing a store may both find it missing and both

@@ -54,6 +54,28 @@ def test_experiment_created_once_when_two_trackers_race(mlflow_uri):
     assert len(MlflowClient(mlflow_uri).search_experiments(filter_string="name = 'race'")) == 1
 
 
+def test_first_runs_started_together_create_one_sqlite_store(tmp_path):
+    """Three processes meet a store that does not exist yet at the same moment (each waits for a shared start time
+    after its imports): MLflow's migrations run once, under the store's lock, and every process gets its run."""
+    import sys
+    import time
+
+    uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
+    start = time.time() + 15  # past every process's imports
+    code = ("import sys, time\nfrom distillery.tracking import Tracker\n"
+            "time.sleep(max(0, float(sys.argv[2]) - time.time()))\n"
+            "t = Tracker('together', sys.argv[1])\nt.end(t.start('run'))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri, str(start)], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [o[-2000:] for o in outs]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    (exp,) = client.search_experiments(filter_string="name = 'together'")
+    assert len(client.search_runs([exp.experiment_id])) == 3
+
+
 @pytest.mark.slow
 def test_two_runs_at_once_share_one_tracking_server(tmp_path):
     port = free_port()
