@@ -60,6 +60,22 @@ def test_train_command_refuses_missing_traces(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("content,expected", [
+    ('{"prompt": "q", "completion": "a"}\n{"prompt": "q2", "completion"\n', "line 2: not JSON"),
+    ('{"prompt": "q", "completion": "a"}\n\n{"prompt": "q2"}\n', "line 3: no field 'completion'"),
+    ("\n", "no traces"),
+])
+def test_train_command_refuses_bad_traces_before_any_work(tmp_path, capsys, content, expected):
+    from distillery.cli import main
+
+    bad = tmp_path / "kept.jsonl"
+    bad.write_text(content)
+    assert main(["train", "smoke", "--traces", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"--traces: {bad}") and expected in err and "\n" not in err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.slow
 def test_train_under_accelerate_launch_two_cpu_processes(tmp_path):
     from distillery.demo import task
