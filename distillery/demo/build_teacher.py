@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from distillery.artifacts import write_jsonl
 from distillery.demo import assets, task
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     from tasks.train import SFTParams, sft
 
     evals = task.eval_problems()
-    task.write_jsonl([{"question": p.question, "answer": str(p.answer)} for p in evals], EVAL_FILE)
+    write_jsonl(EVAL_FILE, [{"question": p.question, "answer": str(p.answer)} for p in evals])
     gold = list(task.problems(seed=7, count=args.examples, exclude={p.question for p in evals}))
     corpus = [p.question + p.trace for p in gold[:5000]]
     tokenizer = assets.build_tokenizer(corpus)

@@ -7,12 +7,10 @@ Generation is seeded, so every split can be rebuilt bit for bit; splits are disj
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 NAMES = [
     ("Mia", "She"), ("Tom", "He"), ("Ana", "She"), ("Leo", "He"), ("Zoe", "She"), ("Sam", "He"),
@@ -83,12 +81,3 @@ EVAL_SEED, EVAL_SIZE = 1234, 200
 
 def eval_problems() -> list[Problem]:
     return list(problems(EVAL_SEED, EVAL_SIZE))
-
-
-def write_jsonl(records: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    tmp.replace(path)
