@@ -56,8 +56,9 @@ def resolve_model(ref: str, what: str = "model") -> str:
         raise ServeError(f"{what}: {ref} has no config.json, nor a prune/ or train/ model: not a model or run folder")
     if path.exists():
         raise ServeError(f"{what}: {ref} is a file, not a model folder")
-    if not ref.startswith(("/", "./", "../", "~")) and HUB_ID.match(ref):
-        return ref  # org/name: vLLM fetches it from the hub
+    # org/name is a hub id for vLLM to fetch, unless `org` is a local folder: then it is a mistyped path.
+    if not ref.startswith(("/", "./", "../", "~")) and HUB_ID.match(ref) and not Path(ref.split("/")[0]).is_dir():
+        return ref
     raise ServeError(f"{what}: folder does not exist: {ref}")
 
 

@@ -89,13 +89,19 @@ def test_run_folder_serves_the_pruned_student_else_the_trained_one(tmp_path, cap
     assert f"--model {run / 'prune'} " in capsys.readouterr().out
 
 
-def test_missing_or_empty_folders_are_refused_with_the_path_named(tmp_path, capsys, tiny_student):
+def test_missing_or_empty_folders_are_refused_with_the_path_named(tmp_path, capsys, tiny_student, monkeypatch):
     missing = tmp_path / "no" / "such-model"
     assert main(["serve-model", str(missing)]) == 2
     err = capsys.readouterr().err
     assert err == f"model: folder does not exist: {missing}\n"
     assert main(["serve-model", str(TEACHER_DIR), "--draft", str(missing)]) == 2
     assert capsys.readouterr().err == f"--draft: folder does not exist: {missing}\n"
+    (tmp_path / "runs").mkdir()  # `runs/typo` names a folder under a local one: a mistyped path, not a hub id
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve-model", "runs/typo", "--print-command"]) == 2
+    assert capsys.readouterr().err == "model: folder does not exist: runs/typo\n"
+    assert main(["serve-model", "Qwen/Qwen2.5-0.5B", "--print-command"]) == 0  # no local Qwen/: a hub id
+    assert "--model Qwen/Qwen2.5-0.5B " in capsys.readouterr().out
     (tmp_path / "empty").mkdir()
     assert main(["serve-model", str(tmp_path / "empty"), "--print-command"]) == 2
     err = capsys.readouterr().err
