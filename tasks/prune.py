@@ -55,11 +55,9 @@ def layer_importance(model, tokenizer, texts: list[str], max_length: int, batch_
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
         model.eval()
-        for b in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[b : b + batch_size], return_tensors="pt", padding=True, truncation=True,
-                            max_length=max_length, add_special_tokens=False).to(model.device)
-            mask_holder["m"] = enc["attention_mask"].float()
-            count += int(enc["attention_mask"].sum())
+        for enc, mask in _masked_batches(model, tokenizer, texts, max_length, batch_size):
+            mask_holder["m"] = mask
+            count += int(mask.sum())
             with torch.no_grad():
                 model(**enc)
     finally:
