@@ -61,7 +61,7 @@ def test_first_runs_started_together_create_one_sqlite_store(tmp_path):
     import time
 
     uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
-    start = time.time() + 15  # past every process's imports
+    start = time.time() + 10  # past every process's imports
     code = ("import sys, time\nfrom distillery.tracking import Tracker\n"
             "time.sleep(max(0, float(sys.argv[2]) - time.time()))\n"
             "t = Tracker('together', sys.argv[1])\nt.end(t.start('run'))\n")
