@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     teacher = resolve_model(cfg.teacher.path)
     student = resolve_model(cfg.student.path, seed=cfg.train.seed)
-    prompts = draft_prompts(cfg)
+    prompts = draft_prompts(cfg, teacher)
     include = local_task_dir(cfg.evaluate.tasks)
 
     tracker = Tracker(cfg.experiment)

@@ -45,22 +45,38 @@ from tasks.train import (
 )
 
 
-def draft_prompts(cfg: Pipeline) -> list[str]:
-    """Held-out prompts where there are some (the demo eval split), else the pipeline's prompts."""
+def rendered(cfg: Pipeline, teacher: str, prompts: list[str]) -> list[str]:
+    """The prompts as the teacher sees them in generation and in serving: through its chat template when the
+    pipeline uses one (data.chat_template), else as they are."""
+    if not cfg.data.chat_template:
+        return prompts
+    from transformers import AutoTokenizer
+
+    from distillery.data import render_prompt
+
+    tok = AutoTokenizer.from_pretrained(teacher, trust_remote_code=cfg.teacher.trust_remote_code)
+    return [render_prompt(tok, p, cfg.data) for p in prompts]
+
+
+def draft_prompts(cfg: Pipeline, teacher: str) -> list[str]:
+    """Held-out prompts where there are some (the demo eval split), else the pipeline's last prompts; rendered."""
     from distillery.data import DEMO_EVAL_FILE, load_prompts
 
     if cfg.data.source == "demo":
-        return [r["question"] for r in read_jsonl(DEMO_EVAL_FILE)][: cfg.draft.num_prompts]
-    return [p["prompt"] for p in load_prompts(cfg.data)][-cfg.draft.num_prompts :]
+        raw = [r["question"] for r in read_jsonl(DEMO_EVAL_FILE)][: cfg.draft.num_prompts]
+    else:
+        raw = [p["prompt"] for p in load_prompts(cfg.data)][-cfg.draft.num_prompts :]
+    return rendered(cfg, teacher, raw)
 
 
-def distill_prompts(cfg: Pipeline, measured: list[str]) -> list[str]:
-    """Training prompts for `draft.distill`: the pipeline's prompts, never one the draft is measured on."""
+def distill_prompts(cfg: Pipeline, teacher: str, measured: list[str]) -> list[str]:
+    """Training prompts for `draft.distill`: the pipeline's prompts, rendered, never one the draft is measured on."""
     from distillery.data import load_prompts
 
     seen = set(measured)
     rows = load_prompts(cfg.data.model_copy(update={"num_prompts": cfg.draft.distill.num_prompts + len(seen)}))
-    return [r["prompt"] for r in rows if r["prompt"] not in seen][: cfg.draft.distill.num_prompts]
+    texts = rendered(cfg, teacher, [r["prompt"] for r in rows])
+    return [t for t in texts if t not in seen][: cfg.draft.distill.num_prompts]
 
 
 def distill_draft(teacher: str, student: str, prompts: list[str], out: Path, d, callbacks: list | None = None,
@@ -217,8 +233,8 @@ def measure_draft(teacher: str, student: str, prompts: list[str], cfg: Pipeline,
     distilled: dict = {}
     if d.distill:
         distill_dir = out_dir.parent / f"{out_dir.name}-distill"
-        distilled = distill_draft(teacher, student, distill_prompts(cfg, prompts), distill_dir, d.distill, callbacks,
-                                  cfg.student.trust_remote_code)
+        distilled = distill_draft(teacher, student, distill_prompts(cfg, teacher, prompts), distill_dir, d.distill,
+                                  callbacks, cfg.student.trust_remote_code)
         student = str(distill_dir)
     made = make_draft(teacher, student, out_dir.parent / f"{out_dir.name}-model")
     draft = made["path"]
@@ -303,7 +319,7 @@ def _spec_counters(snapshot, Counter, Vector) -> dict:
 def draft_task(cfg: Pipeline, ctx: RunContext, teacher: str, draft: str) -> dict:
     with ctx.tracker().stage("draft", ctx.parent_run_id) as run:
         run.log_params({"draft_model": draft, **cfg.draft.model_dump()})
-        result = measure_draft(teacher, draft, draft_prompts(cfg), cfg, ctx.stage_dir("draft"),
+        result = measure_draft(teacher, draft, draft_prompts(cfg, teacher), cfg, ctx.stage_dir("draft"),
                                callbacks=[mlflow_callback(run)] if cfg.draft.distill else None)
         run.log_metrics(result["figures"])
         if cfg.draft.distill:
