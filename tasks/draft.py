@@ -315,7 +315,7 @@ def _spec_counters(snapshot, Counter, Vector) -> dict:
     return out
 
 
-@task(name="draft", cache_policy=NO_CACHE)
+@task(name="draft", cache_policy=NO_CACHE, log_prints=False)  # datasets prints bytecode when hashing
 def draft_task(cfg: Pipeline, ctx: RunContext, teacher: str, draft: str) -> dict:
     with ctx.tracker().stage("draft", ctx.parent_run_id) as run:
         run.log_params({"draft_model": draft, **cfg.draft.model_dump()})

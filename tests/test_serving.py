@@ -242,13 +242,15 @@ def student_server(tmp_path_factory):
         server.stop()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def teacher_servers(tmp_path_factory):
-    """The teacher alone and the teacher with the demo student as its draft, started side by side."""
+    """The teacher alone and the teacher with the demo student as its draft, started side by side, both behind
+    the API key. Module scope: the two tests at the end of this file share them (one start saved on 2 cores)."""
     logs = tmp_path_factory.mktemp("serve")
-    alone = Server(logs / "teacher.log", "demo:teacher", "--served-model-name", "teacher")
+    alone = Server(logs / "teacher.log", "demo:teacher", "--served-model-name", "teacher",
+                   env={"DISTILLERY_API_KEY": KEY})
     drafted = Server(logs / "drafted.log", "demo:teacher", "--served-model-name", "teacher", "--draft",
-                     "demo:student", "--num-speculative-tokens", "4")
+                     "demo:student", "--num-speculative-tokens", "4", env={"DISTILLERY_API_KEY": KEY})
     try:
         yield alone.wait_ready(), drafted.wait_ready()
     finally:
@@ -291,6 +293,16 @@ def test_served_student_needs_its_key_and_answers_both_apis(student_server):
 
 @pytest.mark.slow
 @pytest.mark.vllm
+def test_exit_code_is_the_servers(tmp_path):
+    """Exec, not a child: vLLM's own argument error (exit 2) is the command's exit code."""
+    r = subprocess.run([sys.executable, "-m", "distillery.cli", "serve-model", "demo:teacher", "--",
+                        "--no-such-vllm-flag"], env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--no-such-vllm-flag" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
 def test_teacher_with_draft_answers_exactly_as_the_teacher_alone(teacher_servers):
     """Greedy speculative decoding must not change a single token. The draft is the random-init demo student,
     whose proposals the teacher rejects (acceptance 0 here): this checks that rejected drafts leave the output
@@ -303,7 +315,7 @@ def test_teacher_with_draft_answers_exactly_as_the_teacher_alone(teacher_servers
     prompts = [r["question"] for r in read_jsonl(DEMO_EVAL_FILE)][:8]
     answers = []
     for server in teacher_servers:
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
         # one request at a time: the same batch shapes on both servers
         answers.append([client.completions.create(model="teacher", prompt=p, max_tokens=48, temperature=0)
                         .choices[0].text for p in prompts])
@@ -320,9 +332,26 @@ def test_teacher_with_draft_answers_exactly_as_the_teacher_alone(teacher_servers
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_exit_code_is_the_servers(tmp_path):
-    """Exec, not a child: vLLM's own argument error (exit 2) is the command's exit code."""
-    r = subprocess.run([sys.executable, "-m", "distillery.cli", "serve-model", "demo:teacher", "--",
-                        "--no-such-vllm-flag"], env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "--no-such-vllm-flag" in r.stderr
+def test_hosted_teacher_is_the_served_teacher(teacher_servers, tmp_path, monkeypatch):
+    """The generate stage's openai backend against the served teacher (API key from the environment variable the
+    pipeline names); then the server is stopped and a re-run is answered entirely from the request cache. Last in
+    this file: it stops the shared server."""
+    from distillery.artifacts import read_jsonl
+    from distillery.config import load_pipeline, parse_overrides
+    from tasks.generate import generate
+
+    alone = teacher_servers[0]
+    monkeypatch.setenv("TEACHER_KEY", KEY)
+    overrides = [f"output_dir={tmp_path / 'runs'}", f"generate.cache_dir={tmp_path / 'cache'}", "data.num_prompts=8",
+                 "generate.n=2", "generate.temperature=0.7", "generate.backend=openai",
+                 f"generate.openai={{base_url: '{alone.url}/v1', model: teacher, api_key_env: TEACHER_KEY, "
+                 "max_concurrency: 4}"]
+    cfg = load_pipeline(REPO / "pipelines.yaml", "demo", parse_overrides(overrides))
+    res = generate(cfg, tmp_path / "out")
+    rows = read_jsonl(Path(res["path"]))
+    assert len(rows) == 16 and all(r["backend"] == "openai" for r in rows)
+    assert sum(r["completion"].strip().startswith("<think>") for r in rows) >= 12  # the real teacher answered
+    alone.stop()
+    shutil.rmtree(tmp_path / "cache" / "generate")  # drop the shard cache: only the request cache is left
+    again = generate(cfg, tmp_path / "out2")
+    assert read_jsonl(Path(again["path"])) == rows  # no server, same answers: nothing was paid twice
