@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,3 +48,32 @@ def publish(out: Path, name: str, summary: dict, table: str, fig, parent) -> Non
     parent.log_figure(fig, f"{name}.png")
     parent.log_text(table, f"{name}.md")
     plt.close(fig)
+
+
+def machine() -> str:
+    import os
+    import platform
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+@contextmanager
+def bench_run(cfg, args, run_name: str, bench: str, out: Path):
+    """The benchmark's MLflow parent run (params: arms, overrides, the pipeline) and the local eval tasks for the
+    body; the run ends FINISHED when the body completes, FAILED when it raises, and the tasks' temp copy goes."""
+    from distillery.tracking import Tracker
+    from tasks.evaluate import local_task_dir
+
+    tracker = Tracker(cfg.experiment)
+    parent = tracker.start(run_name, tags={"distillery.pipeline": args.pipeline, "distillery.bench": bench})
+    parent.log_params({"arms": ",".join(args.arms), "overrides": " ".join(args.overrides), **cfg.model_dump()})
+    include = local_task_dir(cfg.evaluate.tasks)
+    ok = False
+    try:
+        yield tracker, parent, include
+        ok = True
+    finally:
+        tracker.end(parent, ok=ok)
+        if include:
+            shutil.rmtree(include, ignore_errors=True)
+    print(f"\nMLflow parent run {parent.run_id}; results in {out}")

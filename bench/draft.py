@@ -22,7 +22,6 @@ transformers speculative sampling at draft.sample_temperature (acceptance, speed
 from __future__ import annotations
 
 import os
-import platform
 import sys
 import time
 from dataclasses import replace
@@ -32,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.common import arms_parser, publish, teacher_traces  # noqa: E402 - after the path is set
+from bench.common import arms_parser, bench_run, machine, publish, teacher_traces  # noqa: E402 - after the path is set
 
 ARMS = ["generic", "generic+distillspec", "distilled", "distilled+sft", "distilled+distillspec"]
 COLUMNS = ["acceptance_rate", "mean_accepted_length", "speedup", "sampled_acceptance_rate",
@@ -101,9 +100,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from distillery.config import load_pipeline, parse_overrides
     from distillery.demo.assets import resolve_model
-    from distillery.tracking import Tracker
     from tasks.draft import draft_prompts, measure_draft
-    from tasks.evaluate import evaluate_model, local_task_dir, throughput_prompts
+    from tasks.evaluate import evaluate_model, throughput_prompts
     from tasks.train import params_from, sft, training_records
 
     cfg = load_pipeline(a.config, a.pipeline, parse_overrides(a.overrides))
@@ -115,13 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     teacher = resolve_model(cfg.teacher.path)
     student = resolve_model(cfg.student.path, seed=cfg.train.seed)
     prompts = draft_prompts(cfg, teacher)
-    include = local_task_dir(cfg.evaluate.tasks)
+    speed_prompts = throughput_prompts(cfg)
 
-    tracker = Tracker(cfg.experiment)
-    parent = tracker.start("draft-bench", tags={"distillery.pipeline": a.pipeline, "distillery.bench": "draft"})
-    parent.log_params({"arms": ",".join(a.arms), "overrides": " ".join(a.overrides), **cfg.model_dump()})
-    ok = False
-    try:
+    with bench_run(cfg, a, "draft-bench", "draft", out) as (tracker, parent, include):
         gen, kept = teacher_traces(cfg, tracker, parent.run_id, work)
         from distillery.artifacts import read_jsonl
 
@@ -152,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                 run.log_params({"base": base, "extra": extra or "none", **arm_cfg.draft.model_dump()})
                 m = measure_draft(teacher, str(model), prompts, arm_cfg, work / f"draft-{key}", alone=alone)
                 alone = m["alone"]
-                ev = evaluate_model(m["draft"], cfg.evaluate, include, throughput_prompts(cfg))
+                ev = evaluate_model(m["draft"], cfg.evaluate, include, speed_prompts)
                 figs = {**m["figures"], "accuracy": ev["figures"]["accuracy"],
                         "train_steps": steps + int(m["figures"].get("distill_steps", 0))}
                 run.log_metrics(figs)
@@ -162,18 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + table)
         summary = {"pipeline": a.pipeline, "overrides": a.overrides, "rows": rows,
                    "num_speculative_tokens": cfg.draft.num_speculative_tokens, "prompts": len(prompts),
-                   "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                   "machine": machine(),
                    "mlflow_parent_run": parent.run_id}
         publish(out, "draft", summary, table, plot(rows, cfg.draft.num_speculative_tokens), parent)
         parent.log_metrics({f"{c}.{r['arm'].replace('+', '-')}": r[c] for r in rows for c in COLUMNS if c in r})
-        ok = True
-    finally:
-        tracker.end(parent, ok=ok)
-        if include:
-            import shutil
-
-            shutil.rmtree(include, ignore_errors=True)
-    print(f"\nMLflow parent run {parent.run_id}; results in {out}")
     return 0
 
 

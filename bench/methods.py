@@ -24,8 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.common import arms_parser, publish, teacher_traces  # noqa: E402 - after the path is set
+from bench.common import arms_parser, bench_run, machine, publish, teacher_traces  # noqa: E402 - after the path is set
 
 ARMS = ["hard", "sft", "logit_kd", "gkd", "dpo"]
 
@@ -106,8 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from distillery.config import load_pipeline, parse_overrides
     from distillery.demo.assets import resolve_model
-    from distillery.tracking import Tracker
-    from tasks.evaluate import evaluate_model, local_task_dir, throughput_prompts
+    from tasks.evaluate import evaluate_model, throughput_prompts
     from tasks.train import loss_curve, run_method
 
     cfg = load_pipeline(a.config, a.pipeline, parse_overrides(a.overrides))
@@ -119,13 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     peak = matmul_peak()
     print(f"fp32 matmul peak on this machine: {peak / 1e9:.1f} GFLOP/s")
 
-    tracker = Tracker(cfg.experiment)
-    parent = tracker.start("methods", tags={"distillery.pipeline": a.pipeline, "distillery.bench": "methods"})
-    parent.log_params({"arms": ",".join(a.arms), "overrides": " ".join(a.overrides), **cfg.model_dump()})
-    include = local_task_dir(cfg.evaluate.tasks)
     prompts = throughput_prompts(cfg)
-    ok = False
-    try:
+    with bench_run(cfg, a, "methods", "methods", out) as (tracker, parent, include):
         gen, kept = teacher_traces(cfg, tracker, parent.run_id, work)
         results: dict[str, dict] = {}
         with tracker.stage("teacher", parent.run_id) as run:
@@ -162,17 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         table = render(rows, teacher)
         print("\n" + table)
         summary = {"pipeline": a.pipeline, "overrides": a.overrides, "teacher": teacher, "rows": rows,
-                   "matmul_peak_flops": peak, "machine": f"{platform.processor() or platform.machine()}, "
-                   f"{os.cpu_count()} cores", "mlflow_parent_run": parent.run_id}
+                   "matmul_peak_flops": peak, "machine": machine(), "mlflow_parent_run": parent.run_id}
         publish(out, "methods", summary, table, plot(rows, teacher), parent)
         parent.log_metrics({f"accuracy.{r['arm']}": r["accuracy"] for r in rows} | {"accuracy.teacher": teacher[
             "accuracy"]} | {f"gap_recovered.{r['arm']}": r["gap_recovered"] for r in rows})
-        ok = True
-    finally:
-        tracker.end(parent, ok=ok)
-        if include:
-            shutil.rmtree(include, ignore_errors=True)
-    print(f"\nMLflow parent run {parent.run_id}; results in {out}")
     return 0
 
 
