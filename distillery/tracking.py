@@ -86,15 +86,15 @@ class StageRun:
 
 class Tracker:
     def __init__(self, experiment: str, uri: str | None = None):
-        from mlflow.tracking import MlflowClient
-
         self.uri = uri or tracking_uri()
-        self.client = self._open_client(MlflowClient)
+        self.client = self._open_client()
         self.experiment_id = self._experiment_id(experiment)
 
-    def _open_client(self, MlflowClient):  # noqa: N803 - the class, imported lazily by the caller
+    def _open_client(self):
         """MLflow creates and migrates a new SQLite store when a client first opens it; two processes doing that at
         once (two first runs started together) crash in the migrations. One at a time: the second finds it made."""
+        from mlflow.tracking import MlflowClient
+
         if not self.uri.startswith("sqlite:///"):
             return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         from filelock import FileLock
