@@ -66,3 +66,18 @@ def gold_records():
     from distillery.demo import task
 
     return [p.as_record() for p in task.problems(seed=99, count=64)]
+
+
+def chat_teacher(dest: Path, template: str) -> Path:
+    """A copy of the demo teacher whose tokenizer has `template` as its chat template."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from distillery.demo.assets import TEACHER_DIR
+
+    shutil.copytree(TEACHER_DIR, dest)
+    tok = AutoTokenizer.from_pretrained(dest)
+    tok.chat_template = template
+    tok.save_pretrained(dest)
+    return dest

@@ -103,24 +103,16 @@ def test_distillspec_moves_the_draft_toward_the_teacher(tiny_student, gold_recor
 def test_draft_prompts_are_what_the_teacher_sees_and_never_trained_on(tmp_path):
     """A chat pipeline measures and distills the draft on chat-rendered prompts, as generation and serving give
     them to the teacher; the distillation prompts never include a measured one."""
-    import shutil
-    from pathlib import Path
-
-    from transformers import AutoTokenizer
-
     from distillery.artifacts import write_jsonl
     from distillery.config import load_pipeline, parse_overrides
-    from distillery.demo.assets import TEACHER_DIR
     from tasks.draft import distill_prompts, draft_prompts
 
-    teacher = tmp_path / "teacher"
-    shutil.copytree(TEACHER_DIR, teacher)
-    tok = AutoTokenizer.from_pretrained(teacher)
-    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
-                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    tok.save_pretrained(teacher)
+    from .conftest import REPO, chat_teacher
+
+    teacher = chat_teacher(tmp_path / "teacher", "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+                           "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
     write_jsonl(tmp_path / "q.jsonl", [{"prompt": f"question {i}", "answer": str(i)} for i in range(40)])
-    cfg = load_pipeline(Path(__file__).resolve().parents[1] / "pipelines.yaml", "demo", parse_overrides(
+    cfg = load_pipeline(REPO / "pipelines.yaml", "demo", parse_overrides(
         [f"teacher.path={teacher}", "data.source=jsonl", f"data.path={tmp_path / 'q.jsonl'}", "data.num_prompts=40",
          "data.chat_template=true", "draft.num_prompts=8", "draft.distill.num_prompts=100"]))
     measured = draft_prompts(cfg, str(teacher))

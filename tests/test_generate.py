@@ -214,19 +214,12 @@ def test_vllm_logprobs_are_raw_and_sharded(tmp_path):
 
 def test_chat_template_system_turn_and_think_prefill(tmp_path):
     """Chat pipelines render the teacher's own template (system + user turns); think_prefill opens <think>."""
-    import shutil
-
-    from transformers import AutoTokenizer
-
-    from distillery.demo.assets import TEACHER_DIR
     from tasks.generate import prepare_prompts
 
-    model = tmp_path / "chat-teacher"
-    shutil.copytree(TEACHER_DIR, model)
-    tok = AutoTokenizer.from_pretrained(model)
-    tok.chat_template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    tok.save_pretrained(model)
+    from .conftest import chat_teacher
+
+    model = chat_teacher(tmp_path / "chat-teacher", "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
     cfg = smoke(tmp_path, f"teacher.path={model}", "data.chat_template=true", "data.system_prompt=Be brief.",
                 "data.num_prompts=2", "generate.think_prefill=true")
     texts = [p["prompt_text"] for p in prepare_prompts(cfg, str(model))]
