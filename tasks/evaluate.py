@@ -55,13 +55,17 @@ def local_task_dir(tasks: list[str]) -> Path | None:
     return dest
 
 
+def is_quantized(path: str) -> bool:
+    cfg_file = Path(path) / "config.json"
+    return cfg_file.exists() and "quantization_config" in json.loads(cfg_file.read_text())
+
+
 def _load(path: str, trust_remote_code: bool):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    cfg_file = Path(path) / "config.json"
-    quantized = cfg_file.exists() and "quantization_config" in json.loads(cfg_file.read_text())
+    quantized = is_quantized(path)
     cuda = torch.cuda.is_available()
     if quantized:
         model = AutoModelForCausalLM.from_pretrained(path, device_map="auto" if cuda else "cpu",
@@ -109,8 +113,10 @@ def evaluate_model(path: str, cfg: EvaluateConfig, include_path: Path | None, th
     require_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
-    model, tok, quantized = _load(path, trust_remote_code)
-    if cfg.backend == "vllm" and not quantized:
+    # bitsandbytes checkpoints stay on hf. The vLLM engine runs (and exits) before the model is loaded here for the
+    # probes, so the two never hold GPU memory at once.
+    use_vllm = cfg.backend == "vllm" and not is_quantized(path)
+    if use_vllm:
         from distillery.engines import require_vllm, run_worker
 
         require_vllm()
@@ -119,7 +125,8 @@ def evaluate_model(path: str, cfg: EvaluateConfig, include_path: Path | None, th
                                              "vllm": vllm_settings or {}},
                           kv_cache_gib=(vllm_settings or {}).get("kv_cache_gib", 1.0))
         per_task, samples, eval_seconds = done["tasks"], done["samples"], done["seconds"]
-    else:
+    model, tok, quantized = _load(path, trust_remote_code)
+    if not use_vllm:
         lm = HFLM(pretrained=model, tokenizer=tok, batch_size=cfg.batch_size, max_length=None)
         per_task, samples, eval_seconds = run_lm_eval(lm, cfg, include_path)
         del lm
@@ -135,7 +142,7 @@ def evaluate_model(path: str, cfg: EvaluateConfig, include_path: Path | None, th
         figures["heldout_perplexity"] = perplexity(model, tok, heldout)
     del model
     return {"path": path, "quantized": quantized, "figures": figures, "tasks": per_task, "samples": samples,
-            "backend": "vllm" if cfg.backend == "vllm" and not quantized else "hf"}
+            "backend": "vllm" if use_vllm else "hf"}
 
 
 def run_lm_eval(model, cfg: EvaluateConfig, include_path: Path | str | None, model_args: dict | None = None
