@@ -231,6 +231,7 @@ def measure_draft(teacher: str, student: str, prompts: list[str], cfg: Pipeline,
     require_vllm()
     d = cfg.draft
     distilled: dict = {}
+    distill_dir = None
     if d.distill:
         distill_dir = out_dir.parent / f"{out_dir.name}-distill"
         distilled = distill_draft(teacher, student, distill_prompts(cfg, teacher, prompts), distill_dir, d.distill,
@@ -272,7 +273,7 @@ def measure_draft(teacher: str, student: str, prompts: list[str], cfg: Pipeline,
         write_manifest(tmp, {"kind": "draft", "teacher": teacher, "draft": draft, "student": student,
                              "num_speculative_tokens": d.num_speculative_tokens,
                              "distill": d.distill.model_dump() if d.distill else None, "figures": figures})
-    return {"draft": draft, "figures": figures, "alone": alone}
+    return {"draft": draft, "figures": figures, "alone": alone, "distilled": str(distill_dir) if distill_dir else None}
 
 
 def _worker(spec_file: str) -> None:
@@ -322,10 +323,10 @@ def draft_task(cfg: Pipeline, ctx: RunContext, teacher: str, draft: str) -> dict
         result = measure_draft(teacher, draft, draft_prompts(cfg, teacher), cfg, ctx.stage_dir("draft"),
                                callbacks=[mlflow_callback(run)] if cfg.draft.distill else None)
         run.log_metrics(result["figures"])
-        if cfg.draft.distill:
+        if result["distilled"]:
             import matplotlib.pyplot as plt
 
-            manifest = json.loads((ctx.stage_dir("draft").parent / "draft-distill" / "manifest.json").read_text())
+            manifest = json.loads((Path(result["distilled"]) / "manifest.json").read_text())
             fig = loss_curve(manifest["loss_history"], "draft.distill: divergence to the teacher (draft samples)")
             run.log_figure(fig, "distill_loss_curve.png")
             plt.close(fig)
