@@ -16,6 +16,7 @@ def log_traces_input(run, path: Path, name: str, context: str) -> None:
     import pandas as pd
     from mlflow.data import from_pandas
     from mlflow.entities import DatasetInput, InputTag
+    from mlflow.exceptions import MlflowException
 
     df = pd.read_json(path, lines=True)
     meta = {}
@@ -28,4 +29,12 @@ def log_traces_input(run, path: Path, name: str, context: str) -> None:
     ds = from_pandas(df[cols], source=str(Path(path).resolve()), name=f"{name}:{teacher}")
     tags = [InputTag("mlflow.data.context", context)]
     tags += [InputTag(f"distillery.{k}", json.dumps(v) if not isinstance(v, str) else v) for k, v in meta.items()]
-    run.client.log_inputs(run.run_id, datasets=[DatasetInput(ds._to_mlflow_entity(), tags=tags)])
+    inputs = [DatasetInput(ds._to_mlflow_entity(), tags=tags)]
+    try:
+        run.client.log_inputs(run.run_id, datasets=inputs)
+    except MlflowException as e:
+        # Two runs logging the same dataset (same name and digest) to one experiment at once: MLflow looks it up,
+        # then inserts it, and the loser hits the unique key. The dataset exists now; linking it again succeeds.
+        if "unique" not in str(e).lower():
+            raise
+        run.client.log_inputs(run.run_id, datasets=inputs)

@@ -194,3 +194,42 @@ def test_lineage_is_skipped_when_tracking_is_off(tmp_path):
     path.write_text('{"prompt": "Q", "completion": " A", "teacher": "t"}\n')
     with NullTracker().stage("generate", None) as run:
         assert log_traces_input(run, path, "generated", context="generated") is None
+
+
+def test_lineage_survives_another_run_inserting_the_same_dataset_first(tmp_path, mlflow_uri):
+    """Two runs logging identical traces at once: MLflow's check-then-insert loses the race with a unique-key
+    error for one of them; that run links the now existing dataset instead of failing its stage."""
+    from mlflow.exceptions import MlflowException
+
+    from distillery.lineage import log_traces_input
+    from distillery.tracking import Tracker
+
+    path = tmp_path / "traces.jsonl"
+    path.write_text('{"prompt": "Q", "completion": " A", "teacher": "t"}\n')
+    tracker = Tracker("lineage", mlflow_uri)
+    first, second = tracker.start("a"), tracker.start("b")
+    log_traces_input(first, path, "filtered", context="training")
+    real, calls = second.client.log_inputs, []
+
+    def racing(run_id, datasets=None, **kw):  # the other run's insert landed between lookup and insert
+        calls.append(run_id)
+        if len(calls) == 1:
+            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+                                  "datasets.name, datasets.digest")
+        return real(run_id, datasets=datasets, **kw)
+
+    second.client.log_inputs = racing
+    log_traces_input(second, path, "filtered", context="training")
+    assert len(calls) == 2
+    inputs = tracker.client.get_run(second.run_id).inputs.dataset_inputs
+    assert [i.dataset.name for i in inputs] == ["filtered:t"]
+
+    def broken(run_id, datasets=None, **kw):  # any other error is not retried
+        raise MlflowException("connection reset")
+
+    second.client.log_inputs = broken
+    try:
+        with pytest.raises(MlflowException, match="connection reset"):
+            log_traces_input(second, path, "filtered", context="training")
+    finally:
+        second.client.log_inputs = real
