@@ -9,7 +9,7 @@ from pathlib import Path
 
 def log_traces_input(run, path: Path, name: str, context: str) -> None:
     """Log the jsonl at `path` as a dataset input of `run` (a StageRun; a NullRun does nothing)."""
-    from distillery.tracking import NullRun
+    from distillery.tracking import NullRun, lost_insert_race
 
     if isinstance(run, NullRun):  # tracking off (its attributes are all no-op callables)
         return
@@ -35,6 +35,6 @@ def log_traces_input(run, path: Path, name: str, context: str) -> None:
     except MlflowException as e:
         # Two runs logging the same dataset (same name and digest) to one experiment at once: MLflow looks it up,
         # then inserts it, and the loser hits the unique key. The dataset exists now; linking it again succeeds.
-        if "unique" not in str(e).lower():
+        if not lost_insert_race(e):
             raise
         run.client.log_inputs(run.run_id, datasets=inputs)

@@ -91,13 +91,18 @@ def register_run(tracker: Tracker | NullTracker, ctx: RunContext, registry: Regi
                          "value": as_value(figures.get(gate.metric))})
 
     cand = pick_candidate(versions, gate)
-    champion = tracker.get_alias(name, CHAMPION)
-    before = str(champion.version) if champion else None
-    before_value = as_value(champion.tags.get(f"metric.{gate.metric}")) if champion else None
-    move, reason = gate_decision(cand["value"], before_value, gate, has_champion=champion is not None)
-    tracker.set_alias(name, CANDIDATE, cand["version"])
-    if move:
-        tracker.set_alias(name, CHAMPION, cand["version"])
+    tracker.set_alias(name, CANDIDATE, cand["version"])  # the latest run's, whichever run writes last
+    for attempt in range(3):  # the race leaves the alias in place, so the second pass decides against it
+        champion = tracker.get_alias(name, CHAMPION)
+        before = str(champion.version) if champion else None
+        before_value = as_value(champion.tags.get(f"metric.{gate.metric}")) if champion else None
+        move, reason = gate_decision(cand["value"], before_value, gate, has_champion=champion is not None)
+        # Another run of this model may crown its candidate between that read and this write: with no champion
+        # read, this write then fails rather than overwrite the other's, and the gate compares with it instead.
+        # (Two runs both replacing an existing champion at once: the last write wins.)
+        racer_ok = champion is not None or attempt == 2
+        if not move or tracker.set_alias(name, CHAMPION, cand["version"], overwrite_racer=racer_ok):
+            break
     after = cand["version"] if move else before
 
     decision = {

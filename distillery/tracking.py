@@ -33,6 +33,11 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def lost_insert_race(e: BaseException) -> bool:
+    """An MLflow SQL store's unique-key error: it looks a row up, then inserts it, and of two clients doing both at
+    once the second fails. The row exists afterwards, so the operation can be redone (or its premise re-read)."""
+    return "unique" in str(e).lower()
+
 class StageRun:
     """A child (or parent) run: thin, explicit-id wrappers over MlflowClient."""
 
@@ -167,9 +172,24 @@ class Tracker:
         )
         return str(mv.version)
 
-    def set_alias(self, name: str, alias: str, version: str) -> None:
-        """Point `alias` at `version`; an alias is unique per model, so it leaves whatever version had it."""
-        self.client.set_registered_model_alias(name, alias, version)
+    def set_alias(self, name: str, alias: str, version: str, *, overwrite_racer: bool = True) -> bool:
+        """Point `alias` at `version`; an alias is unique per model, so it leaves whatever version had it.
+
+        MLflow looks the alias up and then inserts it, so when another client creates the same alias at that moment
+        one of the two hits the unique key. The alias exists then: with `overwrite_racer` the write is made again
+        (now an update); without, nothing is written and False returned, for a caller whose choice depended on the
+        alias being absent."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.set_registered_model_alias(name, alias, version)
+        except MlflowException as e:
+            if not lost_insert_race(e):
+                raise
+            if not overwrite_racer:
+                return False
+            self.client.set_registered_model_alias(name, alias, version)
+        return True
 
     def get_alias(self, name: str, alias: str):
         """The ModelVersion `alias` points at, or None when the model or the alias does not exist yet."""

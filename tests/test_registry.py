@@ -179,3 +179,42 @@ def test_bad_registry_config_names_the_field(pipeline, overrides, expected):
     with pytest.raises(ConfigError) as e:
         load_pipeline(REPO / "pipelines.yaml", pipeline, overrides)
     assert any(line.startswith(expected) for line in e.value.lines), e.value.lines
+
+
+@pytest.mark.parametrize("theirs,ours_crowned", [(0.9, False), (0.2, True)])
+def test_a_run_crowning_its_candidate_at_the_same_moment(mlflow_uri, tmp_path, theirs, ours_crowned):
+    """Two runs find no champion and both crown their candidate: MLflow's check-then-insert fails the second with a
+    unique-key error (seen in CI with two runs on one tracking server). That run then compares its candidate with
+    the other's champion, as if it had run second, instead of failing its pipeline or overwriting a better one."""
+    from mlflow.exceptions import MlflowException
+
+    tracker = Tracker("registry-test")
+    registry = RegistryConfig(model_name=NAME, stages=["train"])
+    other_ctx, other_models, other_evals = fake_run(tracker, tmp_path, 1, {"student-sft": theirs})
+    ctx, models, evals = fake_run(tracker, tmp_path, 2, {"student-sft": 0.5})
+    real, calls = tracker.client.set_registered_model_alias, []
+
+    def racing(name, alias, version):
+        calls.append(alias)
+        if alias == "champion" and calls.count("champion") == 1:  # the other run's insert lands first
+            tracker.client.set_registered_model_alias = real
+            register_run(tracker, other_ctx, registry, other_models, other_evals, logged=False)
+            tracker.client.set_registered_model_alias = racing
+            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: registered_model_aliases."
+                                  "workspace, registered_model_aliases.name, registered_model_aliases.alias")
+        return real(name, alias, version)
+
+    tracker.client.set_registered_model_alias = racing
+    decision = register_run(tracker, ctx, registry, models, evals, logged=False)
+    ours, other = "1", "2"  # this run registered first; the other run's version came inside the race
+    assert decision["candidate"]["version"] == ours and calls.count("champion") == 1 + ours_crowned
+    assert decision["moved"] is ours_crowned
+    assert decision["champion_before"] == {"version": other, "value": theirs}
+    assert str(tracker.get_alias(NAME, "champion").version) == (ours if ours_crowned else other)
+
+    def broken(name, alias, version):  # any other error is not retried
+        raise MlflowException("connection reset")
+
+    tracker.client.set_registered_model_alias = broken
+    with pytest.raises(MlflowException, match="connection reset"):
+        register_run(tracker, ctx, registry, models, evals, logged=False)
