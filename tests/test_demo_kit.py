@@ -41,3 +41,30 @@ def test_shipped_teacher_is_safetensors_and_documented():
     assert (TEACHER_DIR / "model.safetensors").exists() and not list(TEACHER_DIR.glob("*.bin"))
     meta = json.loads((TEACHER_DIR / "demo_teacher.json").read_text())
     assert meta["eval_accuracy_greedy"] >= 0.8
+
+
+def test_runs_starting_together_build_the_demo_student_once(tmp_path, monkeypatch):
+    """Two runs on a fresh cache both want the random-init student: one builds it, the other waits and reads it,
+    instead of replacing the folder the first is loading from."""
+    import threading
+
+    from distillery.demo import assets
+
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path))
+    real, built = assets.init_model, []
+
+    def slow_init(*a, **k):
+        built.append(threading.get_ident())
+        threading.Event().wait(0.5)  # long enough for the other thread to find no folder and queue on the lock
+        return real(*a, **k)
+
+    monkeypatch.setattr(assets, "init_model", slow_init)
+    paths = []
+    threads = [threading.Thread(target=lambda: paths.append(assets.demo_student(seed=3))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(paths) == 2 and paths[0] == paths[1] and (paths[0] / "config.json").exists()
+    assert len(built) == 1
+    assert not list(paths[0].parent.glob(".*tmp-*"))

@@ -96,6 +96,8 @@ def demo_student(seed: int = 0) -> Path:
     """The untrained demo student: random init on the teacher's tokenizer, cached per seed."""
     from transformers import AutoTokenizer
 
+    from filelock import FileLock
+
     dest = cache_dir() / "demo" / f"student-init-v2-seed{seed}"  # v2: the tokenizer carries the chat template
     if (dest / "config.json").exists():
         return dest
@@ -103,8 +105,13 @@ def demo_student(seed: int = 0) -> Path:
         raise FileNotFoundError(
             f"demo teacher missing at {TEACHER_DIR}: run `python -m distillery.demo.build_teacher`"
         )
-    tokenizer = AutoTokenizer.from_pretrained(TEACHER_DIR)
-    return save_atomic(init_model(STUDENT_SHAPE, tokenizer, seed), tokenizer, dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # Two runs starting together on a fresh cache: the second would replace the folder the first is loading from.
+    with FileLock(f"{dest}.lock", timeout=600):
+        if (dest / "config.json").exists():  # made while this process waited
+            return dest
+        tokenizer = AutoTokenizer.from_pretrained(TEACHER_DIR)
+        return save_atomic(init_model(STUDENT_SHAPE, tokenizer, seed), tokenizer, dest)
 
 
 def resolve_model(ref: str, seed: int = 0) -> str:
