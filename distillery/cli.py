@@ -114,7 +114,8 @@ def _traces_problem(path: Path, fields: tuple[str, ...]) -> str | None:
 
 
 def cmd_train(args) -> int:
-    """The train stage alone, no Prefect and no MLflow: what `accelerate launch` runs on every process."""
+    """The train stage alone, without Prefect: what `accelerate launch` runs on every process. Process 0 logs one
+    MLflow run (top level, not a pipeline's child) unless --no-track."""
     from distillery.config import ConfigError, load_pipeline, parse_overrides
 
     try:
@@ -135,7 +136,8 @@ def cmd_train(args) -> int:
     from accelerate import PartialState
 
     from distillery.demo.assets import resolve_model
-    from tasks.train import run_method
+    from distillery.tracking import NullTracker, Tracker
+    from tasks.train import train_logged
 
     # Under `accelerate launch` (torchrun) this joins the process group the Trainer then uses: NCCL on GPUs, gloo
     # on CPUs; cpu= as the Trainer's use_cpu (tasks.train.common_args), or the two would disagree.
@@ -145,15 +147,20 @@ def cmd_train(args) -> int:
     print(f"distillery train: process {state.process_index} of {state.num_processes} ({state.distributed_type.value},"
           f" {state.backend or 'no backend'}, {state.device}); method {cfg.train.method}, student {student}",
           file=sys.stderr, flush=True)
+    # process 0 alone records the run, as it alone writes --out: one MLflow run however many processes train
+    tracker = Tracker(cfg.experiment) if state.is_main_process and not args.no_track else NullTracker()
     try:
-        figures = run_method(cfg, student, str(traces.resolve()), None, out)
+        with tracker.stage("train", None, {"distillery.pipeline": args.pipeline,
+                                           "distillery.entrypoint": "distillery train"}) as run:
+            figures = train_logged(cfg, run, student, str(traces.resolve()), None, out)
     except KeyboardInterrupt:
         return _fail(["distillery: interrupted"], 130)
     except Exception as e:
         return _fail([f"distillery: train {args.pipeline} failed: {type(e).__name__}: {e}".splitlines()[0]], 1)
     if state.is_main_process:
+        logged = "" if args.no_track else f" (MLflow run {run.run_id} at {tracker.uri})"
         print(f"{out}: steps {figures['steps']}, final loss {figures['final_loss']:.4f}, "
-              f"{figures['train_seconds']:.1f}s on {figures['world_size']} processes")
+              f"{figures['train_seconds']:.1f}s on {figures['world_size']} processes{logged}")
     return 0
 
 
@@ -323,16 +330,17 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("train", help="run only the train stage on kept traces (accelerate-friendly)",
                        description="Train the pipeline's student by its train.method on an existing kept-traces "
-                       "jsonl (the filter stage's kept.jsonl) and save it to --out with a manifest. No Prefect, no "
-                       "MLflow. Multi-GPU or multi-node: `accelerate launch --config_file "
-                       "configs/accelerate/ddp-8gpu.yaml -m distillery.cli train ...`; every process trains, "
-                       "process 0 alone writes --out.")
+                       "jsonl (the filter stage's kept.jsonl) and save it to --out with a manifest; no Prefect. Logs "
+                       "one MLflow run to MLFLOW_TRACKING_URI (default: sqlite:///mlflow.db here). Multi-GPU or "
+                       "multi-node: `accelerate launch --config_file configs/accelerate/ddp-8gpu.yaml -m "
+                       "distillery.cli train ...`; every process trains, process 0 alone writes --out and logs.")
     p.add_argument("pipeline")
     p.add_argument("--traces", required=True, help="kept traces (jsonl with prompt, completion, answer, prompt_id)")
     p.add_argument("--out", required=True, help="folder for the trained model (replaced atomically)")
     p.add_argument("--file", default=default_file())
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                    help="override a field, e.g. --set train.max_steps=100 (repeatable)")
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("serve", help="serve one Prefect deployment per pipeline",

@@ -420,26 +420,37 @@ def mlflow_callback(run):
     return LogToRun()
 
 
+def train_logged(cfg: Pipeline, run, student: str, traces: str | None, generated: str | None, out: Path) -> dict:
+    """`run_method` with its record on the MLflow run `run`: parameters, the traces as dataset inputs, metrics
+    streamed per logging step, the loss curve, the model when `log_models`. A NullRun records nothing (tracking
+    off, or an accelerate process other than the first, which alone writes `out`)."""
+    from distillery.lineage import log_traces_input
+    from distillery.tracking import NullRun
+
+    run.log_params({"student": cfg.student.path, **cfg.train.model_dump()})
+    # lineage: what the student was trained on, and what it was filtered from
+    if generated:
+        log_traces_input(run, Path(generated), "generated", context="source")
+    if traces:
+        log_traces_input(run, Path(traces), "filtered", context="training")
+    figures = run_method(cfg, student, traces, generated, out, callbacks=[mlflow_callback(run)])
+    if isinstance(run, NullRun):
+        return figures
+    run.log_metrics(figures)
+    import matplotlib.pyplot as plt
+
+    fig = loss_curve(json.loads((out / "manifest.json").read_text())["loss_history"])
+    run.log_figure(fig, "loss_curve.png")
+    plt.close(fig)
+    if cfg.log_models:
+        run.log_artifact(out, "model")
+    return figures
+
+
 @task(name="train", cache_policy=NO_CACHE, log_prints=False)  # datasets prints bytecode when hashing
 def train_task(cfg: Pipeline, ctx: RunContext, traces: str | None, student: str,
                generated: str | None = None) -> dict:
-    from distillery.lineage import log_traces_input
-
     out = ctx.stage_dir("train")
     with ctx.tracker().stage("train", ctx.parent_run_id) as run:
-        run.log_params({"student": cfg.student.path, **cfg.train.model_dump()})
-        # lineage: what the student was trained on, and what it was filtered from
-        if generated:
-            log_traces_input(run, Path(generated), "generated", context="source")
-        if traces:
-            log_traces_input(run, Path(traces), "filtered", context="training")
-        figures = run_method(cfg, student, traces, generated, out, callbacks=[mlflow_callback(run)])
-        run.log_metrics(figures)
-        import matplotlib.pyplot as plt
-
-        fig = loss_curve(json.loads((out / "manifest.json").read_text())["loss_history"])
-        run.log_figure(fig, "loss_curve.png")
-        plt.close(fig)
-        if cfg.log_models:
-            run.log_artifact(out, "model")
+        figures = train_logged(cfg, run, student, traces, generated, out)
     return {"path": str(out), "figures": figures, "run_id": run.run_id}

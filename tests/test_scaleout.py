@@ -77,7 +77,7 @@ def test_train_command_refuses_bad_traces_before_any_work(tmp_path, capsys, cont
 
 
 @pytest.mark.slow
-def test_train_under_accelerate_launch_two_cpu_processes(tmp_path):
+def test_train_under_accelerate_launch_two_cpu_processes(tmp_path, mlflow_uri):
     from distillery.demo import task
 
     traces = tmp_path / "kept.jsonl"
@@ -106,3 +106,16 @@ def test_train_under_accelerate_launch_two_cpu_processes(tmp_path):
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out).num_parameters() == manifest["figures"]["params"]
+
+    # one MLflow run, logged by process 0 alone: a loss point per step, not one per process
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1 and f"MLflow run {runs[0].info.run_id}" in log
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags["distillery.entrypoint"] == "distillery train"
+    assert run.data.params["method"] == "sft" and run.data.metrics["world_size"] == 2
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert [i.dataset.name for i in run.inputs.dataset_inputs] == ["filtered:unknown"]  # traces name no teacher
+    assert "loss_curve.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
