@@ -94,9 +94,8 @@ def save_atomic(model, tokenizer, dest: Path) -> Path:
 
 def demo_student(seed: int = 0) -> Path:
     """The untrained demo student: random init on the teacher's tokenizer, cached per seed."""
-    from transformers import AutoTokenizer
-
     from filelock import FileLock
+    from transformers import AutoTokenizer
 
     dest = cache_dir() / "demo" / f"student-init-v2-seed{seed}"  # v2: the tokenizer carries the chat template
     if (dest / "config.json").exists():
