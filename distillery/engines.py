@@ -170,15 +170,19 @@ def _vllm_child(spec_file: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.platforms import current_platform
 
+    # Per-request seeds crash vLLM's CPU sampler ("CPU Generator does not use offset"); there the engine seed
+    # alone makes a run reproducible, given the same batches in the same order. A separate engine-core process
+    # starts stepping while requests still arrive over IPC, so batches (and which sample draws which random
+    # numbers) vary from run to run: ~1% of the demo's traces did. In-process, every request is queued first.
+    per_request_seeds = not current_platform.is_cpu()
+    if not per_request_seeds and spec.get("data_parallel_size", 1) == 1:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     llm = LLM(model=spec["model"], revision=spec.get("revision"),
               trust_remote_code=spec.get("trust_remote_code", False), dtype=spec["dtype"],
               max_model_len=spec.get("max_model_len"), enforce_eager=spec["enforce_eager"],
               gpu_memory_utilization=spec["gpu_memory_utilization"], tensor_parallel_size=spec["tensor_parallel_size"],
               data_parallel_size=spec.get("data_parallel_size", 1), seed=spec["seed"],
               logprobs_mode=spec.get("logprobs_mode", "raw_logprobs"), max_logprobs=spec.get("max_logprobs", 20))
-    # Per-request seeds crash vLLM's CPU sampler ("CPU Generator does not use offset"); there the engine seed
-    # alone makes a run reproducible (given the same requests in the same order).
-    per_request_seeds = not current_platform.is_cpu()
     proto.write(json.dumps({"ready": True}) + "\n")
     for line in sys.stdin:
         req = json.loads(line)
