@@ -38,6 +38,7 @@ def lost_insert_race(e: BaseException) -> bool:
     once the second fails. The row exists afterwards, so the operation can be redone (or its premise re-read)."""
     return "unique" in str(e).lower()
 
+
 class StageRun:
     """A child (or parent) run: thin, explicit-id wrappers over MlflowClient."""
 
