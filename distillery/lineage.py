@@ -9,14 +9,13 @@ from pathlib import Path
 
 def log_traces_input(run, path: Path, name: str, context: str) -> None:
     """Log the jsonl at `path` as a dataset input of `run` (a StageRun; a NullRun does nothing)."""
-    from distillery.tracking import NullRun, lost_insert_race
+    from distillery.tracking import NullRun, despite_insert_race
 
     if isinstance(run, NullRun):  # tracking off (its attributes are all no-op callables)
         return
     import pandas as pd
     from mlflow.data import from_pandas
     from mlflow.entities import DatasetInput, InputTag
-    from mlflow.exceptions import MlflowException
 
     df = pd.read_json(path, lines=True)
     meta = {}
@@ -30,11 +29,6 @@ def log_traces_input(run, path: Path, name: str, context: str) -> None:
     tags = [InputTag("mlflow.data.context", context)]
     tags += [InputTag(f"distillery.{k}", json.dumps(v) if not isinstance(v, str) else v) for k, v in meta.items()]
     inputs = [DatasetInput(ds._to_mlflow_entity(), tags=tags)]
-    try:
-        run.client.log_inputs(run.run_id, datasets=inputs)
-    except MlflowException as e:
-        # Two runs logging the same dataset (same name and digest) to one experiment at once: MLflow looks it up,
-        # then inserts it, and the loser hits the unique key. The dataset exists now; linking it again succeeds.
-        if not lost_insert_race(e):
-            raise
-        run.client.log_inputs(run.run_id, datasets=inputs)
+    # Two runs logging the same dataset (same name and digest) to one experiment at once: the loser of MLflow's
+    # look-up-then-insert links the dataset the other inserted.
+    despite_insert_race(lambda: run.client.log_inputs(run.run_id, datasets=inputs))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,10 +33,22 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def lost_insert_race(e: BaseException) -> bool:
-    """An MLflow SQL store's unique-key error: it looks a row up, then inserts it, and of two clients doing both at
-    once the second fails. The row exists afterwards, so the operation can be redone (or its premise re-read)."""
-    return "unique" in str(e).lower()
+def despite_insert_race(call: Callable[[], Any], *, redo: bool = True) -> bool:
+    """`call()`, an MLflow write that looks a row up and then inserts it: of two clients doing both at once, the
+    second hits the store's unique key. The row exists afterwards, so with `redo` the call is made again (now it
+    links or updates); without, nothing is written and False returned, for a caller whose choice depended on the
+    row being absent. Any other error raises."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        call()
+    except MlflowException as e:
+        if "unique" not in str(e).lower():
+            raise
+        if not redo:
+            return False
+        call()
+    return True
 
 
 class StageRun:
@@ -176,21 +188,10 @@ class Tracker:
     def set_alias(self, name: str, alias: str, version: str, *, overwrite_racer: bool = True) -> bool:
         """Point `alias` at `version`; an alias is unique per model, so it leaves whatever version had it.
 
-        MLflow looks the alias up and then inserts it, so when another client creates the same alias at that moment
-        one of the two hits the unique key. The alias exists then: with `overwrite_racer` the write is made again
-        (now an update); without, nothing is written and False returned, for a caller whose choice depended on the
-        alias being absent."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            self.client.set_registered_model_alias(name, alias, version)
-        except MlflowException as e:
-            if not lost_insert_race(e):
-                raise
-            if not overwrite_racer:
-                return False
-            self.client.set_registered_model_alias(name, alias, version)
-        return True
+        Another client may create the same alias at that moment: with `overwrite_racer` the write is made again over
+        it; without, nothing is written and False returned (`despite_insert_race`)."""
+        return despite_insert_race(lambda: self.client.set_registered_model_alias(name, alias, version),
+                                   redo=overwrite_racer)
 
     def get_alias(self, name: str, alias: str):
         """The ModelVersion `alias` points at, or None when the model or the alias does not exist yet."""

@@ -60,12 +60,11 @@ def is_quantized(path: str) -> bool:
     return cfg_file.exists() and "quantization_config" in json.loads(cfg_file.read_text())
 
 
-def _load(path: str, trust_remote_code: bool):
+def _load(path: str, trust_remote_code: bool, quantized: bool):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    quantized = is_quantized(path)
     cuda = torch.cuda.is_available()
     if quantized:
         model = AutoModelForCausalLM.from_pretrained(path, device_map="auto" if cuda else "cpu",
@@ -74,7 +73,7 @@ def _load(path: str, trust_remote_code: bool):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cuda else torch.float32,
                                                      trust_remote_code=trust_remote_code)
         model.to("cuda" if cuda else "cpu")
-    return model.eval(), tok, quantized
+    return model.eval(), tok
 
 
 def tokens_per_second(model, tok, prompts: list[str], new_tokens: int) -> float:
@@ -115,7 +114,8 @@ def evaluate_model(path: str, cfg: EvaluateConfig, include_path: Path | None, th
 
     # bitsandbytes checkpoints stay on hf. The vLLM engine runs (and exits) before the model is loaded here for the
     # probes, so the two never hold GPU memory at once.
-    use_vllm = cfg.backend == "vllm" and not is_quantized(path)
+    quantized = is_quantized(path)
+    use_vllm = cfg.backend == "vllm" and not quantized
     if use_vllm:
         from distillery.engines import require_vllm, run_worker
 
@@ -125,7 +125,7 @@ def evaluate_model(path: str, cfg: EvaluateConfig, include_path: Path | None, th
                                              "vllm": vllm_settings or {}},
                           kv_cache_gib=(vllm_settings or {}).get("kv_cache_gib", 1.0))
         per_task, samples, eval_seconds = done["tasks"], done["samples"], done["seconds"]
-    model, tok, quantized = _load(path, trust_remote_code)
+    model, tok = _load(path, trust_remote_code, quantized)
     if not use_vllm:
         lm = HFLM(pretrained=model, tokenizer=tok, batch_size=cfg.batch_size, max_length=None)
         per_task, samples, eval_seconds = run_lm_eval(lm, cfg, include_path)
