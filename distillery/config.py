@@ -197,7 +197,8 @@ class KDConfig(Strict):
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     beta: Annotated[float, Field(ge=0, le=1)] = Field(0.5, description="jsd interpolation: 0 forward, 1 reverse KL")
     tail: Literal["bucket", "renormalize"] = Field("bucket", description="mass outside the stored top-k: one "
-                                                   "pseudo-token on both sides, or renormalise over the k")
+                                                   "pseudo-token on both sides, tempered alike, or renormalise "
+                                                   "over the k")
 
 
 class GKDSection(Strict):

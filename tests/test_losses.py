@@ -174,3 +174,52 @@ def test_mix_and_nan_refusal():
     labels = torch.tensor([[1, -100, 2], [-100, -100, 4]])
     assert hard_ce(logits, labels).item() == pytest.approx(
         torch.nn.functional.cross_entropy(logits.reshape(-1, 5), labels.reshape(-1), ignore_index=-100).item())
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+def test_a_student_equal_to_the_teacher_pays_nothing_at_any_temperature(temperature, tail):
+    """The top-k target at T != 1 must be the teacher itself: a student with the teacher's logits scores 0 with
+    every tail setting and divergence, for an unsure teacher (2,000 tokens, top-16 ~ 2/3 of the mass), a one-hot
+    one, and a Qwen-sized vocabulary. (The old bucket tempered only the teacher's leftover mass as one token:
+    4.0 nats/token at T = 2 and 38 at T = 4 on the first.)"""
+    torch.manual_seed(0)
+    unsure = torch.randn(64, 2000) * 3
+    one_hot = torch.randn(64, 512)
+    one_hot[:, 7] += 12
+    qwen = torch.randn(4, 151_936) * 3
+    for logits in (unsure, one_hot, qwen):
+        top = torch.log_softmax(logits, -1).topk(16)
+        for kind in ("forward_kl", "reverse_kl", "jsd"):
+            loss = topk_kd(logits, top.indices, top.values, temperature, kind, labels=None, tail=tail)
+            assert abs(loss.item()) < 1e-4, (kind, tuple(logits.shape), loss.item())
+        # the stored form: fp16 logprobs, as the generate stage writes them
+        loss16 = topk_kd(logits, top.indices, top.values.half(), temperature, tail=tail)
+        assert abs(loss16.item()) < 2e-3, loss16.item()
+    # and through the chunked path the train stage uses
+    head = torch.nn.Linear(8, 2000, bias=False)
+    hidden = torch.randn(40, 8)
+    top = torch.log_softmax(head(hidden), -1).topk(16)
+    chunked = chunked_kd_from_hidden(hidden, head, None, torch.zeros(40, dtype=torch.long), temperature,
+                                     chunk_size=16, top_ids=top.indices, top_logprobs=top.values, tail=tail)
+    assert abs(chunked.item()) < 1e-4
+
+
+def test_bucket_target_pulls_a_different_student_towards_the_teacher():
+    """At T = 2 the bucket loss is positive for a student that differs, and gradient steps on the student's
+    logits bring it to ~0 (its minimum is the teacher's top-k probabilities and tail mass)."""
+    torch.manual_seed(1)
+    teacher = torch.randn(16, 300) * 3
+    top = torch.log_softmax(teacher, -1).topk(8)
+    student = torch.zeros(16, 300, requires_grad=True)
+    opt = torch.optim.Adam([student], lr=0.1)
+    first = None
+    for _ in range(400):
+        opt.zero_grad()
+        loss = topk_kd(student, top.indices, top.values, 2.0)
+        first = first if first is not None else loss.item()
+        loss.backward()
+        opt.step()
+    assert first > 0.1 and loss.item() < 1e-3
+    q = torch.softmax(student.detach(), -1)
+    assert torch.allclose(q.gather(-1, top.indices), top.values.exp(), atol=5e-3)
