@@ -1,31 +1,40 @@
-"""The methods experiment: what each way of learning from the teacher buys, at one student size and one budget.
+"""The methods experiment: what each way of learning from the teacher buys, over seeds, with intervals.
 
-    .venv/bin/python bench/methods.py                       # pipeline demo-methods, every arm
-    .venv/bin/python bench/methods.py --arms hard sft --set train.epochs=1
+    .venv/bin/python bench/methods.py                                   # pipeline demo-methods, every arm
+    .venv/bin/python bench/methods.py --arms hard sft logit_kd --data-seeds 5 --init-seeds 2 \\
+        --budget short=150 --budget demo=1500
+    .venv/bin/python bench/methods.py --arm kd_t4=logit_kd:train.kd.temperature=4   # an arm of your own
 
-The teacher's traces (with top-k logprobs) are generated and filtered once; then the same random-init student is
-trained by each arm with the pipeline's train settings (same prompts, epochs, batch size, learning rate, so the
-same number of optimizer steps):
+The teacher's traces (with top-k logprobs) are generated and filtered once. Then, for every budget (optimizer
+steps, the same for every arm), every student-init seed (the random-init student) and every data-order seed
+(train.seed), each arm trains the student from the same start with the pipeline's train settings:
   hard      the dataset's answers only, no teacher (question -> "The answer is N")
-  sft       SFT on the teacher's reasoning traces (sequence-level KD)
-  logit_kd  the teacher's stored top-k distribution at every trace token (T^2-scaled, mixed with CE)
-  gkd       TRL GKD: on-policy student samples scored by the live teacher (generalized JSD)
-  dpo       sft, then DPO on pairs of the student's own samples judged by the verifier (extra compute: the
-            sampling and the DPO epoch come on top of the sft budget)
-Every arm and the teacher are evaluated the same way (lm-eval, pipeline's evaluate settings). Reported: accuracy
-± stderr, the share of the teacher gap recovered, (arm - hard) / (teacher - hard), training tokens/s, and the
-model FLOPs utilisation: 6 * params * training tokens / seconds over this machine's measured fp32 matmul peak.
-One MLflow parent run ("methods"), one child per arm (same metric names, for the compare view); the table and a
-plot go on the parent, and to --out.
+  sft       SFT on the teacher's sampled traces (sequence-level KD)
+  logit_kd  the teacher's stored top-k distribution at every trace token (word-level KD, T²-scaled, mixed with CE)
+  gkd       TRL GKD, on-policy: student samples scored by the live teacher, started from the sft arm's student
+            of the same seeds (as in the GKD paper), for the budget's steps again
+  sft_more  the sft arm's student trained by SFT for the budget's steps again: GKD's equal-step control
+  dpo       sft, then DPO on pairs of the student's own samples judged by the verifier (its sampling and DPO
+            epoch come on top of the budget)
+An arm spec NAME=METHOD[@FROM][:KEY=VALUE,...] adds variants (FROM: an arm whose student it starts from).
+
+Every model and the teacher are measured the same way, on prompts no model trained on: greedy accuracy on the
+in-distribution eval split and on the out-of-distribution split (longer chains), fidelity (the student's
+greedy final answer equals the teacher's, in and out of distribution), and teacher-forced NLL per token on
+held-out teacher samples; with --shape, also the entropy of its own T=1 samples and how many distinct step orders
+and phrasings they use. Each figure is reported as the mean over seeds with a Student-t 95% interval, and as the
+paired difference to sft over the same seeds with its interval (what "A beats B" needs).
+One MLflow parent run, one child run per (budget, arm, init seed, data seed), all with the same metric names; the
+aggregated table and the plot go on the parent, and to --out.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +43,34 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench.common import arms_parser, bench_run, machine, publish, teacher_traces  # noqa: E402 - after the path is set
 
-ARMS = ["hard", "sft", "logit_kd", "gkd", "dpo"]
+METRICS = ["accuracy", "ood_accuracy", "fidelity", "ood_fidelity", "heldout_nll"]
+SHAPE_METRICS = ["entropy_nats_per_token", "distinct_order_per_prompt", "distinct_closer_per_prompt",
+                 "gold_trace_share"]
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    method: str
+    start_from: str | None = None  # an arm whose trained student (same seeds) this one continues
+    overrides: tuple[str, ...] = field(default=())
+
+
+ARMS = {a.name: a for a in [
+    Arm("hard", "hard"), Arm("sft", "sft"), Arm("logit_kd", "logit_kd"), Arm("gkd", "gkd", "sft"),
+    Arm("sft_more", "sft", "sft"), Arm("dpo", "dpo"),
+]}
+
+
+def parse_arm(spec: str) -> Arm:
+    """NAME=METHOD[@FROM][:KEY=VALUE,...]"""
+    try:
+        name, rest = spec.split("=", 1)
+        head, _, opts = rest.partition(":")
+        method, _, start = head.partition("@")
+    except ValueError:
+        raise SystemExit(f"--arm {spec!r}: expected NAME=METHOD[@FROM][:KEY=VALUE,...]") from None
+    return Arm(name, method, start or None, tuple(o for o in opts.split(",") if o))
 
 
 def matmul_peak(n: int = 2048, reps: int = 5) -> float:
@@ -61,10 +97,89 @@ def gap_recovered(arm: float, hard: float, teacher: float, s_arm: float, s_hard:
     return g, math.sqrt(var)
 
 
-def matplotlib_close(fig) -> None:
-    import matplotlib.pyplot as plt
+class Judge:
+    """Measures every model the same way: greedy answers on both eval splits (accuracy, and fidelity to the
+    teacher's greedy answers, the first model measured), NLL of held-out teacher traces, optionally its samples."""
 
-    plt.close(fig)
+    def __init__(self, heldout: list[dict], limit: int | None, shape_prompts: int):
+        from distillery.demo import task
+
+        self.evals, self.ood = task.eval_problems()[:limit], task.ood_eval_problems()[:limit]
+        self.heldout, self.shape_prompts = heldout, shape_prompts
+        self.reference: dict[str, list[str | None]] | None = None  # the teacher's answers
+
+    def measure(self, path: str) -> dict:
+        from distillery.demo import profile, task
+        from distillery.scoring import completion_logprobs
+
+        loaded = profile._load(path)
+        answers = {split: [task.extract_answer(t) for t in profile.greedy_answers(path, probs, loaded=loaded)]
+                   for split, probs in (("eval", self.evals), ("ood", self.ood))}
+        self.reference = self.reference or answers
+        out = {}
+        for split, probs, key in (("eval", self.evals, ""), ("ood", self.ood, "ood_")):
+            mine, ref = answers[split], self.reference[split]
+            out[f"{key}accuracy"] = sum(a == str(p.answer) for a, p in zip(mine, probs, strict=True)) / len(probs)
+            out[f"{key}fidelity"] = sum(a is not None and a == b for a, b in zip(mine, ref, strict=True)) / len(probs)
+        if self.heldout:
+            tok, model = loaded
+            scored = completion_logprobs(model, tok, [r.get("prompt_text", r["prompt"]) for r in self.heldout],
+                                         [r["completion"] for r in self.heldout])
+            out["heldout_nll"] = -sum(lp for lp, _ in scored) / sum(n for _, n in scored)
+        if self.shape_prompts:
+            shape = profile.sampled_profile(path, self.evals[: self.shape_prompts], samples=4, loaded=loaded)
+            out.update({k: shape[k] for k in SHAPE_METRICS})
+        out["accuracy_stderr"] = math.sqrt(out["accuracy"] * (1 - out["accuracy"]) / len(self.evals))
+        return out
+
+
+def aggregate(results: list[dict], arms: list[str], budgets: list[str], metrics: list[str]) -> list[dict]:
+    """Per (budget, arm): each metric's mean and 95% interval over seeds, and its paired difference to sft."""
+    from distillery.stats import mean_ci, paired_ci
+
+    rows = []
+    for budget in budgets:
+        by_arm = {a: {r["seed_key"]: r for r in results if r["budget"] == budget and r["arm"] == a} for a in arms}
+        for arm in arms:
+            runs = by_arm[arm]
+            if not runs:
+                continue
+            row = {"budget": budget, "arm": arm, "seeds": len(runs)}
+            for m in metrics:
+                vals = {k: r[m] for k, r in runs.items() if m in r}
+                if not vals:
+                    continue
+                row[m] = mean_ci(list(vals.values())).__dict__
+                if "sft" in by_arm and arm != "sft":
+                    ref = {k: r[m] for k, r in by_arm["sft"].items() if m in r}
+                    if set(ref) & set(vals):
+                        row[f"{m}_minus_sft"] = paired_ci(vals, ref).__dict__
+            for m in ("steps", "train_seconds", "train_tokens_per_s", "mfu"):
+                row[m] = sum(r[m] for r in runs.values()) / len(runs)
+            rows.append(row)
+    return rows
+
+
+def fmt(ci: dict | None, digits: int = 3) -> str:
+    if not ci:
+        return ""
+    if ci["n"] < 2 or math.isnan(ci["low"]):
+        return f"{ci['mean']:.{digits}f}"
+    return f"{ci['mean']:.{digits}f} ± {(ci['high'] - ci['low']) / 2:.{digits}f}"
+
+
+def render(rows: list[dict], teacher: dict) -> str:
+    from tabulate import tabulate
+
+    body = [[r["budget"], r["arm"], r["seeds"], int(r["steps"]), fmt(r.get("accuracy")),
+             fmt(r.get("accuracy_minus_sft")), fmt(r.get("ood_accuracy")), fmt(r.get("fidelity")),
+             fmt(r.get("ood_fidelity")), fmt(r.get("heldout_nll")), fmt(r.get("heldout_nll_minus_sft")),
+             f"{r['mfu']:.1%}"] for r in rows]
+    body.append(["", "teacher", 1, "", f"{teacher['accuracy']:.3f}", "", f"{teacher['ood_accuracy']:.3f}", "1",
+                 "1", f"{teacher.get('heldout_nll', float('nan')):.3f}", "", ""])
+    return tabulate(body, headers=["budget", "arm", "seeds", "steps", "accuracy", "Δ acc vs sft (paired)",
+                                   "OOD accuracy", "fidelity", "OOD fidelity", "held-out NLL", "Δ NLL vs sft",
+                                   "MFU"], tablefmt="github", disable_numparse=True)
 
 
 def plot(rows: list[dict], teacher: dict):
@@ -73,91 +188,107 @@ def plot(rows: list[dict], teacher: dict):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    names = [r["arm"] for r in rows]
-    ax.bar(names, [r["accuracy"] for r in rows], yerr=[r["stderr"] for r in rows], capsize=4, color="#4c72b0")
-    ax.axhline(teacher["accuracy"], color="#c44e52", ls="--", label=f"teacher {teacher['accuracy']:.3f}")
-    for i, r in enumerate(rows):
-        ax.annotate(f"{r['accuracy']:.3f}\n({r['gap_recovered']:.0%} of gap)", (i, r["accuracy"]),
-                    textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
-    ax.set_ylim(0, 1.15)
-    ax.set_ylabel("demo_arith accuracy (greedy, exact match)")
-    ax.set_title("one student, one budget: what each method buys")
-    ax.legend(loc="upper left")
+    budgets = list(dict.fromkeys(r["budget"] for r in rows))
+    fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets) + 1, 4), squeeze=False)
+    for ax, budget in zip(axes[0], budgets, strict=True):
+        sel = [r for r in rows if r["budget"] == budget]
+        for offset, key, color in ((-0.18, "accuracy", "#4c72b0"), (0.18, "ood_accuracy", "#dd8452")):
+            means = [r[key]["mean"] for r in sel]
+            errs = [0 if math.isnan(r[key]["low"]) else (r[key]["high"] - r[key]["low"]) / 2 for r in sel]
+            ax.bar([i + offset for i in range(len(sel))], means, width=0.36, yerr=errs, capsize=3, color=color,
+                   label="in distribution" if key == "accuracy" else "out of distribution")
+        ax.axhline(teacher["accuracy"], color="#c44e52", ls="--", lw=1, label=f"teacher {teacher['accuracy']:.2f}")
+        ax.axhline(teacher["ood_accuracy"], color="#c44e52", ls=":", lw=1,
+                   label=f"teacher OOD {teacher['ood_accuracy']:.2f}")
+        ax.set_xticks(range(len(sel)), [r["arm"] for r in sel], rotation=20)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"budget {budget} ({int(sel[0]['steps'])} steps), mean ± 95% CI over {sel[0]['seeds']} seeds",
+                     fontsize=9)
+        ax.set_ylabel("greedy accuracy")
+    axes[0][0].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     return fig
 
 
-def render(rows: list[dict], teacher: dict) -> str:
-    from tabulate import tabulate
-
-    body = [[r["arm"], f"{r['accuracy']:.3f} ± {r['stderr']:.3f}",
-             f"{r['gap_recovered']:.2f} ± {r['gap_stderr']:.2f}", r["steps"], f"{r['tokens_seen'] / 1e6:.2f}M",
-             f"{r['train_seconds']:.0f}", f"{r['train_tokens_per_s']:.0f}", f"{r['mfu']:.2%}"] for r in rows]
-    body.append(["teacher", f"{teacher['accuracy']:.3f} ± {teacher['stderr']:.3f}", "1", "", "", "", "", ""])
-    return tabulate(body, headers=["arm", "accuracy", "gap recovered", "steps", "train tokens", "train s",
-                                   "train tok/s", "MFU"], tablefmt="github")
-
-
 def main(argv: list[str] | None = None) -> int:
-    a = arms_parser(__doc__, "methods", "demo-methods", ARMS, "train.epochs=1").parse_args(argv)
+    p = arms_parser(__doc__, "methods", "demo-methods", list(ARMS), "train.epochs=1")
+    p.add_argument("--arm", dest="extra_arms", action="append", default=[], metavar="NAME=METHOD[@FROM][:K=V,...]",
+                   help="an extra arm (repeatable)")
+    p.add_argument("--data-seeds", type=int, default=5, help="data-order seeds per student init (train.seed)")
+    p.add_argument("--init-seeds", type=int, default=2, help="random-init students")
+    p.add_argument("--budget", dest="budgets", action="append", default=[], metavar="NAME=STEPS",
+                   help="optimizer steps per arm (repeatable; default short=150 and demo=1500)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts of each eval split")
+    p.add_argument("--shape", type=int, default=0, metavar="N",
+                   help="also sample 4 answers on N eval prompts per model: entropy, orders and phrasings used")
+    a = p.parse_args(argv)
 
+    from distillery.artifacts import read_jsonl
     from distillery.config import load_pipeline, parse_overrides
     from distillery.demo.assets import resolve_model
-    from tasks.evaluate import evaluate_model, throughput_prompts
-    from tasks.train import loss_curve, run_method
+    from tasks.train import run_method
 
+    arms = {n: ARMS[n] for n in a.arms} | {x.name: x for x in map(parse_arm, a.extra_arms)}
+    for arm in arms.values():
+        if arm.start_from and arm.start_from not in arms:
+            raise SystemExit(f"arm {arm.name} starts from {arm.start_from!r}, which is not among the arms")
+    order = [n for n in arms if not arms[n].start_from] + [n for n in arms if arms[n].start_from]
+    budgets = dict(b.split("=", 1) for b in (a.budgets or ["short=150", "demo=1500"]))
     cfg = load_pipeline(a.config, a.pipeline, parse_overrides(a.overrides))
-    if "hard" not in a.arms:
-        a.arms = ["hard", *a.arms]  # the baseline every gap is measured from
     work = Path(a.workdir).resolve() / time.strftime("%Y%m%d-%H%M%S")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     peak = matmul_peak()
-    print(f"fp32 matmul peak on this machine: {peak / 1e9:.1f} GFLOP/s")
+    print(f"fp32 matmul peak on this machine: {peak / 1e9:.1f} GFLOP/s; arms {order}; budgets {budgets}; "
+          f"{a.init_seeds} init x {a.data_seeds} data-order seeds")
+    metrics = METRICS + (SHAPE_METRICS if a.shape else [])
 
-    prompts = throughput_prompts(cfg)
-    with bench_run(cfg, a, "methods", "methods", out) as (tracker, parent, include):
+    with bench_run(cfg, a, "methods", "methods", out) as (tracker, parent, _include):
         gen, kept = teacher_traces(cfg, tracker, parent.run_id, work)
-        results: dict[str, dict] = {}
+        heldout = read_jsonl(Path(kept["heldout"])) if kept.get("heldout") else []
+        judge = Judge(heldout, a.limit, a.shape)
         with tracker.stage("teacher", parent.run_id) as run:
-            ev = evaluate_model(resolve_model(cfg.teacher.path), cfg.evaluate, include, prompts)
-            teacher = {"accuracy": ev["figures"]["accuracy"], "stderr": ev["figures"]["accuracy_stderr"] or 0.0}
-            run.log_metrics(ev["figures"])
-        student = resolve_model(cfg.student.path, seed=cfg.train.seed)
-        for arm in a.arms:
-            arm_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"method": arm})})
-            print(f"\n=== arm {arm} ===", flush=True)
-            with tracker.stage(arm, parent.run_id, tags={"distillery.arm": arm}) as run:
-                run.log_params({"method": arm, **arm_cfg.train.model_dump()})
-                figs = run_method(arm_cfg, student, kept["path"], gen["path"], work / arm)
-                ev = evaluate_model(str(work / arm), cfg.evaluate, include, prompts)
-                figs.update(ev["figures"])
-                for k in ("steps", "tokens_seen", "train_seconds"):  # dpo: its SFT phase counts too
-                    figs[k] = figs.get(f"total_{k}", figs[k])
-                figs["train_tokens_per_s"] = figs["tokens_seen"] / figs["train_seconds"]
-                figs["mfu"] = 6 * figs["params"] * figs["tokens_seen"] / figs["train_seconds"] / peak
-                run.log_metrics(figs)
-                fig = loss_curve(json.loads((work / arm / "manifest.json").read_text())["loss_history"])
-                run.log_figure(fig, "loss_curve.png")
-                matplotlib_close(fig)
-                results[arm] = {"run_id": run.run_id, **figs}
-        hard = results["hard"]
-        rows = []
-        for arm, f in results.items():
-            g, gs = gap_recovered(f["accuracy"], hard["accuracy"], teacher["accuracy"], f["accuracy_stderr"] or 0.0,
-                                  hard["accuracy_stderr"] or 0.0, teacher["stderr"])
-            tracker.client.log_metric(f["run_id"], "gap_recovered", g)
-            rows.append({"arm": arm, "accuracy": f["accuracy"], "stderr": f["accuracy_stderr"] or 0.0,
-                         "gap_recovered": g, "gap_stderr": gs, **{k: f[k] for k in (
-                             "steps", "tokens_seen", "train_seconds", "train_tokens_per_s", "mfu", "params")}})
+            teacher = judge.measure(resolve_model(cfg.teacher.path))
+            run.log_metrics(teacher)
+        results: list[dict] = []
+        for budget, steps in budgets.items():
+            for init in range(a.init_seeds):
+                student = resolve_model(cfg.student.path, seed=init)
+                for data in range(a.data_seeds):
+                    key = f"init{init}-data{data}"
+                    for name in order:
+                        arm = arms[name]
+                        over = parse_overrides([*a.overrides, f"train.method={arm.method}",
+                                                f"train.max_steps={steps}", f"train.seed={data}", *arm.overrides])
+                        arm_cfg = load_pipeline(a.config, a.pipeline, over)
+                        start = student if not arm.start_from else str(work / budget / key / arm.start_from)
+                        dest = work / budget / key / name
+                        print(f"\n=== {budget} {key} {name} ===", flush=True)
+                        tags = {"distillery.arm": name, "distillery.budget": budget, "distillery.seed": key}
+                        with tracker.stage(f"{budget}/{name}/{key}", parent.run_id, tags=tags) as run:
+                            run.log_params({"method": arm.method, "arm": name, "budget": budget, "init_seed": init,
+                                            "data_seed": data, "start_from": arm.start_from or "init",
+                                            **arm_cfg.train.model_dump()})
+                            figs = run_method(arm_cfg, start, kept["path"], gen["path"], dest)
+                            for k in ("steps", "tokens_seen", "train_seconds"):  # dpo: its SFT phase counts too
+                                figs[k] = figs.get(f"total_{k}", figs[k])
+                            figs["train_tokens_per_s"] = figs["tokens_seen"] / max(figs["train_seconds"], 1e-9)
+                            figs["mfu"] = 6 * figs["params"] * figs["tokens_seen"] / max(figs["train_seconds"],
+                                                                                          1e-9) / peak
+                            figs.update(judge.measure(str(dest)))
+                            run.log_metrics({k: v for k, v in figs.items() if isinstance(v, int | float)})
+                            results.append({"budget": budget, "arm": name, "seed_key": key, "run_id": run.run_id,
+                                            **figs})
+        rows = aggregate(results, order, list(budgets), metrics)
         table = render(rows, teacher)
         print("\n" + table)
-        summary = {"pipeline": a.pipeline, "overrides": a.overrides, "teacher": teacher, "rows": rows,
+        summary = {"pipeline": a.pipeline, "overrides": a.overrides, "budgets": budgets, "arms": order,
+                   "init_seeds": a.init_seeds, "data_seeds": a.data_seeds, "teacher": teacher, "rows": rows,
+                   "runs": [{k: v for k, v in r.items() if isinstance(v, int | float | str)} for r in results],
                    "matmul_peak_flops": peak, "machine": machine(), "mlflow_parent_run": parent.run_id}
         publish(out, "methods", summary, table, plot(rows, teacher), parent)
-        parent.log_metrics({f"accuracy.{r['arm']}": r["accuracy"] for r in rows} | {"accuracy.teacher": teacher[
-            "accuracy"]} | {f"gap_recovered.{r['arm']}": r["gap_recovered"] for r in rows})
+        parent.log_metrics({f"{m}.{r['budget']}.{r['arm']}": r[m]["mean"] for r in rows for m in metrics
+                            if m in r} | {f"{m}.teacher": v for m, v in teacher.items()})
     return 0
 
 

@@ -199,6 +199,8 @@ class KDConfig(Strict):
     tail: Literal["bucket", "renormalize"] = Field("bucket", description="mass outside the stored top-k: one "
                                                    "pseudo-token on both sides, tempered alike, or renormalise "
                                                    "over the k")
+    scale_t2: bool = Field(True, description="multiply the soft loss by T² (Hinton et al.), which keeps its "
+                           "gradient flat across temperatures; false only to measure what that scaling does")
 
 
 class GKDSection(Strict):
@@ -320,6 +322,14 @@ class EvaluateConfig(Strict):
     throughput_prompts: Annotated[int, Field(gt=0)] = 16
     throughput_new_tokens: Annotated[int, Field(gt=0)] = 64
     metric: str = Field("exact_match", description="the lm-eval metric reported as accuracy")
+    ood_task: str | None = Field(None, description="which of `tasks` is out of distribution (e.g. longer chains "
+                                 "than training): its accuracy is every model's ood_accuracy")
+
+    @model_validator(mode="after")
+    def _ood_is_a_task(self) -> EvaluateConfig:
+        if self.ood_task is not None and self.ood_task not in self.tasks:
+            raise ValueError(f"ood_task {self.ood_task!r} is not one of evaluate.tasks {self.tasks}")
+        return self
 
 
 class DraftDistillConfig(Strict):

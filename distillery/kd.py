@@ -72,8 +72,9 @@ class KDCollator:
 
 
 def make_trainer(model, tokenizer, examples: list[dict], args, temperature: float, alpha: float,
-                 divergence: str, beta: float, tail: str, callbacks: list | None = None):
-    """A transformers Trainer whose loss is the top-k logit distillation loss."""
+                 divergence: str, beta: float, tail: str, callbacks: list | None = None, scale_t2: bool = True):
+    """A transformers Trainer whose loss is the top-k logit distillation loss (T²-scaled unless `scale_t2` is
+    off, which only the temperature experiment wants: the soft term's gradient then shrinks as 1/T²)."""
     from datasets import Dataset
     from transformers import Trainer
 
@@ -86,6 +87,8 @@ def make_trainer(model, tokenizer, examples: list[dict], args, temperature: floa
             logits = outputs.logits[:, :-1]  # position i-1 predicts token i
             lab, ids, lps = labels[:, 1:], top_ids[:, 1:], top_lp[:, 1:]
             kd = topk_kd(logits, ids, lps, temperature, divergence, beta, labels=lab, tail=tail)
+            if not scale_t2:
+                kd = kd / (temperature * temperature)
             ce = hard_ce(logits, lab)
             loss = mixed(kd, ce, alpha)  # raises on NaN/inf: training stops, the stage's run ends FAILED
             self._kd_parts = {"kd_loss": kd.item(), "ce_loss": ce.item()}

@@ -138,6 +138,9 @@ def evaluate_model(path: str, cfg: EvaluateConfig, include_path: Path | None, th
         "tokens_per_s": tokens_per_second(model, tok, throughput_prompts, cfg.throughput_new_tokens),
         "eval_seconds": eval_seconds,
     }
+    if cfg.ood_task:
+        ood = per_task[cfg.ood_task]
+        figures.update(ood_accuracy=ood["accuracy"], ood_accuracy_stderr=ood["stderr"])
     if heldout:
         figures["heldout_perplexity"] = perplexity(model, tok, heldout)
     del model

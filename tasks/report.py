@@ -24,6 +24,7 @@ def build_rows(evals: dict[str, dict], draft: dict | None, draft_label: str | No
         f = res["figures"]
         rows.append({
             "model": label, "accuracy": f["accuracy"], "stderr": f.get("accuracy_stderr"),
+            "ood_accuracy": f.get("ood_accuracy"), "ood_stderr": f.get("ood_accuracy_stderr"),
             "recovery": f["accuracy"] / teacher if teacher else None,  # student / teacher
             "perplexity": f.get("heldout_perplexity"),
             "params": int(f["params"]), "memory_mb": f["memory_bytes"] / 2**20, "tokens_per_s": f["tokens_per_s"],
@@ -35,16 +36,20 @@ def build_rows(evals: dict[str, dict], draft: dict | None, draft_label: str | No
 def render(rows: list[dict], draft: dict | None = None) -> str:
     from tabulate import tabulate
 
-    def acc(r):
-        return f"{r['accuracy']:.3f} ± {r['stderr']:.3f}" if r["stderr"] is not None else f"{r['accuracy']:.3f}"
+    def acc(r, key="accuracy", err="stderr"):
+        if r.get(key) is None:
+            return ""
+        return f"{r[key]:.3f} ± {r[err]:.3f}" if r.get(err) is not None else f"{r[key]:.3f}"
 
+    ood = any(r.get("ood_accuracy") is not None for r in rows)  # the column only when evaluate.ood_task is set
     table = tabulate(
-        [[r["model"], acc(r), "" if r["recovery"] is None else f"{r['recovery']:.1%}",
+        [[r["model"], acc(r), *([acc(r, "ood_accuracy", "ood_stderr")] if ood else []),
+          "" if r["recovery"] is None else f"{r['recovery']:.1%}",
           "" if r["perplexity"] is None else f"{r['perplexity']:.3f}", f"{r['params'] / 1e6:.2f}M",
-          f"{r['memory_mb']:.1f}", f"{r['tokens_per_s']:.0f}",
+          f"{r['memory_mb']:.2f}", f"{r['tokens_per_s']:.0f}",
           "" if r["draft_acceptance"] is None else f"{r['draft_acceptance']:.2f}"] for r in rows],
-        headers=["model", "accuracy", "recovery", "held-out ppl", "params", "memory MB", "tokens/s",
-                 "draft acceptance"], tablefmt="github", disable_numparse=True)
+        headers=["model", "accuracy", *(["OOD accuracy"] if ood else []), "recovery", "held-out ppl", "params",
+                 "memory MB", "tokens/s", "draft acceptance"], tablefmt="github", disable_numparse=True)
     if draft:
         f = draft["figures"]
         table += (f"\n\ndraft: acceptance {f['acceptance_rate']:.2f}, mean accepted length "
@@ -115,8 +120,9 @@ def report_task(ctx: RunContext, evals: dict[str, dict], draft: dict | None, dra
         parent.log_dict({"rows": rows, "draft": draft}, "summary.json")
         metrics = {}
         for r in rows:
-            for k in ("accuracy", "recovery", "perplexity", "params", "memory_mb", "tokens_per_s", "draft_acceptance"):
-                if r[k] is not None:
+            for k in ("accuracy", "ood_accuracy", "recovery", "perplexity", "params", "memory_mb", "tokens_per_s",
+                      "draft_acceptance"):
+                if r.get(k) is not None:
                     metrics[f"{k}.{r['model']}"] = r[k]
         if draft:
             metrics.update({f"draft.{k}": v for k, v in draft["figures"].items()})

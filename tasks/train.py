@@ -241,7 +241,7 @@ def logit_kd(model_path: str, teacher_path: str, rows: list[dict], logprobs: Pat
     model = load_student(model_path, params, trust_remote_code)
     args = TrainingArguments(**common_args(params, output_dir))
     trainer = guard_finite(make_trainer(model, tokenizer, examples, args, kd.temperature, kd.alpha, kd.divergence,
-                                        kd.beta, kd.tail, callbacks), "logit_kd")
+                                        kd.beta, kd.tail, callbacks, scale_t2=kd.scale_t2), "logit_kd")
     result = trainer.train()
     return finish(trainer, result, tokenizer, output_dir, trainable_count(model), len(examples), params, model_path,
                   manifest={"base": model_path, "method": "logit_kd", "kd": kd.model_dump()}, where="logit_kd",

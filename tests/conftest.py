@@ -54,7 +54,7 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_student(tokenizer, tmp_path_factory) -> Path:
-    """A random-init 4-layer Llama on the demo tokenizer (~0.8M params)."""
+    """A random-init 4-layer Llama on the demo tokenizer (~0.28M params)."""
     from distillery.demo import assets
 
     return assets.save_atomic(assets.init_model(assets.STUDENT_SHAPE, tokenizer, seed=0), tokenizer,

@@ -1,5 +1,5 @@
-"""The methods experiment's plumbing, at toy scale: every arm trains from one pipeline, each is a child run of one
-MLflow parent with the same metric names, and the gap arithmetic is right."""
+"""The methods experiment's plumbing, at toy scale: every arm and seed trains from one pipeline, each is a child run
+of one MLflow parent with the same metric names, and the interval and gap arithmetic is right."""
 
 from __future__ import annotations
 
@@ -24,33 +24,79 @@ def test_gap_recovered_and_its_stderr():
     assert math.isnan(gap_recovered(0.5, 0.9, 0.8, 0, 0, 0)[0])  # no gap to recover
 
 
+def test_intervals_are_student_t_and_paired_differences_use_common_seeds():
+    from scipy import stats
+
+    from distillery.stats import mean_ci, paired_ci
+
+    xs = [0.61, 0.55, 0.70, 0.58, 0.66]
+    ci = mean_ci(xs)
+    low, high = stats.t.interval(0.95, len(xs) - 1, loc=sum(xs) / 5, scale=stats.sem(xs))
+    assert (ci.low, ci.high, ci.n) == (pytest.approx(low), pytest.approx(high), 5)
+    # a paired difference removes what the two arms share seed by seed: here a constant gap of 0.05
+    a = {f"s{i}": x + 0.05 for i, x in enumerate(xs)}
+    b = {f"s{i}": x for i, x in enumerate(xs)} | {"only-b": 0.0}
+    d = paired_ci(a, b)
+    assert d.n == 5 and d.mean == pytest.approx(0.05) and d.half_width == pytest.approx(0, abs=1e-12)
+    assert not mean_ci(list(a.values())).low > mean_ci(xs).high  # unpaired, the same gap is not significant
+    with pytest.raises(ValueError, match="NaN"):
+        mean_ci([0.5, float("nan")])
+    assert math.isnan(mean_ci([0.5]).low)  # one run: no interval, said as n=1
+    assert str(mean_ci([0.5])) == "0.500 (n=1)"
+
+
+def test_aggregate_pairs_each_arm_with_sft_seed_by_seed():
+    from methods import aggregate
+
+    runs = []
+    for seed, base in (("a", 0.5), ("b", 0.6), ("c", 0.4)):
+        for arm, delta in (("sft", 0.0), ("hard", -0.2)):
+            runs.append({"budget": "short", "arm": arm, "seed_key": seed, "accuracy": base + delta, "steps": 5,
+                         "train_seconds": 1.0, "train_tokens_per_s": 10.0, "mfu": 0.1})
+    rows = {r["arm"]: r for r in aggregate(runs, ["sft", "hard"], ["short"], ["accuracy"])}
+    assert rows["sft"]["seeds"] == 3 and rows["sft"]["accuracy"]["mean"] == pytest.approx(0.5)
+    diff = rows["hard"]["accuracy_minus_sft"]
+    assert diff["mean"] == pytest.approx(-0.2) and diff["high"] - diff["low"] == pytest.approx(0, abs=1e-9)
+    assert "accuracy_minus_sft" not in rows["sft"]
+
+
 @pytest.mark.slow
-def test_every_arm_is_a_child_run_of_one_parent(tmp_path, mlflow_uri):
+def test_every_arm_and_seed_is_a_child_run_of_one_parent(tmp_path, mlflow_uri):
     from mlflow import MlflowClient
 
     out = tmp_path / "out"
     r = subprocess.run(
         [sys.executable, str(REPO / "bench" / "methods.py"), "--out", str(out), "--workdir", str(tmp_path / "runs"),
-         "--set", "data.num_prompts=48", "--set", "train.max_steps=2", "--set", "evaluate.limit=8",
+         "--data-seeds", "2", "--init-seeds", "1", "--budget", "tiny=2", "--limit", "8", "--shape", "4",
+         "--set", "data.num_prompts=48", "--set", "filter.holdout_prompts=8",
          "--set", "generate.backend=transformers", "--set", "train.dpo.num_prompts=8",
          "--set", "train.dpo.judge=teacher", "--set", "train.dpo.max_new_tokens=16",
          "--set", "train.gkd.max_new_tokens=16"],
         cwd=tmp_path, capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "methods.json").read_text())
-    assert [row["arm"] for row in summary["rows"]] == ["hard", "sft", "logit_kd", "gkd", "dpo"]
-    assert all(row["steps"] >= 2 and 0 < row["mfu"] < 1 for row in summary["rows"])
+    arms = ["hard", "sft", "logit_kd", "dpo", "gkd", "sft_more"]  # those that start from another arm come last
+    assert [row["arm"] for row in summary["rows"]] == arms
+    for row in summary["rows"]:
+        assert row["seeds"] == 2 and row["steps"] >= 2 and 0 < row["mfu"] < 1
+        for m in ("accuracy", "ood_accuracy", "fidelity", "ood_fidelity", "heldout_nll", "entropy_nats_per_token"):
+            assert row[m]["n"] == 2 and row[m]["low"] <= row[m]["mean"] <= row[m]["high"], (row["arm"], m)
+        assert ("accuracy_minus_sft" in row) == (row["arm"] != "sft")
+    assert summary["teacher"]["fidelity"] == 1.0 and summary["teacher"]["heldout_nll"] > 0
     assert (out / "methods.png").stat().st_size > 10_000
     client = MlflowClient(mlflow_uri)
     parent = client.get_run(summary["mlflow_parent_run"])
     assert parent.info.status == "FINISHED" and "accuracy.teacher" in parent.data.metrics
-    children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    arms = {c.info.run_name: c for c in children}
-    assert {"generate", "filter", "teacher", "hard", "sft", "logit_kd", "gkd", "dpo"} <= set(arms)
-    for arm in ("hard", "sft", "logit_kd", "gkd", "dpo"):
-        assert {"accuracy", "accuracy_stderr", "gap_recovered", "mfu", "train_tokens_per_s"} <= set(
-            arms[arm].data.metrics), arm
-        assert arms[arm].data.params["method"] == arm
-    assert "dpo_pairs" in arms["dpo"].data.metrics
-    assert arms["hard"].data.metrics["gap_recovered"] == 0.0
+    assert "accuracy.tiny.sft" in parent.data.metrics
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    runs = {c.info.run_name: c for c in children}
+    assert {"generate", "filter", "teacher"} <= set(runs)
+    for arm in arms:
+        for seed in ("init0-data0", "init0-data1"):
+            run = runs[f"tiny/{arm}/{seed}"]
+            assert {"accuracy", "ood_accuracy", "fidelity", "ood_fidelity", "heldout_nll", "mfu"} <= set(
+                run.data.metrics), arm
+            assert run.data.params["method"] == ("sft" if arm == "sft_more" else arm)
+            assert run.data.params["data_seed"] == seed[-1]
+    assert runs["tiny/gkd/init0-data1"].data.params["start_from"] == "sft"
+    assert "dpo_pairs" in runs["tiny/dpo/init0-data0"].data.metrics

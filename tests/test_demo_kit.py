@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from distillery.artifacts import read_jsonl
 from distillery.config import DataConfig
 from distillery.data import DEMO_EVAL_FILE, load_prompts
@@ -11,9 +13,15 @@ from distillery.demo import task
 from distillery.demo.assets import TEACHER_DIR
 
 
-def test_eval_split_is_the_seeded_one():
-    stored = read_jsonl(DEMO_EVAL_FILE)
-    assert stored == [{"question": p.question, "answer": str(p.answer)} for p in task.eval_problems()]
+def test_eval_splits_are_the_seeded_ones():
+    from distillery.demo.build_teacher import OOD_FILE, eval_rows
+
+    assert read_jsonl(DEMO_EVAL_FILE) == eval_rows(task.eval_problems())
+    ood = read_jsonl(OOD_FILE)
+    assert ood == eval_rows(task.ood_eval_problems())
+    assert {r["kind"] for r in ood} == {"ood"}
+    kinds = [r["kind"] for r in read_jsonl(DEMO_EVAL_FILE)]
+    assert 0.15 < kinds.count("hard") / len(kinds) < 0.35  # HARD_FRACTION of the in-distribution split
 
 
 def test_train_prompts_are_disjoint_from_eval():
@@ -23,10 +31,40 @@ def test_train_prompts_are_disjoint_from_eval():
     assert len({r["id"] for r in train}) == 2000
 
 
-def test_gold_traces_verify():
-    for p in task.problems(seed=3, count=200):
+def test_gold_traces_verify_and_parse_back_to_their_choices():
+    import random
+
+    rng = random.Random(0)
+    for p in list(task.problems(seed=3, count=200)) + task.ood_eval_problems()[:50]:
         assert task.extract_answer(p.trace) == str(p.answer)
-        assert p.trace.startswith(" <think>") and "</think> The answer is" in p.trace
+        assert p.trace.startswith(" <think>") and p.trace.endswith(f"The answer is {p.answer}.")
+        c = task.parse_trace(p, p.trace)
+        assert c is not None and task.render(p, c) == p.trace
+        assert task.parse_trace(p, task.sample_trace(p, rng)) is not None
+        # a wrong result, a wrong final answer, or an unknown phrasing is no gold trace
+        assert task.parse_trace(p, p.trace.replace(f"is {p.answer}.", f"is {p.answer + 1}.")) is None
+        assert task.parse_trace(p, p.trace.replace("</think>", "</think> Hi.")) is None
+
+
+def test_several_orders_are_right_but_never_one_that_goes_below_zero():
+    p = task.Problem("q", 6, "", "Mia", "She", "pens", 2, (("+", 5), ("-", 1)))
+    assert task.parse_trace(p, " <think>2-1=1. 1+5=6.</think> So she has 6 pens. The answer is 6.") is not None
+    assert task.parse_trace(p, " <think>5+2=7. 7-1=6.</think> So she has 6 pens. The answer is 6.") is not None
+    q = task.Problem("q", 6, "", "Mia", "She", "pens", 2, (("+", 5), ("-", 3)))
+    assert task.parse_trace(q, " <think>2-3=-1. -1+5=4.</think> So she has 4 pens. The answer is 4.") is None
+    # exact entropy: 2 orders, 4 + 2 step forms per order, 10 openers, 6 joiners, the closing slots
+    import math
+
+    expected = (math.log(2) + math.log(4 * 2) + math.log(len(task.OPENERS)) + math.log(len(task.JOINERS))
+                + math.log(task.CLOSER_WAYS))
+    assert task.trace_entropy(p) == pytest.approx(expected)
+
+
+def test_gold_traces_carry_dark_knowledge(tokenizer):
+    """The task itself: a perfect teacher's entropy per completion token is well above zero."""
+    from distillery.demo.profile import gold_entropy
+
+    assert gold_entropy(task.eval_problems(), tokenizer) > 0.3
 
 
 def test_tokenizer_pad_is_not_eos_and_think_tags_are_single_tokens(tokenizer):
@@ -38,9 +76,35 @@ def test_tokenizer_pad_is_not_eos_and_think_tags_are_single_tokens(tokenizer):
 
 
 def test_shipped_teacher_is_safetensors_and_documented():
+    """What the build measured and recorded: accuracy in distribution between 85% and 95%, partly right out of
+    it, at least 0.3 nats/token on its own T = 1 samples, and 10x the student's parameters."""
+    from distillery.demo import assets
+
     assert (TEACHER_DIR / "model.safetensors").exists() and not list(TEACHER_DIR.glob("*.bin"))
     meta = json.loads((TEACHER_DIR / "demo_teacher.json").read_text())
-    assert meta["eval_accuracy_greedy"] >= 0.8
+    assert 0.85 <= meta["accuracy"] <= 0.95
+    assert 0.05 < meta["ood_accuracy"] < meta["accuracy"]
+    assert meta["entropy_nats_per_token"] >= 0.3 and meta["top1_mass"] < 0.95
+    student = sum(p.numel() for p in assets.init_model(assets.STUDENT_SHAPE, _tok(), 0).parameters())
+    assert meta["params"] >= 10 * student
+
+
+def _tok():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(TEACHER_DIR)
+
+
+def test_teacher_profile_measures_a_model(tmp_path, tokenizer):
+    """The build's measurement on a random model: accuracy 0, entropy near log V, nothing parsed as gold."""
+    from distillery.demo import assets, profile
+
+    path = assets.save_atomic(assets.init_model(assets.STUDENT_SHAPE, tokenizer, 1), tokenizer, tmp_path / "m")
+    probs = task.eval_problems()[:8]
+    shape = profile.sampled_profile(str(path), probs, samples=2, max_new_tokens=12)
+    assert shape["sampled_accuracy"] == 0 and shape["gold_trace_share"] == 0
+    assert 4.0 < shape["entropy_nats_per_token"] <= 6.3 and shape["top1_mass"] < 0.2
+    assert 150 <= shape["tokens"] <= 8 * 2 * 12  # positions after an eos do not count
 
 
 def test_runs_starting_together_build_the_demo_student_once(tmp_path, monkeypatch):

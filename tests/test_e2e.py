@@ -46,6 +46,7 @@ def test_demo_pipeline_end_to_end(demo_run):
     work, uri, proc = demo_run
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     assert "| model" in proc.stdout and "student-nf4" in proc.stdout  # the answer table is printed
+    assert "OOD accuracy" in proc.stdout
 
     client, runs = mlflow_runs(uri)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -61,7 +62,11 @@ def test_demo_pipeline_end_to_end(demo_run):
     assert m["accuracy.student-sft"] > m["accuracy.student"] + 0.05
     assert m["accuracy.teacher"] > m["accuracy.student-sft"] - 1e-9 and m["accuracy.teacher"] >= 0.8
     for label in ("teacher", "student", "student-sft", "student-pruned", "student-int8", "student-nf4"):
-        assert {f"accuracy.{label}", f"params.{label}", f"memory_mb.{label}", f"tokens_per_s.{label}"} <= set(m)
+        assert {f"accuracy.{label}", f"ood_accuracy.{label}", f"params.{label}", f"memory_mb.{label}",
+                f"tokens_per_s.{label}"} <= set(m)
+    # the sizes the demo is for: a student a tenth of the teacher, compressed to under a tenth of its memory
+    assert m["params.teacher"] >= 10 * m["params.student"]
+    assert m["memory_mb.student-nf4"] <= 0.1 * m["memory_mb.teacher"]
     assert m["memory_mb.student-nf4"] < m["memory_mb.student-int8"] < m["memory_mb.student-sft"]
     assert m["params.student-pruned"] < m["params.student-sft"]
     # healing (KD from the unpruned student) recovers what depth + width pruning lost

@@ -296,7 +296,9 @@ def test_contaminated_prompts(prompt, n, dropped):
 
 def test_eval_texts_reads_the_local_demo_task():
     texts = eval_texts(["demo_arith"])
-    assert len(texts) == 200 and texts[0] == EVAL_Q
+    assert len(texts) == 200
+    assert texts[0] == ("Question: Tom has 4 apples. He finds 1 more. Then he buys 2 more. How many apples does Tom "
+                        "have now?\nAnswer:")
 
 
 def test_eval_texts_from_a_task_folder(tmp_path, caplog):

@@ -43,7 +43,8 @@ def _train(examples, student, tmp_path, steps=40, **kw):
     tok = AutoTokenizer.from_pretrained(student)
     model = AutoModelForCausalLM.from_pretrained(student)
     args = TrainingArguments(output_dir=str(tmp_path / "t"), per_device_train_batch_size=8, max_steps=steps,
-                             learning_rate=3e-3, use_cpu=True, report_to=[], logging_steps=10, save_strategy="no",
+                             learning_rate=3e-3, use_cpu=True, report_to=[], logging_steps=min(10, steps),
+                             save_strategy="no",
                              disable_tqdm=True)
     trainer = make_trainer(model, tok, examples, args, **{"temperature": 2.0, "alpha": 1.0,
                                                           "divergence": "forward_kl", "beta": 0.5,
@@ -55,10 +56,21 @@ def _train(examples, student, tmp_path, steps=40, **kw):
 def test_logit_kd_student_learns_the_teacher_distribution(greedy_traces, tokenizer, tiny_student, tmp_path):
     rows, lps = greedy_traces
     examples = build_examples(rows, lps, tokenizer, max_length=256)
-    trainer = _train(examples, tiny_student, tmp_path)
+    trainer = _train(examples, tiny_student, tmp_path, steps=60)
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert logs[-1]["loss"] < 0.5 * logs[0]["loss"]
     assert {"kd_loss", "ce_loss"} <= set(logs[-1])
+
+
+def test_without_t2_the_soft_term_is_divided_by_t_squared(greedy_traces, tokenizer, tiny_student, tmp_path):
+    """scale_t2=false (the temperature experiment's control) logs the soft term / T² of the same first step."""
+    rows, lps = greedy_traces
+    examples = build_examples(rows, lps, tokenizer, max_length=256)[:8]
+    first = {}
+    for scale in (True, False):
+        trainer = _train(examples, tiny_student, tmp_path, steps=1, temperature=4.0, scale_t2=scale)
+        first[scale] = next(h["kd_loss"] for h in trainer.state.log_history if "kd_loss" in h)
+    assert first[False] == pytest.approx(first[True] / 16, rel=1e-4)
 
 
 def test_nan_teacher_logprobs_stop_training(greedy_traces, tokenizer, tiny_student, tmp_path):

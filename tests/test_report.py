@@ -40,3 +40,22 @@ def test_draft_line_names_greedy_sampled_and_distillspec_figures():
     assert {r["model"]: r["draft_acceptance"] for r in rows} == {"teacher": None, "student-sft": 0.9}
     table = render(rows, draft)
     assert "speed-up 1.50x" in table and "sampled at T=0.6: acceptance 0.80" in table and "40 DistillSpec" in table
+
+
+def test_ood_column_appears_when_evaluate_has_an_ood_task():
+    with_ood = result(0.8, 2_900_000, 11 * 2**20)
+    with_ood["figures"].update(ood_accuracy=0.3, ood_accuracy_stderr=0.03)
+    rows = build_rows({"teacher": with_ood, "student": result(0.5, 290_000, 2**20)}, None, None)
+    table = render(rows)
+    assert "OOD accuracy" in table and "0.300 ± 0.030" in table
+    assert "OOD accuracy" not in render(build_rows({"teacher": result(0.8, 2_900_000, 11 * 2**20)}, None, None))
+
+
+def test_ood_task_must_be_one_of_the_tasks():
+    from pydantic import ValidationError
+
+    from distillery.config import EvaluateConfig
+
+    assert EvaluateConfig(tasks=["a", "b"], ood_task="b").ood_task == "b"
+    with pytest.raises(ValidationError, match="ood_task 'c' is not one of evaluate.tasks"):
+        EvaluateConfig(tasks=["a", "b"], ood_task="c")

@@ -30,7 +30,7 @@ def test_sft_trains_on_completions_and_saves_atomically(trained, tiny_student):
     assert figures["steps"] == 6 and len(losses) == 3 and all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0]  # it learns
     assert (out / "model.safetensors").exists() and not list(out.parent.glob(f".{out.name}.tmp-*"))
-    assert figures["tokens_seen"] > 0 and figures["trainable_params"] > 700_000
+    assert figures["tokens_seen"] > 0 and figures["trainable_params"] > 250_000  # the whole 0.28M student
 
 
 def test_sft_masks_the_prompt(tiny_student, tokenizer):
@@ -129,7 +129,7 @@ def test_lm_eval_on_local_task(tmp_path):
     from distillery.demo.assets import TEACHER_DIR
     from tasks.evaluate import evaluate_model, local_task_dir
 
-    cfg = EvaluateConfig(tasks=["demo_arith"], limit=16, batch_size=16, max_gen_toks=40, throughput_new_tokens=8)
+    cfg = EvaluateConfig(tasks=["demo_arith"], limit=16, batch_size=16, max_gen_toks=96, throughput_new_tokens=8)
     res = evaluate_model(str(TEACHER_DIR), cfg, local_task_dir(cfg.tasks), ["Question: Ana has 2 pens.\nAnswer:"] * 2)
     f = res["figures"]
     assert res["tasks"]["demo_arith"]["n"] == 16
