@@ -306,7 +306,7 @@ def test_exit_code_is_the_servers(tmp_path):
 def test_teacher_with_draft_answers_exactly_as_the_teacher_alone(teacher_servers):
     """Greedy speculative decoding must not change a single token. The draft is the random-init demo student,
     whose proposals the teacher rejects (acceptance 0 here): this checks that rejected drafts leave the output
-    alone; the draft stage (test_e2e) checks a trained student, accepted at ~0.93, with identical outputs."""
+    alone; the draft stage (test_e2e) checks a trained student, accepted at ~0.84, with identical outputs."""
     import openai
 
     from distillery.artifacts import read_jsonl
