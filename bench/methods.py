@@ -87,16 +87,6 @@ def matmul_peak(n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / best
 
 
-def gap_recovered(arm: float, hard: float, teacher: float, s_arm: float, s_hard: float, s_teacher: float):
-    """(arm - hard) / (teacher - hard) and its stderr by the delta method (independent evaluations)."""
-    gap = teacher - hard
-    if gap <= 0:
-        return float("nan"), float("nan")
-    g = (arm - hard) / gap
-    var = (s_arm / gap) ** 2 + (s_hard * (arm - teacher) / gap**2) ** 2 + (s_teacher * (arm - hard) / gap**2) ** 2
-    return g, math.sqrt(var)
-
-
 class Judge:
     """Measures every model the same way: greedy answers on both eval splits (accuracy, and fidelity to the
     teacher's greedy answers, the first model measured), NLL of held-out teacher traces, optionally its samples."""
@@ -110,7 +100,7 @@ class Judge:
 
     def measure(self, path: str) -> dict:
         from distillery.demo import profile, task
-        from distillery.scoring import completion_logprobs
+        from tasks.evaluate import perplexity
 
         loaded = profile._load(path)
         answers = {split: [task.extract_answer(t) for t in profile.greedy_answers(path, probs, loaded=loaded)]
@@ -123,9 +113,7 @@ class Judge:
             out[f"{key}fidelity"] = sum(a is not None and a == b for a, b in zip(mine, ref, strict=True)) / len(probs)
         if self.heldout:
             tok, model = loaded
-            scored = completion_logprobs(model, tok, [r.get("prompt_text", r["prompt"]) for r in self.heldout],
-                                         [r["completion"] for r in self.heldout])
-            out["heldout_nll"] = -sum(lp for lp, _ in scored) / sum(n for _, n in scored)
+            out["heldout_nll"] = math.log(perplexity(model, tok, self.heldout))  # the evaluate stage's, per token
         if self.shape_prompts:
             shape = profile.sampled_profile(path, self.evals[: self.shape_prompts], samples=4, loaded=loaded)
             out.update({k: shape[k] for k in SHAPE_METRICS})

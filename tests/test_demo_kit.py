@@ -75,7 +75,7 @@ def test_tokenizer_pad_is_not_eos_and_think_tags_are_single_tokens(tokenizer):
     assert tokenizer.decode(ids, skip_special_tokens=True) == " <think>12+3=15.</think>"  # tags survive decoding
 
 
-def test_shipped_teacher_is_safetensors_and_documented():
+def test_shipped_teacher_is_safetensors_and_documented(tokenizer):
     """What the build measured and recorded: accuracy in distribution between 85% and 95%, partly right out of
     it, at least 0.3 nats/token on its own T = 1 samples, and 10x the student's parameters."""
     from distillery.demo import assets
@@ -85,14 +85,8 @@ def test_shipped_teacher_is_safetensors_and_documented():
     assert 0.85 <= meta["accuracy"] <= 0.95
     assert 0.05 < meta["ood_accuracy"] < meta["accuracy"]
     assert meta["entropy_nats_per_token"] >= 0.3 and meta["top1_mass"] < 0.95
-    student = sum(p.numel() for p in assets.init_model(assets.STUDENT_SHAPE, _tok(), 0).parameters())
+    student = sum(p.numel() for p in assets.init_model(assets.STUDENT_SHAPE, tokenizer, 0).parameters())
     assert meta["params"] >= 10 * student
-
-
-def _tok():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(TEACHER_DIR)
 
 
 def test_teacher_profile_measures_a_model(tmp_path, tokenizer):

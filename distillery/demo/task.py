@@ -28,7 +28,7 @@ import math
 import random
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 NAMES = [
     ("Mia", "She"), ("Tom", "He"), ("Ana", "She"), ("Leo", "He"), ("Zoe", "She"), ("Sam", "He"),
@@ -208,8 +208,8 @@ def parse_trace(p: Problem, text: str) -> Choices | None:
 
 
 def make_problem(rng: random.Random, steps: int | None = None, max_start: int = 20, max_operand: int = 9,
-                 hard: bool | None = None, kind: str | None = None, min_start: int = 2,
-                 names: list[tuple[str, str]] = NAMES, items: list[str] = ITEMS) -> Problem:
+                 hard: bool | None = None, kind: str | None = None, names: list[tuple[str, str]] = NAMES,
+                 items: list[str] = ITEMS) -> Problem:
     """One problem: `steps` additive steps (uniform over TRAIN_STEPS if None), then a product when `hard`
     (drawn with HARD_FRACTION if None)."""
     if hard is None:
@@ -218,7 +218,7 @@ def make_problem(rng: random.Random, steps: int | None = None, max_start: int = 
         steps = rng.choice(TRAIN_STEPS[:2] if hard else TRAIN_STEPS)
     name, pronoun = rng.choice(names)
     item = rng.choice(items)
-    value = rng.randint(min_start, max_start)
+    value = rng.randint(2, max_start)
     start = value
     sentences = [f"{name} has {value} {item}."]
     ops: list[tuple[str, int]] = []
@@ -235,7 +235,7 @@ def make_problem(rng: random.Random, steps: int | None = None, max_start: int = 
         sentences.append(f"{'Then ' + pronoun.lower() if i else pronoun} {phrase}.")
     question = "Question: " + " ".join(sentences) + f" How many {item} does {name} have now?\nAnswer:"
     p = Problem(question, value, "", name, pronoun, item, start, tuple(ops), kind or ("hard" if hard else "easy"))
-    return Problem(**{**p.__dict__, "trace": sample_trace(p, rng)})
+    return replace(p, trace=sample_trace(p, rng))
 
 
 def problems(seed: int, count: int, exclude: set[str] | None = None, **kwargs) -> Iterator[Problem]:
@@ -250,12 +250,6 @@ def problems(seed: int, count: int, exclude: set[str] | None = None, **kwargs) -
         seen.add(p.question)
         made += 1
         yield p
-
-
-def ood_problem(rng: random.Random) -> Problem:
-    """The same arithmetic (1-3 additive steps, a product in HARD_FRACTION of them), asked about people and things
-    training never names: the answer needs the unseen words copied and the numbers worked as before."""
-    return make_problem(rng, names=OOD_NAMES, items=OOD_ITEMS, kind="ood")
 
 
 def extract_answer(text: str) -> str | None:
@@ -274,10 +268,6 @@ def eval_problems() -> list[Problem]:
 
 
 def ood_eval_problems() -> list[Problem]:
-    rng, out, seen = random.Random(OOD_SEED), [], set()
-    while len(out) < OOD_SIZE:
-        p = ood_problem(rng)
-        if p.question not in seen:
-            seen.add(p.question)
-            out.append(p)
-    return out
+    """The same arithmetic (1-3 additive steps, a product in HARD_FRACTION of them), asked about people and things
+    training never names: the answer needs the unseen words copied and the numbers worked as before."""
+    return list(problems(OOD_SEED, OOD_SIZE, names=OOD_NAMES, items=OOD_ITEMS, kind="ood"))
