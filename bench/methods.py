@@ -16,7 +16,11 @@ steps, the same for every arm), every student-init seed (the random-init student
   sft_more  the sft arm's student trained by SFT for the budget's steps again: GKD's equal-step control
   dpo       sft, then DPO on pairs of the student's own samples judged by the verifier (its sampling and DPO
             epoch come on top of the budget)
-An arm spec NAME=METHOD[@FROM][:KEY=VALUE,...] adds variants (FROM: an arm whose student it starts from).
+An arm spec NAME=METHOD[@FROM][^TARGETS][:KEY=VALUE,...] adds variants: FROM is an arm whose student it starts
+from; TARGETS an arm whose student gives the soft targets instead of the teacher (logit_kd on the teacher's own
+traces, with that student's top-k: a teacher-assistant chain); KEY=VALUE are pipeline overrides, e.g.
+student.path=demo:student-mid for another student size (demo:student-tiny 0.15M, demo:student 0.28M,
+demo:student-mid 1.0M).
 
 Every model and the teacher are measured the same way, on prompts no model trained on: greedy accuracy on the
 in-distribution eval split and on the out-of-distribution split (longer chains), fidelity (the student's
@@ -44,8 +48,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from bench.common import arms_parser, bench_run, machine, publish, teacher_traces  # noqa: E402 - after the path is set
 
 METRICS = ["accuracy", "ood_accuracy", "fidelity", "ood_fidelity", "heldout_nll"]
-SHAPE_METRICS = ["entropy_nats_per_token", "distinct_order_per_prompt", "distinct_closer_per_prompt",
-                 "gold_trace_share"]
+SHAPE_METRICS = [
+    "entropy_nats_per_token",
+    "distinct_order_per_prompt",
+    "distinct_closer_per_prompt",
+    "gold_trace_share",
+]
 
 
 @dataclass(frozen=True)
@@ -54,23 +62,74 @@ class Arm:
     method: str
     start_from: str | None = None  # an arm whose trained student (same seeds) this one continues
     overrides: tuple[str, ...] = field(default=())
+    targets_from: str | None = None  # an arm whose trained student (same seeds) gives the soft targets
 
 
-ARMS = {a.name: a for a in [
-    Arm("hard", "hard"), Arm("sft", "sft"), Arm("logit_kd", "logit_kd"), Arm("gkd", "gkd", "sft"),
-    Arm("sft_more", "sft", "sft"), Arm("dpo", "dpo"),
-]}
+ARMS = {
+    a.name: a
+    for a in [
+        Arm("hard", "hard"),
+        Arm("sft", "sft"),
+        Arm("logit_kd", "logit_kd"),
+        Arm("gkd", "gkd", "sft"),
+        Arm("sft_more", "sft", "sft"),
+        Arm("dpo", "dpo"),
+    ]
+}
 
 
 def parse_arm(spec: str) -> Arm:
-    """NAME=METHOD[@FROM][:KEY=VALUE,...]"""
+    """NAME=METHOD[@FROM][^TARGETS][:KEY=VALUE,...]"""
     try:
         name, rest = spec.split("=", 1)
         head, _, opts = rest.partition(":")
+        head, _, targets = head.partition("^")
         method, _, start = head.partition("@")
     except ValueError:
-        raise SystemExit(f"--arm {spec!r}: expected NAME=METHOD[@FROM][:KEY=VALUE,...]") from None
-    return Arm(name, method, start or None, tuple(o for o in opts.split(",") if o))
+        raise SystemExit(f"--arm {spec!r}: expected NAME=METHOD[@FROM][^TARGETS][:KEY=VALUE,...]") from None
+    if targets and method != "logit_kd":
+        raise SystemExit(f"--arm {spec!r}: ^TARGETS (another student's soft targets) needs method logit_kd")
+    return Arm(name, method, start or None, tuple(o for o in opts.split(",") if o), targets or None)
+
+
+def assistant_targets(model_path: str, traces: Path, generated: Path, dest: Path) -> Path:
+    """`model_path`'s own top-k logprobs on every kept teacher trace, written like the generate stage's output
+    (logprobs.parquet + manifest.json) so logit_kd reads them in the teacher's place; returns the folder."""
+    import json
+
+    from distillery.artifacts import atomic_dir, read_jsonl
+    from distillery.demo import profile
+    from distillery.kd import load_logprobs
+    from distillery.scoring import topk_logprobs
+    from tasks.generate import write_logprobs
+
+    if (dest / "manifest.json").exists():
+        return dest
+    tok, model = profile._load(model_path)
+    stored = load_logprobs(generated.parent / "logprobs.parquet")
+    rows = [r for r in read_jsonl(traces) if (r["prompt_id"], r["sample"]) in stored]
+    k = len(stored[(rows[0]["prompt_id"], rows[0]["sample"])]["top_ids"][0])
+    scored = topk_logprobs(
+        model,
+        [tok(r.get("prompt_text", r["prompt"]), add_special_tokens=False)["input_ids"] for r in rows],
+        [list(stored[(r["prompt_id"], r["sample"])]["token_ids"]) for r in rows],
+        k,
+        tok.pad_token_id,
+    )
+    with atomic_dir(dest) as tmp:
+        write_logprobs(
+            tmp / "logprobs.parquet",
+            [{"prompt_id": r["prompt_id"], "sample": r["sample"], **x} for r, x in zip(rows, scored, strict=True)],
+        )
+        (tmp / "manifest.json").write_text(
+            json.dumps(
+                {
+                    "teacher": model_path,
+                    "logprobs": {"k": k, "mode": "raw_logprobs", "dtype": "float16", "file": "logprobs.parquet"},
+                }
+            )
+        )
+    return dest
 
 
 def matmul_peak(n: int = 2048, reps: int = 5) -> float:
@@ -103,8 +162,10 @@ class Judge:
         from tasks.evaluate import perplexity
 
         loaded = profile._load(path)
-        answers = {split: [task.extract_answer(t) for t in profile.greedy_answers(path, probs, loaded=loaded)]
-                   for split, probs in (("eval", self.evals), ("ood", self.ood))}
+        answers = {
+            split: [task.extract_answer(t) for t in profile.greedy_answers(path, probs, loaded=loaded)]
+            for split, probs in (("eval", self.evals), ("ood", self.ood))
+        }
         self.reference = self.reference or answers
         out = {}
         for split, probs, key in (("eval", self.evals, ""), ("ood", self.ood, "ood_")):
@@ -148,6 +209,59 @@ def aggregate(results: list[dict], arms: list[str], budgets: list[str], metrics:
     return rows
 
 
+def paired_rows(
+    results: list[dict], pairs: list[tuple[str, str]], budgets: list[str], metrics: list[str]
+) -> list[dict]:
+    """A minus B for each (A, B), paired over the seeds both ran, per budget and metric."""
+    from distillery.stats import paired_ci
+
+    rows = []
+    for budget in budgets:
+        for x, y in pairs:
+            runs = {
+                arm: {r["seed_key"]: r for r in results if r["budget"] == budget and r["arm"] == arm} for arm in (x, y)
+            }
+            row = {"budget": budget, "pair": f"{x} - {y}", "seeds": len(set(runs[x]) & set(runs[y]))}
+            for m in metrics:
+                vx = {k: r[m] for k, r in runs[x].items() if m in r}
+                vy = {k: r[m] for k, r in runs[y].items() if m in r}
+                if set(vx) & set(vy):
+                    row[m] = paired_ci(vx, vy).__dict__
+            rows.append(row)
+    return rows
+
+
+def render_pairs(rows: list[dict]) -> str:
+    from tabulate import tabulate
+
+    body = [
+        [
+            r["budget"],
+            r["pair"],
+            r["seeds"],
+            fmt(r.get("accuracy")),
+            fmt(r.get("ood_accuracy")),
+            fmt(r.get("fidelity")),
+            fmt(r.get("heldout_nll")),
+        ]
+        for r in rows
+    ]
+    return tabulate(
+        body,
+        headers=[
+            "budget",
+            "paired difference",
+            "seeds",
+            "Δ accuracy",
+            "Δ OOD accuracy",
+            "Δ fidelity",
+            "Δ held-out NLL",
+        ],
+        tablefmt="github",
+        disable_numparse=True,
+    )
+
+
 def fmt(ci: dict | None, digits: int = 3) -> str:
     if not ci:
         return ""
@@ -159,15 +273,58 @@ def fmt(ci: dict | None, digits: int = 3) -> str:
 def render(rows: list[dict], teacher: dict) -> str:
     from tabulate import tabulate
 
-    body = [[r["budget"], r["arm"], r["seeds"], int(r["steps"]), fmt(r.get("accuracy")),
-             fmt(r.get("accuracy_minus_sft")), fmt(r.get("ood_accuracy")), fmt(r.get("fidelity")),
-             fmt(r.get("ood_fidelity")), fmt(r.get("heldout_nll")), fmt(r.get("heldout_nll_minus_sft")),
-             f"{r['mfu']:.1%}"] for r in rows]
-    body.append(["", "teacher", 1, "", f"{teacher['accuracy']:.3f}", "", f"{teacher['ood_accuracy']:.3f}", "1",
-                 "1", f"{teacher.get('heldout_nll', float('nan')):.3f}", "", ""])
-    return tabulate(body, headers=["budget", "arm", "seeds", "steps", "accuracy", "Δ acc vs sft (paired)",
-                                   "OOD accuracy", "fidelity", "OOD fidelity", "held-out NLL", "Δ NLL vs sft",
-                                   "MFU"], tablefmt="github", disable_numparse=True)
+    body = [
+        [
+            r["budget"],
+            r["arm"],
+            r["seeds"],
+            int(r["steps"]),
+            fmt(r.get("accuracy")),
+            fmt(r.get("accuracy_minus_sft")),
+            fmt(r.get("ood_accuracy")),
+            fmt(r.get("fidelity")),
+            fmt(r.get("ood_fidelity")),
+            fmt(r.get("heldout_nll")),
+            fmt(r.get("heldout_nll_minus_sft")),
+            f"{r['mfu']:.1%}",
+        ]
+        for r in rows
+    ]
+    body.append(
+        [
+            "",
+            "teacher",
+            1,
+            "",
+            f"{teacher['accuracy']:.3f}",
+            "",
+            f"{teacher['ood_accuracy']:.3f}",
+            "1",
+            "1",
+            f"{teacher.get('heldout_nll', float('nan')):.3f}",
+            "",
+            "",
+        ]
+    )
+    return tabulate(
+        body,
+        headers=[
+            "budget",
+            "arm",
+            "seeds",
+            "steps",
+            "accuracy",
+            "Δ acc vs sft (paired)",
+            "OOD accuracy",
+            "fidelity",
+            "OOD fidelity",
+            "held-out NLL",
+            "Δ NLL vs sft",
+            "MFU",
+        ],
+        tablefmt="github",
+        disable_numparse=True,
+    )
 
 
 def plot(rows: list[dict], teacher: dict):
@@ -183,32 +340,102 @@ def plot(rows: list[dict], teacher: dict):
         for offset, key, color in ((-0.18, "accuracy", "#4c72b0"), (0.18, "ood_accuracy", "#dd8452")):
             means = [r[key]["mean"] for r in sel]
             errs = [0 if math.isnan(r[key]["low"]) else (r[key]["high"] - r[key]["low"]) / 2 for r in sel]
-            ax.bar([i + offset for i in range(len(sel))], means, width=0.36, yerr=errs, capsize=3, color=color,
-                   label="in distribution" if key == "accuracy" else "out of distribution")
+            ax.bar(
+                [i + offset for i in range(len(sel))],
+                means,
+                width=0.36,
+                yerr=errs,
+                capsize=3,
+                color=color,
+                label="in distribution" if key == "accuracy" else "out of distribution",
+            )
         ax.axhline(teacher["accuracy"], color="#c44e52", ls="--", lw=1, label=f"teacher {teacher['accuracy']:.2f}")
-        ax.axhline(teacher["ood_accuracy"], color="#c44e52", ls=":", lw=1,
-                   label=f"teacher OOD {teacher['ood_accuracy']:.2f}")
+        ax.axhline(
+            teacher["ood_accuracy"], color="#c44e52", ls=":", lw=1, label=f"teacher OOD {teacher['ood_accuracy']:.2f}"
+        )
         ax.set_xticks(range(len(sel)), [r["arm"] for r in sel], rotation=20)
         ax.set_ylim(0, 1.05)
-        ax.set_title(f"budget {budget} ({int(sel[0]['steps'])} steps), mean ± 95% CI over {sel[0]['seeds']} seeds",
-                     fontsize=9)
+        ax.set_title(
+            f"budget {budget} ({int(sel[0]['steps'])} steps), mean ± 95% CI over {sel[0]['seeds']} seeds", fontsize=9
+        )
         ax.set_ylabel("greedy accuracy")
     axes[0][0].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     return fig
 
 
+SHAPE_PANELS = [
+    ("entropy_nats_per_token", "entropy of own T=1 samples (nats/token)"),
+    ("distinct_order_per_prompt", "distinct step orders per prompt (gold traces, of 4)"),
+    ("distinct_closer_per_prompt", "distinct answer phrasings per prompt (gold traces, of 4)"),
+    ("gold_trace_share", "share of samples that are gold traces"),
+]
+
+
+def plot_shape(rows: list[dict], teacher: dict):
+    """Per arm (each budget a colour): entropy and coverage of the teacher's valid alternatives, mean ± 95% CI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    budgets = list(dict.fromkeys(r["budget"] for r in rows))
+    fig, axes = plt.subplots(1, len(SHAPE_PANELS), figsize=(4.2 * len(SHAPE_PANELS), 3.8))
+    width = 0.8 / len(budgets)
+    for ax, (key, title) in zip(axes, SHAPE_PANELS, strict=True):
+        for j, budget in enumerate(budgets):
+            sel = {r["arm"]: r for r in rows if r["budget"] == budget and key in r}
+            xs = [i + (j - (len(budgets) - 1) / 2) * width for i, arm in enumerate(arms) if arm in sel]
+            cis = [sel[arm][key] for arm in arms if arm in sel]
+            errs = [0 if math.isnan(c["low"]) else (c["high"] - c["low"]) / 2 for c in cis]
+            ax.bar(xs, [c["mean"] for c in cis], width=width, yerr=errs, capsize=3, label=budget)
+        if key in teacher:
+            ax.axhline(teacher[key], color="#c44e52", ls="--", lw=1, label=f"teacher {teacher[key]:.2f}")
+        ax.set_xticks(range(len(arms)), arms, rotation=25, fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def main(argv: list[str] | None = None) -> int:
     p = arms_parser(__doc__, "methods", "demo-methods", list(ARMS), "train.epochs=1")
-    p.add_argument("--arm", dest="extra_arms", action="append", default=[], metavar="NAME=METHOD[@FROM][:K=V,...]",
-                   help="an extra arm (repeatable)")
+    p.add_argument(
+        "--arm",
+        dest="extra_arms",
+        action="append",
+        default=[],
+        metavar="NAME=METHOD[@FROM][:K=V,...]",
+        help="an extra arm (repeatable)",
+    )
     p.add_argument("--data-seeds", type=int, default=5, help="data-order seeds per student init (train.seed)")
     p.add_argument("--init-seeds", type=int, default=2, help="random-init students")
-    p.add_argument("--budget", dest="budgets", action="append", default=[], metavar="NAME=STEPS",
-                   help="optimizer steps per arm (repeatable; default short=150 and demo=1500)")
+    p.add_argument(
+        "--budget",
+        dest="budgets",
+        action="append",
+        default=[],
+        metavar="NAME=STEPS",
+        help="optimizer steps per arm (repeatable; default short=150 and demo=1500)",
+    )
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts of each eval split")
-    p.add_argument("--shape", type=int, default=0, metavar="N",
-                   help="also sample 4 answers on N eval prompts per model: entropy, orders and phrasings used")
+    p.add_argument(
+        "--shape",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also sample 4 answers on N eval prompts per model: entropy, orders and phrasings used",
+    )
+    p.add_argument(
+        "--pair",
+        dest="pairs",
+        action="append",
+        default=[],
+        metavar="A:B",
+        help="also report arm A minus arm B, paired over seeds (repeatable; every arm gets A - sft)",
+    )
+    p.add_argument("--name", default="methods", help="results file stem in --out (default methods)")
     a = p.parse_args(argv)
 
     from distillery.artifacts import read_jsonl
@@ -218,17 +445,28 @@ def main(argv: list[str] | None = None) -> int:
 
     arms = {n: ARMS[n] for n in a.arms} | {x.name: x for x in map(parse_arm, a.extra_arms)}
     for arm in arms.values():
-        if arm.start_from and arm.start_from not in arms:
-            raise SystemExit(f"arm {arm.name} starts from {arm.start_from!r}, which is not among the arms")
-    order = [n for n in arms if not arms[n].start_from] + [n for n in arms if arms[n].start_from]
+        for dep, what in ((arm.start_from, "starts from"), (arm.targets_from, "takes its targets from")):
+            if dep and dep not in arms:
+                raise SystemExit(f"arm {arm.name} {what} {dep!r}, which is not among the arms")
+    for pair in a.pairs:
+        if len(pair.split(":")) != 2 or not set(pair.split(":")) <= set(arms):
+            raise SystemExit(f"--pair {pair!r}: expected A:B, two of the arms {list(arms)}")
+    order: list[str] = []  # every arm after the arms it starts from or takes targets from
+    while len(order) < len(arms):
+        ready = [n for n, x in arms.items() if n not in order and {x.start_from, x.targets_from} - {None} <= set(order)]
+        if not ready:
+            raise SystemExit(f"arms {sorted(set(arms) - set(order))} depend on each other in a cycle")
+        order += ready
     budgets = dict(b.split("=", 1) for b in (a.budgets or ["short=150", "demo=1500"]))
     cfg = load_pipeline(a.config, a.pipeline, parse_overrides(a.overrides))
     work = Path(a.workdir).resolve() / time.strftime("%Y%m%d-%H%M%S")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     peak = matmul_peak()
-    print(f"fp32 matmul peak on this machine: {peak / 1e9:.1f} GFLOP/s; arms {order}; budgets {budgets}; "
-          f"{a.init_seeds} init x {a.data_seeds} data-order seeds")
+    print(
+        f"fp32 matmul peak on this machine: {peak / 1e9:.1f} GFLOP/s; arms {order}; budgets {budgets}; "
+        f"{a.init_seeds} init x {a.data_seeds} data-order seeds"
+    )
     metrics = METRICS + (SHAPE_METRICS if a.shape else [])
 
     with bench_run(cfg, a, "methods", "methods", out) as (tracker, parent, _include):
@@ -241,42 +479,98 @@ def main(argv: list[str] | None = None) -> int:
         results: list[dict] = []
         for budget, steps in budgets.items():
             for init in range(a.init_seeds):
-                student = resolve_model(cfg.student.path, seed=init)
                 for data in range(a.data_seeds):
                     key = f"init{init}-data{data}"
                     for name in order:
                         arm = arms[name]
-                        over = parse_overrides([*a.overrides, f"train.method={arm.method}",
-                                                f"train.max_steps={steps}", f"train.seed={data}", *arm.overrides])
+                        over = parse_overrides(
+                            [
+                                *a.overrides,
+                                f"train.method={arm.method}",
+                                f"train.max_steps={steps}",
+                                f"train.seed={data}",
+                                *arm.overrides,
+                            ]
+                        )
                         arm_cfg = load_pipeline(a.config, a.pipeline, over)
-                        start = student if not arm.start_from else str(work / budget / key / arm.start_from)
+                        start = (
+                            str(work / budget / key / arm.start_from)
+                            if arm.start_from
+                            else resolve_model(arm_cfg.student.path, seed=init)
+                        )
                         dest = work / budget / key / name
+                        generated = gen["path"]
+                        if arm.targets_from:  # the assistant's top-k on the teacher's traces, made once per seed
+                            generated = str(
+                                assistant_targets(
+                                    str(work / budget / key / arm.targets_from),
+                                    Path(kept["path"]),
+                                    Path(gen["path"]),
+                                    work / budget / key / f"{arm.targets_from}.targets",
+                                )
+                                / "generations.jsonl"
+                            )
                         print(f"\n=== {budget} {key} {name} ===", flush=True)
                         tags = {"distillery.arm": name, "distillery.budget": budget, "distillery.seed": key}
                         with tracker.stage(f"{budget}/{name}/{key}", parent.run_id, tags=tags) as run:
-                            run.log_params({"method": arm.method, "arm": name, "budget": budget, "init_seed": init,
-                                            "data_seed": data, "start_from": arm.start_from or "init",
-                                            **arm_cfg.train.model_dump()})
-                            figs = run_method(arm_cfg, start, kept["path"], gen["path"], dest)
+                            run.log_params(
+                                {
+                                    "method": arm.method,
+                                    "arm": name,
+                                    "budget": budget,
+                                    "init_seed": init,
+                                    "data_seed": data,
+                                    "start_from": arm.start_from or "init",
+                                    "targets_from": arm.targets_from or "teacher",
+                                    "student": arm_cfg.student.path,
+                                    **arm_cfg.train.model_dump(),
+                                }
+                            )
+                            figs = run_method(arm_cfg, start, kept["path"], generated, dest)
                             for k in ("steps", "tokens_seen", "train_seconds"):  # dpo: its SFT phase counts too
                                 figs[k] = figs.get(f"total_{k}", figs[k])
                             figs["train_tokens_per_s"] = figs["tokens_seen"] / max(figs["train_seconds"], 1e-9)
-                            figs["mfu"] = 6 * figs["params"] * figs["tokens_seen"] / max(figs["train_seconds"],
-                                                                                          1e-9) / peak
+                            figs["mfu"] = (
+                                6 * figs["params"] * figs["tokens_seen"] / max(figs["train_seconds"], 1e-9) / peak
+                            )
                             figs.update(judge.measure(str(dest)))
                             run.log_metrics({k: v for k, v in figs.items() if isinstance(v, int | float)})
-                            results.append({"budget": budget, "arm": name, "seed_key": key, "run_id": run.run_id,
-                                            **figs})
+                            results.append(
+                                {"budget": budget, "arm": name, "seed_key": key, "run_id": run.run_id, **figs}
+                            )
         rows = aggregate(results, order, list(budgets), metrics)
         table = render(rows, teacher)
+        if a.pairs:
+            pairs = paired_rows(results, [tuple(x.split(":")) for x in a.pairs], list(budgets), metrics)
+            table += "\n\n" + render_pairs(pairs)
         print("\n" + table)
-        summary = {"pipeline": a.pipeline, "overrides": a.overrides, "budgets": budgets, "arms": order,
-                   "init_seeds": a.init_seeds, "data_seeds": a.data_seeds, "teacher": teacher, "rows": rows,
-                   "runs": [{k: v for k, v in r.items() if isinstance(v, int | float | str)} for r in results],
-                   "matmul_peak_flops": peak, "machine": machine(), "mlflow_parent_run": parent.run_id}
-        publish(out, "methods", summary, table, plot(rows, teacher), parent)
-        parent.log_metrics({f"{m}.{r['budget']}.{r['arm']}": r[m]["mean"] for r in rows for m in metrics
-                            if m in r} | {f"{m}.teacher": v for m, v in teacher.items()})
+        summary = {
+            "pipeline": a.pipeline,
+            "overrides": a.overrides,
+            "budgets": budgets,
+            "arms": order,
+            "init_seeds": a.init_seeds,
+            "data_seeds": a.data_seeds,
+            "teacher": teacher,
+            "rows": rows,
+            "pairs": paired_rows(results, [tuple(x.split(":")) for x in a.pairs], list(budgets), metrics),
+            "runs": [{k: v for k, v in r.items() if isinstance(v, int | float | str)} for r in results],
+            "matmul_peak_flops": peak,
+            "machine": machine(),
+            "mlflow_parent_run": parent.run_id,
+        }
+        publish(out, a.name, summary, table, plot(rows, teacher), parent)
+        if a.shape:  # the shape of each arm's own distribution: entropy and how many valid alternatives it uses
+            import matplotlib.pyplot as plt
+
+            fig = plot_shape(rows, teacher)
+            fig.savefig(out / f"{a.name}-shape.png", dpi=110)
+            parent.log_figure(fig, f"{a.name}-shape.png")
+            plt.close(fig)
+        parent.log_metrics(
+            {f"{m}.{r['budget']}.{r['arm']}": r[m]["mean"] for r in rows for m in metrics if m in r}
+            | {f"{m}.teacher": v for m, v in teacher.items()}
+        )
     return 0
 
 

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 STAGES = ("generate", "filter", "train", "prune", "quantize", "evaluate", "draft")
 Stage = Literal["generate", "filter", "train", "prune", "quantize", "evaluate", "draft"]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-DEMO_REFS = ("demo:teacher", "demo:student")
+DEMO_REFS = ("demo:teacher", "demo:student", "demo:student-tiny", "demo:student-mid")  # assets.STUDENT_SIZES
 
 
 class ConfigError(ValueError):
@@ -199,8 +199,8 @@ class KDConfig(Strict):
     tail: Literal["bucket", "renormalize"] = Field("bucket", description="mass outside the stored top-k: one "
                                                    "pseudo-token on both sides, tempered alike, or renormalise "
                                                    "over the k")
-    scale_t2: bool = Field(True, description="multiply the soft loss by T² (Hinton et al.), which keeps its "
-                           "gradient flat across temperatures; false only to measure what that scaling does")
+    scale_t2: bool = Field(True, description="multiply the soft loss by T² (Hinton et al.): without it the soft "
+                           "gradient shrinks as 1/T² at large T (bench/temperature.py); false only to measure that")
 
 
 class GKDSection(Strict):

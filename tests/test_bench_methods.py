@@ -62,17 +62,21 @@ def test_every_arm_and_seed_is_a_child_run_of_one_parent(tmp_path, mlflow_uri):
          "--set", "data.num_prompts=48", "--set", "filter.holdout_prompts=8",
          "--set", "generate.backend=transformers", "--set", "train.dpo.num_prompts=8",
          "--set", "train.dpo.judge=teacher", "--set", "train.dpo.max_new_tokens=16",
-         "--set", "train.gkd.max_new_tokens=16"],
+         "--set", "train.gkd.max_new_tokens=16",
+         # a smaller student taught by the logit_kd arm's student (a teacher-assistant chain), and their difference
+         "--arm", "ta=logit_kd^logit_kd:student.path=demo:student-tiny", "--pair", "ta:logit_kd"],
         cwd=tmp_path, capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "methods.json").read_text())
-    arms = ["hard", "sft", "logit_kd", "dpo", "gkd", "sft_more"]  # those that start from another arm come last
+    # those that start from another arm, or take its targets, come after it
+    arms = ["hard", "sft", "logit_kd", "dpo", "gkd", "sft_more", "ta"]
     assert [row["arm"] for row in summary["rows"]] == arms
     for row in summary["rows"]:
         assert row["seeds"] == 2 and row["steps"] >= 2 and 0 < row["mfu"] < 1
         for m in ("accuracy", "ood_accuracy", "fidelity", "ood_fidelity", "heldout_nll", "entropy_nats_per_token"):
             assert row[m]["n"] == 2 and row[m]["low"] <= row[m]["mean"] <= row[m]["high"], (row["arm"], m)
         assert ("accuracy_minus_sft" in row) == (row["arm"] != "sft")
+    assert [(p["pair"], p["seeds"], p["heldout_nll"]["n"]) for p in summary["pairs"]] == [("ta - logit_kd", 2, 2)]
     assert summary["teacher"]["fidelity"] == 1.0 and summary["teacher"]["heldout_nll"] > 0
     assert (out / "methods.png").stat().st_size > 10_000
     client = MlflowClient(mlflow_uri)
@@ -87,7 +91,34 @@ def test_every_arm_and_seed_is_a_child_run_of_one_parent(tmp_path, mlflow_uri):
             run = runs[f"tiny/{arm}/{seed}"]
             assert {"accuracy", "ood_accuracy", "fidelity", "ood_fidelity", "heldout_nll", "mfu"} <= set(
                 run.data.metrics), arm
-            assert run.data.params["method"] == ("sft" if arm == "sft_more" else arm)
+            assert run.data.params["method"] == {"sft_more": "sft", "ta": "logit_kd"}.get(arm, arm)
             assert run.data.params["data_seed"] == seed[-1]
     assert runs["tiny/gkd/init0-data1"].data.params["start_from"] == "sft"
+    ta = runs["tiny/ta/init0-data0"].data
+    assert (ta.params["targets_from"], ta.params["student"], ta.params["method"]) == (
+        "logit_kd", "demo:student-tiny", "logit_kd")
+    assert ta.metrics["params"] < runs["tiny/logit_kd/init0-data0"].data.metrics["params"] / 1.5
     assert "dpo_pairs" in runs["tiny/dpo/init0-data0"].data.metrics
+
+
+def test_temperature_bench_puts_a_child_per_form_and_t_and_the_plot_on_one_parent(tmp_path, mlflow_uri):
+    from mlflow import MlflowClient
+
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "temperature.py"), "--out", str(out), "--batches", "1",
+                        "--batch-size", "4", "--temperatures", "1", "4"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "temperature.json").read_text())
+    rows = {(x["teacher"], x["temperature"]): x for x in summary["rows"]}
+    assert set(rows) == {("full", 1.0), ("full", 4.0), ("top16", 1.0), ("top16", 4.0)}
+    for form in ("full", "top16"):  # without T² the soft term's gradient is the T²-scaled one over T²
+        assert rows[(form, 4.0)]["grad_norm_plain"] == pytest.approx(rows[(form, 4.0)]["grad_norm_t2"] / 16)
+    client = MlflowClient(mlflow_uri)
+    parent = client.get_run(summary["mlflow_parent_run"])
+    assert parent.info.status == "FINISHED"
+    assert {"temperature.png", "temperature.md", "temperature.json"} <= {f.path for f in
+                                                                         client.list_artifacts(parent.info.run_id)}
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.info.run_name for c in children) == ["full/T=1", "full/T=4", "top16/T=1", "top16/T=4"]
+    assert all({"grad_norm_t2", "grad_norm_plain", "soft_loss_t2"} <= set(c.data.metrics) for c in children)

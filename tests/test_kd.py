@@ -132,3 +132,35 @@ def test_gkd_on_policy_steps_with_the_live_teacher(tiny_student, gold_records, t
     losses = [h["loss"] for h in manifest["loss_history"] if "loss" in h]
     assert figures["steps"] == 4 and len(losses) == 4 and all(math.isfinite(x) and x > 0 for x in losses)
     assert manifest["method"] == "gkd" and (out / "model.safetensors").exists()
+
+
+def test_a_models_own_rescored_topk_are_its_distribution_at_the_traces_tokens(greedy_traces, tokenizer,
+                                                                               tiny_student):
+    """topk_logprobs (a teacher assistant's soft targets, bench/methods.py ^TARGETS) is the model's log-softmax at
+    the position before each completion token, best first; a copy of the model pays ≈ 0 on them at every T."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from distillery.losses import topk_kd
+    from distillery.scoring import topk_logprobs
+
+    rows, lps = greedy_traces
+    rows = rows[:6]
+    model = AutoModelForCausalLM.from_pretrained(tiny_student).eval()
+    prompts = [tokenizer(r["prompt_text"], add_special_tokens=False)["input_ids"] for r in rows]
+    comps = [list(lps[(r["prompt_id"], r["sample"])]["token_ids"]) for r in rows]
+    scored = topk_logprobs(model, prompts, comps, k=8, pad_id=tokenizer.pad_token_id, batch_size=4)
+    for p, c, s in zip(prompts, comps, scored, strict=True):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1 : len(p) + len(c) - 1]
+        full = logits.float().log_softmax(-1)
+        assert s["token_ids"] == c and len(s["top_ids"]) == len(c)
+        assert torch.allclose(torch.tensor(s["token_logprobs"]), full.gather(-1, torch.tensor(c)[:, None])[:, 0],
+                              atol=1e-4)  # alone, unpadded: the same numbers as in a padded batch
+        top = full.topk(8, dim=-1)
+        assert s["top_ids"] == top.indices.tolist()
+        for t in (1.0, 2.0, 4.0):
+            loss = topk_kd(logits[None], torch.tensor([s["top_ids"]]), torch.tensor([s["top_logprobs"]]), t)
+            assert float(loss) == pytest.approx(0.0, abs=1e-4)
+    with pytest.raises(ValueError, match="empty prompt"):
+        topk_logprobs(model, [[]], [[5]], k=2, pad_id=tokenizer.pad_token_id)

@@ -19,15 +19,28 @@ SPECIAL = {"pad": "<pad>", "eos": "</s>", "bos": "<s>"}
 THINK = ["<think>", "</think>"]
 # The demo's plain format as a chat template: the user turn is the question text, the assistant turn the completion
 # plus eos, no role markers; chat-based trainers (TRL's GKD) then see exactly the text SFT and vLLM see.
-DEMO_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}"
-                      "{% endif %}{% endfor %}")
+DEMO_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+)
 
 # Llama shapes. head_dim 64 keeps vLLM's CPU attention kernels happy; widths are multiples of 32.
-TEACHER_SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                     num_key_value_heads=4)
+TEACHER_SHAPE = dict(
+    hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4
+)
 # The student is a tenth of the teacher (0.28M vs 2.9M parameters): room to compress and to draft.
-STUDENT_SHAPE = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=1,
-                     num_key_value_heads=1)
+STUDENT_SHAPE = dict(
+    hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=1, num_key_value_heads=1
+)
+# Other student sizes for the capacity-gap experiment (bench/methods.py): `demo:student-tiny` (0.15M, 20x smaller
+# than the teacher) and `demo:student-mid` (1.0M, 2.9x smaller; a teacher assistant between them).
+STUDENT_SIZES = {
+    "tiny": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1, num_key_value_heads=1
+    ),
+    "mid": dict(
+        hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2
+    ),
+}
 
 
 def cache_dir() -> Path:
@@ -56,8 +69,12 @@ def build_tokenizer(corpus: list[str]):
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK])
     assert tok.get_vocab_size() <= VOCAB_SIZE, tok.get_vocab_size()
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token=SPECIAL["pad"], eos_token=SPECIAL["eos"], bos_token=SPECIAL["bos"],
-        model_max_length=256, padding_side="right",
+        tokenizer_object=tok,
+        pad_token=SPECIAL["pad"],
+        eos_token=SPECIAL["eos"],
+        bos_token=SPECIAL["bos"],
+        model_max_length=256,
+        padding_side="right",
     )
 
 
@@ -65,9 +82,13 @@ def llama_config(shape: dict, tokenizer):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=VOCAB_SIZE, max_position_embeddings=256, tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id, **shape,
+        vocab_size=VOCAB_SIZE,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        **shape,
     )
 
 
@@ -78,7 +99,8 @@ def init_model(shape: dict, tokenizer, seed: int):
     torch.manual_seed(seed)
     model = LlamaForCausalLM(llama_config(shape, tokenizer))
     model.generation_config = GenerationConfig(
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
     return model
@@ -93,25 +115,26 @@ def save_atomic(model, tokenizer, dest: Path) -> Path:
     return dest
 
 
-def demo_student(seed: int = 0) -> Path:
-    """The untrained demo student: random init on the teacher's tokenizer, cached per seed."""
+def demo_student(seed: int = 0, size: str = "") -> Path:
+    """The untrained demo student (or one of STUDENT_SIZES): random init on the teacher's tokenizer, cached per
+    seed."""
     from filelock import FileLock
     from transformers import AutoTokenizer
 
-    dest = cache_dir() / "demo" / f"student-init-v3-seed{seed}"  # v3: the dark-knowledge task's tokenizer
+    shape = STUDENT_SIZES[size] if size else STUDENT_SHAPE
+    # v3: the dark-knowledge task's tokenizer
+    dest = cache_dir() / "demo" / f"student{'-' + size if size else ''}-init-v3-seed{seed}"
     if (dest / "config.json").exists():
         return dest
     if not (TEACHER_DIR / "config.json").exists():
-        raise FileNotFoundError(
-            f"demo teacher missing at {TEACHER_DIR}: run `python -m distillery.demo.build_teacher`"
-        )
+        raise FileNotFoundError(f"demo teacher missing at {TEACHER_DIR}: run `python -m distillery.demo.build_teacher`")
     dest.parent.mkdir(parents=True, exist_ok=True)
     # Two runs starting together on a fresh cache: the second would replace the folder the first is loading from.
     with FileLock(f"{dest}.lock", timeout=600):
         if (dest / "config.json").exists():  # made while this process waited
             return dest
         tokenizer = AutoTokenizer.from_pretrained(TEACHER_DIR)
-        return save_atomic(init_model(STUDENT_SHAPE, tokenizer, seed), tokenizer, dest)
+        return save_atomic(init_model(shape, tokenizer, seed), tokenizer, dest)
 
 
 def resolve_model(ref: str, seed: int = 0) -> str:
@@ -124,4 +147,12 @@ def resolve_model(ref: str, seed: int = 0) -> str:
         return str(TEACHER_DIR)
     if ref == "demo:student":
         return str(demo_student(seed))
+    if ref.startswith("demo:student-"):
+        size = ref.removeprefix("demo:student-")
+        if size not in STUDENT_SIZES:
+            raise ValueError(
+                f"model {ref!r}: unknown demo student size; known: demo:student, "
+                + ", ".join(f"demo:student-{k}" for k in STUDENT_SIZES)
+            )
+        return str(demo_student(seed, size))
     return ref
