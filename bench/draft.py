@@ -97,6 +97,8 @@ def render(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     a = arms_parser(__doc__, "draft", "demo-draft", ARMS, "draft.distill.steps=100").parse_args(argv)
+    if not a.arms:
+        raise SystemExit("--arms: name at least one arm")
 
     from distillery.config import load_pipeline, parse_overrides
     from distillery.demo.assets import resolve_model

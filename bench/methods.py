@@ -444,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.train import run_method
 
     arms = {n: ARMS[n] for n in a.arms} | {x.name: x for x in map(parse_arm, a.extra_arms)}
+    if not arms:
+        raise SystemExit("no arms: name built-in ones with --arms, or add --arm NAME=METHOD...")
     for arm in arms.values():
         for dep, what in ((arm.start_from, "starts from"), (arm.targets_from, "takes its targets from")):
             if dep and dep not in arms:
@@ -470,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = METRICS + (SHAPE_METRICS if a.shape else [])
 
     with bench_run(cfg, a, "methods", "methods", out) as (tracker, parent, _include):
+        parent.log_params({"arm_order": ",".join(order), "extra_arms": " ".join(a.extra_arms)[:6000]})
         gen, kept = teacher_traces(cfg, tracker, parent.run_id, work)
         heldout = read_jsonl(Path(kept["heldout"])) if kept.get("heldout") else []
         judge = Judge(heldout, a.limit, a.shape)
