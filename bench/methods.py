@@ -543,8 +543,8 @@ def main(argv: list[str] | None = None) -> int:
                             )
         rows = aggregate(results, order, list(budgets), metrics)
         table = render(rows, teacher)
-        if a.pairs:
-            pairs = paired_rows(results, [tuple(x.split(":")) for x in a.pairs], list(budgets), metrics)
+        pairs = paired_rows(results, [tuple(x.split(":")) for x in a.pairs], list(budgets), metrics)
+        if pairs:
             table += "\n\n" + render_pairs(pairs)
         print("\n" + table)
         summary = {
@@ -556,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
             "data_seeds": a.data_seeds,
             "teacher": teacher,
             "rows": rows,
-            "pairs": paired_rows(results, [tuple(x.split(":")) for x in a.pairs], list(budgets), metrics),
+            "pairs": pairs,
             "runs": [{k: v for k, v in r.items() if isinstance(v, int | float | str)} for r in results],
             "matmul_peak_flops": peak,
             "machine": machine(),

@@ -4,12 +4,21 @@ what held-out perplexity is made of."""
 from __future__ import annotations
 
 
+def _padded_logprobs(model, ids: list[list[int]], pad_id: int):
+    """The batch right-padded with its attention mask, and the model's log-softmax at every position (no grad)."""
+    import torch
+
+    width = max(map(len, ids))
+    input_ids = torch.tensor([x + [pad_id] * (width - len(x)) for x in ids], device=model.device)
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=model.device)
+    with torch.no_grad():
+        return input_ids, torch.log_softmax(model(input_ids=input_ids, attention_mask=mask).logits.float(), dim=-1)
+
+
 def completion_logprobs(
     model, tok, prompts: list[str], completions: list[str], batch_size: int = 16
 ) -> list[tuple[float, int]]:
     """(sum of log-probs, token count) of each completion plus eos, the prompt given and never scored."""
-    import torch
-
     out: list[tuple[float, int]] = []
     for i in range(0, len(prompts), batch_size):
         ids, starts = [], []
@@ -17,11 +26,7 @@ def completion_logprobs(
             p_ids = tok(p, add_special_tokens=False)["input_ids"]
             ids.append(p_ids + tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
             starts.append(len(p_ids))
-        width = max(map(len, ids))
-        input_ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in ids], device=model.device)
-        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=model.device)
-        with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=input_ids, attention_mask=mask).logits.float(), dim=-1)
+        input_ids, logp = _padded_logprobs(model, ids, tok.pad_token_id)
         token_lp = logp[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # position t-1 predicts token t
         for row, (x, s) in enumerate(zip(ids, starts, strict=True)):
             scored = token_lp[row, s - 1 : len(x) - 1]
@@ -42,12 +47,7 @@ def topk_logprobs(
         pairs = list(zip(prompt_ids[i : i + batch_size], completion_ids[i : i + batch_size], strict=True))
         if any(not p for p, _ in pairs):
             raise ValueError("topk_logprobs: an empty prompt has no position to predict its first token from")
-        ids = [p + c for p, c in pairs]
-        width = max(map(len, ids))
-        input_ids = torch.tensor([x + [pad_id] * (width - len(x)) for x in ids], device=model.device)
-        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=model.device)
-        with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=input_ids, attention_mask=mask).logits.float(), dim=-1)
+        _, logp = _padded_logprobs(model, [p + c for p, c in pairs], pad_id)
         for row, (p, c) in enumerate(pairs):
             at = logp[row, len(p) - 1 : len(p) + len(c) - 1]  # position t-1 predicts token t
             top = at.topk(k, dim=-1)
