@@ -16,10 +16,12 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from distillery.demo.assets import STUDENT_SIZES
+
 STAGES = ("generate", "filter", "train", "prune", "quantize", "evaluate", "draft")
 Stage = Literal["generate", "filter", "train", "prune", "quantize", "evaluate", "draft"]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-DEMO_REFS = ("demo:teacher", "demo:student", "demo:student-tiny", "demo:student-mid")  # assets.STUDENT_SIZES
+DEMO_REFS = ("demo:teacher", "demo:student", *(f"demo:student-{size}" for size in STUDENT_SIZES))
 
 
 class ConfigError(ValueError):
