@@ -132,6 +132,31 @@ def assistant_targets(model_path: str, traces: Path, generated: Path, dest: Path
     return dest
 
 
+def load_merged(files: list[str], pipeline: str, budgets: dict[str, str]) -> list[dict]:
+    """The runs of earlier results to pool with this one's; refused when they come from another pipeline or another
+    number of steps for a budget of the same name (their seeds would not be comparable)."""
+    import json
+
+    runs: list[dict] = []
+    for f in files:
+        try:
+            prior = json.loads(Path(f).read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--merge {f}: not a bench/methods result ({e})") from None
+        if prior.get("pipeline") != pipeline:
+            raise SystemExit(f"--merge {f}: pipeline {prior.get('pipeline')!r}, this run {pipeline!r}")
+        for name, steps in prior.get("budgets", {}).items():
+            if name in budgets and str(steps) != str(budgets[name]):
+                raise SystemExit(f"--merge {f}: budget {name} is {steps} steps there, {budgets[name]} here")
+        for r in prior.get("runs", []):
+            if r["budget"] not in budgets:
+                continue
+            if any((r["budget"], r["arm"], r["seed_key"]) == (x["budget"], x["arm"], x["seed_key"]) for x in runs):
+                raise SystemExit(f"--merge {f}: {r['budget']}/{r['arm']}/{r['seed_key']} is in two merged results")
+            runs.append(r | {"merged_from": Path(f).name})
+    return runs
+
+
 def matmul_peak(n: int = 2048, reps: int = 5) -> float:
     """Best fp32 matmul FLOP/s of this machine with torch's threads: the denominator of MFU."""
     import torch
@@ -412,6 +437,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-seeds", type=int, default=5, help="data-order seeds per student init (train.seed)")
     p.add_argument("--init-seeds", type=int, default=2, help="random-init students")
     p.add_argument(
+        "--init-from", type=int, default=0, metavar="K", help="first init seed (K, K+1, ...): add inits to a result"
+    )
+    p.add_argument(
+        "--merge",
+        action="append",
+        default=[],
+        metavar="RESULTS.json",
+        help="pool an earlier result's runs (other seeds or arms; same pipeline, same steps) here (repeatable)",
+    )
+    p.add_argument(
         "--budget",
         dest="budgets",
         action="append",
@@ -446,20 +481,31 @@ def main(argv: list[str] | None = None) -> int:
     arms = {n: ARMS[n] for n in a.arms} | {x.name: x for x in map(parse_arm, a.extra_arms)}
     if not arms:
         raise SystemExit("no arms: name built-in ones with --arms, or add --arm NAME=METHOD...")
+    budgets = dict(b.split("=", 1) for b in (a.budgets or ["short=150", "demo=1500"]))
+    merged = load_merged(a.merge, a.pipeline, budgets)
     for arm in arms.values():
         for dep, what in ((arm.start_from, "starts from"), (arm.targets_from, "takes its targets from")):
             if dep and dep not in arms:
                 raise SystemExit(f"arm {arm.name} {what} {dep!r}, which is not among the arms")
+    known = list(arms) + [r["arm"] for r in merged if r["arm"] not in arms]
     for pair in a.pairs:
-        if len(pair.split(":")) != 2 or not set(pair.split(":")) <= set(arms):
-            raise SystemExit(f"--pair {pair!r}: expected A:B, two of the arms {list(arms)}")
+        if len(pair.split(":")) != 2 or not set(pair.split(":")) <= set(known):
+            raise SystemExit(f"--pair {pair!r}: expected A:B, two of the arms {list(dict.fromkeys(known))}")
     order: list[str] = []  # every arm after the arms it starts from or takes targets from
     while len(order) < len(arms):
         ready = [n for n, x in arms.items() if n not in order and {x.start_from, x.targets_from} - {None} <= set(order)]
         if not ready:
             raise SystemExit(f"arms {sorted(set(arms) - set(order))} depend on each other in a cycle")
         order += ready
-    budgets = dict(b.split("=", 1) for b in (a.budgets or ["short=150", "demo=1500"]))
+    planned = {
+        (b, n, f"init{i}-data{d}")
+        for b in budgets
+        for n in order
+        for i in range(a.init_from, a.init_from + a.init_seeds)
+        for d in range(a.data_seeds)
+    }
+    if again := sorted(planned & {(r["budget"], r["arm"], r["seed_key"]) for r in merged}):
+        raise SystemExit(f"--merge already has {'/'.join(again[0])} ({len(again)} runs): start at another --init-from")
     cfg = load_pipeline(a.config, a.pipeline, parse_overrides(a.overrides))
     work = Path(a.workdir).resolve() / time.strftime("%Y%m%d-%H%M%S")
     out = Path(a.out)
@@ -481,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
             run.log_metrics(teacher)
         results: list[dict] = []
         for budget, steps in budgets.items():
-            for init in range(a.init_seeds):
+            for init in range(a.init_from, a.init_from + a.init_seeds):
                 for data in range(a.data_seeds):
                     key = f"init{init}-data{data}"
                     for name in order:
@@ -541,9 +587,11 @@ def main(argv: list[str] | None = None) -> int:
                             results.append(
                                 {"budget": budget, "arm": name, "seed_key": key, "run_id": run.run_id, **figs}
                             )
-        rows = aggregate(results, order, list(budgets), metrics)
+        every = merged + results
+        order += [n for n in dict.fromkeys(r["arm"] for r in merged) if n not in order]
+        rows = aggregate(every, order, list(budgets), metrics)
         table = render(rows, teacher)
-        pairs = paired_rows(results, [tuple(x.split(":")) for x in a.pairs], list(budgets), metrics)
+        pairs = paired_rows(every, [tuple(x.split(":")) for x in a.pairs], list(budgets), metrics)
         if pairs:
             table += "\n\n" + render_pairs(pairs)
         print("\n" + table)
@@ -553,11 +601,13 @@ def main(argv: list[str] | None = None) -> int:
             "budgets": budgets,
             "arms": order,
             "init_seeds": a.init_seeds,
+            "init_from": a.init_from,
             "data_seeds": a.data_seeds,
+            "merged": a.merge,
             "teacher": teacher,
             "rows": rows,
             "pairs": pairs,
-            "runs": [{k: v for k, v in r.items() if isinstance(v, int | float | str)} for r in results],
+            "runs": [{k: v for k, v in r.items() if isinstance(v, int | float | str)} for r in every],
             "matmul_peak_flops": peak,
             "machine": machine(),
             "mlflow_parent_run": parent.run_id,

@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -49,6 +50,38 @@ def test_aggregate_pairs_each_arm_with_sft_seed_by_seed():
     diff = rows["hard"]["accuracy_minus_sft"]
     assert diff["mean"] == pytest.approx(-0.2) and diff["high"] - diff["low"] == pytest.approx(0, abs=1e-9)
     assert "accuracy_minus_sft" not in rows["sft"]
+
+
+def test_merge_pools_other_inits_and_arms_and_refuses_what_does_not_compare(tmp_path):
+    from methods import METRICS, SHAPE_METRICS, aggregate, load_merged, paired_rows, plot, plot_shape, render
+
+    res = REPO / "bench" / "results"
+    files = [str(res / "methods-demo-budget.json"), str(res / "methods-temperature.json")]
+    runs = load_merged(files, "demo", {"demo": "1600"})
+    assert len(runs) == 35 and {r["merged_from"] for r in runs} == {Path(f).name for f in files}
+    # the other init's runs of the same arms join them: 10 seeds per arm, pairs over the seeds both ran
+    later = [r | {"seed_key": r["seed_key"].replace("init0", "init1")} for r in runs if r["arm"] in ("sft", "kd_t4")]
+    every = runs + later
+    order = list(dict.fromkeys(r["arm"] for r in every))
+    rows = {r["arm"]: r for r in aggregate(every, order, ["demo"], METRICS + SHAPE_METRICS)}
+    assert rows["sft"]["seeds"] == 10 and rows["kd_t4"]["seeds"] == 10 and rows["kd_t1"]["seeds"] == 5
+    assert rows["kd_t4"]["accuracy_minus_sft"]["n"] == 10 and rows["kd_t1"]["accuracy_minus_sft"]["n"] == 5
+    assert "entropy_nats_per_token" not in rows["kd_t4"]  # that file has no --shape figures: none invented
+    (pair,) = paired_rows(every, [("kd_t4", "logit_kd")], ["demo"], ["accuracy"])
+    assert pair["seeds"] == 5 and pair["accuracy"]["mean"] == pytest.approx(0.060, abs=5e-4)
+    teacher = {"accuracy": 0.9, "ood_accuracy": 0.3, "entropy_nats_per_token": 0.35}
+    assert "kd_t4" in render(list(rows.values()), teacher)
+    plot(list(rows.values()), teacher), plot_shape(list(rows.values()), teacher)
+
+    with pytest.raises(SystemExit, match="budget demo is 1600 steps there, 400 here"):
+        load_merged(files[:1], "demo", {"demo": "400"})
+    with pytest.raises(SystemExit, match="pipeline 'demo', this run 'demo-methods'"):
+        load_merged(files[:1], "demo-methods", {"demo": "1600"})
+    with pytest.raises(SystemExit, match="is in two merged results"):
+        load_merged(files[:1] * 2, "demo", {"demo": "1600"})
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(SystemExit, match="bad.json: not a bench/methods result"):
+        load_merged([str(tmp_path / "bad.json")], "demo", {"demo": "1600"})
 
 
 @pytest.mark.slow
