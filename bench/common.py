@@ -15,8 +15,14 @@ def arms_parser(doc: str, name: str, pipeline: str, arms: list[str], example: st
     p.add_argument("--pipeline", default=pipeline, help=f"pipeline in pipelines.yaml (default {pipeline})")
     p.add_argument("--config", default=str(REPO / "pipelines.yaml"))
     p.add_argument("--arms", nargs="*", choices=arms, default=arms, help="built-in arms (none: only --arm ones)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help=f"override the pipeline, e.g. {example}")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override the pipeline, e.g. {example}",
+    )
     p.add_argument("--out", default=str(REPO / "bench" / "results"), help=f"where {name}.json/.md/.png go")
     p.add_argument("--workdir", default=f"runs/bench-{name}", help="stage artifacts")
     return p

@@ -34,8 +34,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from bench.common import arms_parser, bench_run, machine, publish, teacher_traces  # noqa: E402 - after the path is set
 
 ARMS = ["generic", "generic+distillspec", "distilled", "distilled+sft", "distilled+distillspec"]
-COLUMNS = ["acceptance_rate", "mean_accepted_length", "speedup", "sampled_acceptance_rate",
-           "sampled_mean_accepted_length", "sampled_speedup"]
+COLUMNS = [
+    "acceptance_rate",
+    "mean_accepted_length",
+    "speedup",
+    "sampled_acceptance_rate",
+    "sampled_mean_accepted_length",
+    "sampled_speedup",
+]
 
 
 def gold_records(cfg, count: int) -> list[dict]:
@@ -61,15 +67,20 @@ def plot(rows: list[dict], k: int):
     names = [r["arm"] for r in rows]
     x = range(len(rows))
     left.bar([i - 0.2 for i in x], [r["acceptance_rate"] for r in rows], 0.4, label="greedy (vLLM)")
-    left.bar([i + 0.2 for i in x], [r.get("sampled_acceptance_rate", 0) for r in rows], 0.4,
-             label="sampled (transformers)")
+    left.bar(
+        [i + 0.2 for i in x], [r.get("sampled_acceptance_rate", 0) for r in rows], 0.4, label="sampled (transformers)"
+    )
     left.set_xticks(list(x), names, rotation=15)
     left.set_ylim(0, 1)
     left.set_ylabel("draft acceptance rate")
     left.legend(loc="lower right")
     for r in rows:
-        right.plot(range(1, k + 1), [r.get(f"acceptance_pos_{i}", float("nan")) for i in range(1, k + 1)],
-                   marker="o", label=r["arm"])
+        right.plot(
+            range(1, k + 1),
+            [r.get(f"acceptance_pos_{i}", float("nan")) for i in range(1, k + 1)],
+            marker="o",
+            label=r["arm"],
+        )
     right.set_xticks(range(1, k + 1))
     right.set_xlabel("draft position")
     right.set_ylabel("share of steps accepting it (greedy)")
@@ -85,14 +96,35 @@ def plot(rows: list[dict], k: int):
 def render(rows: list[dict]) -> str:
     from tabulate import tabulate
 
-    body = [[r["arm"], r["train_steps"], f"{r['acceptance_rate']:.3f}", f"{r['mean_accepted_length']:.2f}",
-             f"{r['speedup']:.2f}×", f"{r.get('sampled_acceptance_rate', float('nan')):.3f}",
-             f"{r.get('sampled_mean_accepted_length', float('nan')):.2f}",
-             f"{r.get('sampled_speedup', float('nan')):.2f}×",
-             f"{r['accuracy']:.3f}"] for r in rows]
-    return tabulate(body, headers=["draft", "train steps", "greedy acceptance", "tokens/step", "greedy speed-up",
-                                   "sampled acceptance", "tokens/step", "sampled speed-up", "draft accuracy"],
-                    tablefmt="github")
+    body = [
+        [
+            r["arm"],
+            r["train_steps"],
+            f"{r['acceptance_rate']:.3f}",
+            f"{r['mean_accepted_length']:.2f}",
+            f"{r['speedup']:.2f}×",
+            f"{r.get('sampled_acceptance_rate', float('nan')):.3f}",
+            f"{r.get('sampled_mean_accepted_length', float('nan')):.2f}",
+            f"{r.get('sampled_speedup', float('nan')):.2f}×",
+            f"{r['accuracy']:.3f}",
+        ]
+        for r in rows
+    ]
+    return tabulate(
+        body,
+        headers=[
+            "draft",
+            "train steps",
+            "greedy acceptance",
+            "tokens/step",
+            "greedy speed-up",
+            "sampled acceptance",
+            "tokens/step",
+            "sampled speed-up",
+            "draft accuracy",
+        ],
+        tablefmt="github",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,8 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         traces = read_jsonl(Path(kept["path"]))
         chat = cfg.data.chat_template
         # Same number of examples for both bases, so the same number of optimizer steps.
-        data = {"generic": training_records(gold_records(cfg, len(traces)), chat),
-                "distilled": training_records(traces, chat)}
+        data = {
+            "generic": training_records(gold_records(cfg, len(traces)), chat),
+            "distilled": training_records(traces, chat),
+        }
         bases: dict[str, dict] = {}
         results: dict[str, dict] = {}
         alone = None
@@ -139,27 +173,43 @@ def main(argv: list[str] | None = None) -> int:
                 model, steps = work / base, bases[base]["steps"]
                 if extra == "sft":  # the equal-compute control: DistillSpec's steps, spent on more SFT instead
                     dd = cfg.draft.distill
-                    more = replace(params_from(cfg), learning_rate=dd.learning_rate, batch_size=dd.batch_size,
-                                   max_steps=dd.steps, warmup_ratio=0.0)
+                    more = replace(
+                        params_from(cfg),
+                        learning_rate=dd.learning_rate,
+                        batch_size=dd.batch_size,
+                        max_steps=dd.steps,
+                        warmup_ratio=0.0,
+                    )
                     steps += sft(str(model), data[base], work / key, more, where="train (more sft)")["steps"]
                     model = work / key
-                arm_cfg = cfg if extra == "distillspec" else cfg.model_copy(update={"draft": cfg.draft.model_copy(
-                    update={"distill": None})})
+                arm_cfg = (
+                    cfg
+                    if extra == "distillspec"
+                    else cfg.model_copy(update={"draft": cfg.draft.model_copy(update={"distill": None})})
+                )
                 run.log_params({"base": base, "extra": extra or "none", **arm_cfg.draft.model_dump()})
                 m = measure_draft(teacher, str(model), prompts, arm_cfg, work / f"draft-{key}", alone=alone)
                 alone = m["alone"]
                 ev = evaluate_model(m["draft"], cfg.evaluate, include, speed_prompts)
-                figs = {**m["figures"], "accuracy": ev["figures"]["accuracy"],
-                        "train_steps": steps + int(m["figures"].get("distill_steps", 0))}
+                figs = {
+                    **m["figures"],
+                    "accuracy": ev["figures"]["accuracy"],
+                    "train_steps": steps + int(m["figures"].get("distill_steps", 0)),
+                }
                 run.log_metrics(figs)
                 results[arm] = figs
         rows = [{"arm": arm, **f} for arm, f in results.items()]
         table = render(rows)
         print("\n" + table)
-        summary = {"pipeline": a.pipeline, "overrides": a.overrides, "rows": rows,
-                   "num_speculative_tokens": cfg.draft.num_speculative_tokens, "prompts": len(prompts),
-                   "machine": machine(),
-                   "mlflow_parent_run": parent.run_id}
+        summary = {
+            "pipeline": a.pipeline,
+            "overrides": a.overrides,
+            "rows": rows,
+            "num_speculative_tokens": cfg.draft.num_speculative_tokens,
+            "prompts": len(prompts),
+            "machine": machine(),
+            "mlflow_parent_run": parent.run_id,
+        }
         publish(out, "draft", summary, table, plot(rows, cfg.draft.num_speculative_tokens), parent)
         parent.log_metrics({f"{c}.{r['arm'].replace('+', '-')}": r[c] for r in rows for c in COLUMNS if c in r})
     return 0

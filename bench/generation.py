@@ -23,8 +23,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-LARGE_SHAPE = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                   num_key_value_heads=8)
+LARGE_SHAPE = dict(
+    hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8
+)
 
 
 def resolve(ref: str) -> str:
@@ -49,8 +50,12 @@ def hf_generate(model_path: str, prompts: list[str], new_tokens: int, batch: int
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16).eval()
     kw = dict(do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
     with torch.no_grad():
-        model.generate(**tok(prompts[:2], return_tensors="pt", padding=True, add_special_tokens=False),
-                       max_new_tokens=4, min_new_tokens=4, **kw)
+        model.generate(
+            **tok(prompts[:2], return_tensors="pt", padding=True, add_special_tokens=False),
+            max_new_tokens=4,
+            min_new_tokens=4,
+            **kw,
+        )
         start, tokens = time.perf_counter(), 0
         for i in range(0, len(prompts), batch):
             enc = tok(prompts[i : i + batch], return_tensors="pt", padding=True, add_special_tokens=False)
@@ -75,14 +80,31 @@ def main() -> None:
     from tasks.generate import write_logprobs
 
     model = resolve(args.model)
-    n_params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(model)
-                   .parameters())
+    n_params = sum(
+        p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(model).parameters()
+    )
     prompts = [p["prompt"] for p in load_prompts(DataConfig(source="demo", num_prompts=args.prompts))]
-    sampling = {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": args.new_tokens, "stop": [],
-                "logprobs": 0, "ignore_eos": True}
-    engine = VLLMEngine({"model": model, "dtype": "bfloat16", "max_model_len": 256, "enforce_eager": True,
-                         "gpu_memory_utilization": 0.9, "tensor_parallel_size": 1, "seed": 0,
-                         "max_logprobs": max([20, *(int(x) for x in args.logprobs.split(",") if x)])})
+    sampling = {
+        "n": 1,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "max_tokens": args.new_tokens,
+        "stop": [],
+        "logprobs": 0,
+        "ignore_eos": True,
+    }
+    engine = VLLMEngine(
+        {
+            "model": model,
+            "dtype": "bfloat16",
+            "max_model_len": 256,
+            "enforce_eager": True,
+            "gpu_memory_utilization": 0.9,
+            "tensor_parallel_size": 1,
+            "seed": 0,
+            "max_logprobs": max([20, *(int(x) for x in args.logprobs.split(",") if x)]),
+        }
+    )
     storage = {}
     try:
         engine.generate(prompts, sampling)  # warm-up
@@ -91,9 +113,15 @@ def main() -> None:
         v_seconds = res["seconds"]
         for k in [int(x) for x in args.logprobs.split(",") if x]:
             out = engine.generate(prompts, {**sampling, "logprobs": k})
-            rows = [{"prompt_id": str(i), "sample": 0, **{c: s[c] for c in
-                     ("token_ids", "token_logprobs", "top_ids", "top_logprobs")}}
-                    for i, p in enumerate(out["samples"]) for s in p]
+            rows = [
+                {
+                    "prompt_id": str(i),
+                    "sample": 0,
+                    **{c: s[c] for c in ("token_ids", "token_logprobs", "top_ids", "top_logprobs")},
+                }
+                for i, p in enumerate(out["samples"])
+                for s in p
+            ]
             path = Path(tempfile.mkdtemp()) / "lp.parquet"
             write_logprobs(path, rows)
             storage[k] = path.stat().st_size / sum(len(r["token_ids"]) for r in rows)
@@ -102,10 +130,15 @@ def main() -> None:
     h_tokens, h_seconds = hf_generate(model, prompts, args.new_tokens, args.batch)
     o_tokens, o_seconds = hf_generate(model, prompts[: args.one_by_one], args.new_tokens, 1)
     base = h_tokens / h_seconds
-    rows = [("vLLM engine", v_tokens, v_seconds), (f"transformers, batch {args.batch}", h_tokens, h_seconds),
-            ("transformers, one prompt at a time", o_tokens, o_seconds)]
-    print(f"\nmodel {args.model} ({n_params / 1e6:.1f}M params); {args.prompts} prompts x {args.new_tokens} new "
-          f"tokens, greedy, bf16; {platform.machine()}, {os.cpu_count()} cores\n")
+    rows = [
+        ("vLLM engine", v_tokens, v_seconds),
+        (f"transformers, batch {args.batch}", h_tokens, h_seconds),
+        ("transformers, one prompt at a time", o_tokens, o_seconds),
+    ]
+    print(
+        f"\nmodel {args.model} ({n_params / 1e6:.1f}M params); {args.prompts} prompts x {args.new_tokens} new "
+        f"tokens, greedy, bf16; {platform.machine()}, {os.cpu_count()} cores\n"
+    )
     print("| backend | tokens | seconds | tokens/s | vs transformers batched |\n|---|---|---|---|---|")
     for name, tok, sec in rows:
         print(f"| {name} | {tok} | {sec:.2f} | {tok / sec:.0f} | {tok / sec / base:.2f}x |")
@@ -113,9 +146,18 @@ def main() -> None:
         print("\n| top-k logprobs | bytes per generated token |\n|---|---|")
         for k, b in storage.items():
             print(f"| {k} | {b:.1f} |")
-    print(json.dumps({"model": args.model, "params": n_params, "vllm_tokens_per_s": v_tokens / v_seconds,
-                      "hf_batched_tokens_per_s": base, "hf_one_by_one_tokens_per_s": o_tokens / o_seconds,
-                      "logprob_bytes_per_token": storage}))
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "params": n_params,
+                "vllm_tokens_per_s": v_tokens / v_seconds,
+                "hf_batched_tokens_per_s": base,
+                "hf_one_by_one_tokens_per_s": o_tokens / o_seconds,
+                "logprob_bytes_per_token": storage,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -36,13 +36,19 @@ def run(variant: str, a) -> dict:
     if variant == "naive":
         loss = topk_kd(head(hidden), top_ids, top_lp, 2.0, labels=labels)
     else:
-        loss = chunked_kd_from_hidden(hidden, head, None, labels, 2.0, chunk_size=a.chunk, top_ids=top_ids,
-                                      top_logprobs=top_lp)
+        loss = chunked_kd_from_hidden(
+            hidden, head, None, labels, 2.0, chunk_size=a.chunk, top_ids=top_ids, top_logprobs=top_lp
+        )
     loss.backward()
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"variant": variant, "loss": loss.item(), "peak_mb": (peak - base) / 1024, "seconds": seconds,
-            "grad_norm": hidden.grad.norm().item()}
+    return {
+        "variant": variant,
+        "loss": loss.item(),
+        "peak_mb": (peak - base) / 1024,
+        "seconds": seconds,
+        "grad_norm": hidden.grad.norm().item(),
+    }
 
 
 def main() -> None:
@@ -60,18 +66,23 @@ def main() -> None:
     args = [f"--vocab={a.vocab}", f"--hidden={a.hidden}", f"--tokens={a.tokens}", f"--k={a.k}", f"--chunk={a.chunk}"]
     res = {}
     for v in ("naive", "chunked"):
-        out = subprocess.run([sys.executable, __file__, *args, f"--variant={v}"], capture_output=True, text=True,
-                             check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, *args, f"--variant={v}"], capture_output=True, text=True, check=True
+        )
         res[v] = json.loads(out.stdout.strip().splitlines()[-1])
     n, c = res["naive"], res["chunked"]
-    print(f"\ntop-k KD loss, forward + backward: {a.tokens} tokens, vocab {a.vocab}, hidden {a.hidden}, k {a.k}, "
-          f"chunk {a.chunk}\n")
+    print(
+        f"\ntop-k KD loss, forward + backward: {a.tokens} tokens, vocab {a.vocab}, hidden {a.hidden}, k {a.k}, "
+        f"chunk {a.chunk}\n"
+    )
     print("| variant | peak extra memory MB | seconds | loss |\n|---|---|---|---|")
     for r in (n, c):
         print(f"| {r['variant']} | {r['peak_mb']:.0f} | {r['seconds']:.2f} | {r['loss']:.6f} |")
-    print(f"\nchunked / naive: memory {c['peak_mb'] / n['peak_mb']:.3f}x, time {c['seconds'] / n['seconds']:.2f}x; "
-          f"same loss: {abs(n['loss'] - c['loss']) < 1e-4 * abs(n['loss'])}, "
-          f"same grad norm: {abs(n['grad_norm'] - c['grad_norm']) < 1e-3 * n['grad_norm']}")
+    print(
+        f"\nchunked / naive: memory {c['peak_mb'] / n['peak_mb']:.3f}x, time {c['seconds'] / n['seconds']:.2f}x; "
+        f"same loss: {abs(n['loss'] - c['loss']) < 1e-4 * abs(n['loss'])}, "
+        f"same grad norm: {abs(n['grad_norm'] - c['grad_norm']) < 1e-3 * n['grad_norm']}"
+    )
 
 
 if __name__ == "__main__":

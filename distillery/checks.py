@@ -37,8 +37,10 @@ def check_teacher_frozen(teacher, where: str = "teacher") -> None:
         raise DistillationCheckError(f"{where}: model is in train mode (dropout on); call .eval()")
     trainable = [n for n, p in teacher.named_parameters() if p.requires_grad]
     if trainable:
-        raise DistillationCheckError(f"{where}: {len(trainable)} parameters require grad (e.g. {trainable[0]}); "
-                                     "freeze it with requires_grad_(False)")
+        raise DistillationCheckError(
+            f"{where}: {len(trainable)} parameters require grad (e.g. {trainable[0]}); "
+            "freeze it with requires_grad_(False)"
+        )
 
 
 def check_loss_mask(labels, attention_mask, prompt_lengths: list[int] | None = None, where: str = "batch") -> None:
@@ -55,8 +57,9 @@ def check_loss_mask(labels, attention_mask, prompt_lengths: list[int] | None = N
         raise DistillationCheckError(f"{where}: no position counts towards the loss")
 
 
-def check_temperature_both_sides(logprobs_mode: str, sampling_temperature: float, kd_temperature: float,
-                                 where: str = "teacher logprobs") -> None:
+def check_temperature_both_sides(
+    logprobs_mode: str, sampling_temperature: float, kd_temperature: float, where: str = "teacher logprobs"
+) -> None:
     """Stored teacher logprobs must be raw (T=1) for the trainer to temper teacher and student alike.
 
     'processed_logprobs' were tempered by the sampling temperature already; tempering them again by the KD
@@ -68,4 +71,5 @@ def check_temperature_both_sides(logprobs_mode: str, sampling_temperature: float
     raise DistillationCheckError(
         f"{where}: stored as {logprobs_mode} at sampling temperature {sampling_temperature}; KD at temperature "
         f"{kd_temperature} would temper the teacher and the student differently. Regenerate with "
-        "generate.logprobs_mode: raw_logprobs")
+        "generate.logprobs_mode: raw_logprobs"
+    )

@@ -80,8 +80,12 @@ def cmd_run(args) -> int:
     from flows.distill import distill
 
     try:
-        result = distill(pipeline=args.pipeline, overrides=args.set, config_file=str(Path(args.file).resolve()),
-                         track=not args.no_track)
+        result = distill(
+            pipeline=args.pipeline,
+            overrides=args.set,
+            config_file=str(Path(args.file).resolve()),
+            track=not args.no_track,
+        )
     except KeyboardInterrupt:
         return _fail(["distillery: interrupted"], 130)
     except Exception as e:  # the traceback is in Prefect's log above; end with one line saying what failed
@@ -125,8 +129,9 @@ def cmd_train(args) -> int:
     traces = Path(args.traces)
     if not traces.is_file():
         return _fail([f"--traces: no such file {traces}"])
-    if problem := _traces_problem(traces, ("prompt", "answer") if cfg.train.method == "hard" else
-                                  ("prompt", "completion")):
+    if problem := _traces_problem(
+        traces, ("prompt", "answer") if cfg.train.method == "hard" else ("prompt", "completion")
+    ):
         return _fail([f"--traces: {problem}"])
     out = Path(args.out).resolve()
     if out.exists() and not out.is_dir():
@@ -144,14 +149,18 @@ def cmd_train(args) -> int:
     state = PartialState(cpu=not torch.cuda.is_available())
     with state.main_process_first():  # rank 0 builds a cached demo student; the others then read it
         student = resolve_model(cfg.student.path, seed=cfg.train.seed)
-    print(f"distillery train: process {state.process_index} of {state.num_processes} ({state.distributed_type.value},"
-          f" {state.backend or 'no backend'}, {state.device}); method {cfg.train.method}, student {student}",
-          file=sys.stderr, flush=True)
+    print(
+        f"distillery train: process {state.process_index} of {state.num_processes} ({state.distributed_type.value},"
+        f" {state.backend or 'no backend'}, {state.device}); method {cfg.train.method}, student {student}",
+        file=sys.stderr,
+        flush=True,
+    )
     # process 0 alone records the run, as it alone writes --out: one MLflow run however many processes train
     tracker = Tracker(cfg.experiment) if state.is_main_process and not args.no_track else NullTracker()
     try:
-        with tracker.stage("train", None, {"distillery.pipeline": args.pipeline,
-                                           "distillery.entrypoint": "distillery train"}) as run:
+        with tracker.stage(
+            "train", None, {"distillery.pipeline": args.pipeline, "distillery.entrypoint": "distillery train"}
+        ) as run:
             figures = train_logged(cfg, run, student, str(traces.resolve()), None, out)
     except KeyboardInterrupt:
         return _fail(["distillery: interrupted"], 130)
@@ -159,8 +168,10 @@ def cmd_train(args) -> int:
         return _fail([f"distillery: train {args.pipeline} failed: {type(e).__name__}: {e}".splitlines()[0]], 1)
     if state.is_main_process:
         logged = "" if args.no_track else f" (MLflow run {run.run_id} at {tracker.uri})"
-        print(f"{out}: steps {figures['steps']}, final loss {figures['final_loss']:.4f}, "
-              f"{figures['train_seconds']:.1f}s on {figures['world_size']} processes{logged}")
+        print(
+            f"{out}: steps {figures['steps']}, final loss {figures['final_loss']:.4f}, "
+            f"{figures['train_seconds']:.1f}s on {figures['world_size']} processes{logged}"
+        )
     return 0
 
 
@@ -185,8 +196,10 @@ def _api_problem() -> str | None:
 
     url = PREFECT_API_URL.value()
     if not url:
-        return ("PREFECT_API_URL is not set: deployments need a Prefect server "
-                "(prefect server start; export PREFECT_API_URL=http://127.0.0.1:4200/api)")
+        return (
+            "PREFECT_API_URL is not set: deployments need a Prefect server "
+            "(prefect server start; export PREFECT_API_URL=http://127.0.0.1:4200/api)"
+        )
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
@@ -222,13 +235,20 @@ def cmd_deploy(args) -> int:
         try:
             client.read_work_pool(args.work_pool)
         except ObjectNotFound:
-            return _fail([f"--work-pool {args.work_pool}: no such work pool "
-                          f"(create one: prefect work-pool create {args.work_pool} --type process)"])
+            return _fail(
+                [
+                    f"--work-pool {args.work_pool}: no such work pool "
+                    f"(create one: prefect work-pool create {args.work_pool} --type process)"
+                ]
+            )
     from distillery.deployments import deploy_to_pool, ensure_limit
 
     path = str(Path(args.file).resolve())
-    for limit in {f.pipelines[n].concurrency.limit_name: f.pipelines[n].concurrency for n in names
-                  if f.pipelines[n].concurrency.enabled}.values():
+    for limit in {
+        f.pipelines[n].concurrency.limit_name: f.pipelines[n].concurrency
+        for n in names
+        if f.pipelines[n].concurrency.enabled
+    }.values():
         print(ensure_limit(limit))
     for n in names:
         deploy_to_pool(n, f.pipelines[n], path, args.work_pool, job_variables, args.image)
@@ -247,13 +267,18 @@ def cmd_serve(args) -> int:
     from flows.distill import distill
 
     if _api_problem() is None:  # an ephemeral API forgets the limit when we exit; only a server keeps it
-        for limit in {f.pipelines[n].concurrency.limit_name: f.pipelines[n].concurrency for n in names
-                      if f.pipelines[n].concurrency.enabled}.values():
+        for limit in {
+            f.pipelines[n].concurrency.limit_name: f.pipelines[n].concurrency
+            for n in names
+            if f.pipelines[n].concurrency.enabled
+        }.values():
             print(ensure_limit(limit))
     path = str(Path(args.file).resolve())
     deployments = [distill.to_deployment(**deployment_args(n, f.pipelines[n], path)) for n in names]
-    print(f"serving {len(deployments)} deployments: "
-          + ", ".join(f"'distill/{n}' ({_schedule_note(f.pipelines[n])})" for n in names))
+    print(
+        f"serving {len(deployments)} deployments: "
+        + ", ".join(f"'distill/{n}' ({_schedule_note(f.pipelines[n])})" for n in names)
+    )
     serve(*deployments, limit=args.limit)
     return 0
 
@@ -270,11 +295,20 @@ def cmd_serve_model(args) -> int:
     if not 0 < args.port < 65536:
         return _fail([f"--port: must be 1-65535, got {args.port}"])
     try:
-        return serve(args.model, api_key=args.api_key or os.environ.get("DISTILLERY_API_KEY") or None,
-                     draft_ref=args.draft, print_command=args.print_command, host=args.host, port=args.port,
-                     num_speculative_tokens=args.num_speculative_tokens or 4,
-                     served_model_name=args.served_model_name, max_model_len=args.max_model_len, dtype=args.dtype,
-                     trust_remote_code=args.trust_remote_code, vllm_args=args.vllm_args)
+        return serve(
+            args.model,
+            api_key=args.api_key or os.environ.get("DISTILLERY_API_KEY") or None,
+            draft_ref=args.draft,
+            print_command=args.print_command,
+            host=args.host,
+            port=args.port,
+            num_speculative_tokens=args.num_speculative_tokens or 4,
+            served_model_name=args.served_model_name,
+            max_model_len=args.max_model_len,
+            dtype=args.dtype,
+            trust_remote_code=args.trust_remote_code,
+            vllm_args=args.vllm_args,
+        )
     except ServeError as e:
         return _fail([str(e)])
 
@@ -282,9 +316,14 @@ def cmd_serve_model(args) -> int:
 def quiet_defaults() -> None:
     """No phoning home from the libraries we drive (and Prefect's heartbeat races SQLite writers). The ephemeral
     Prefect API gets 2 minutes to start, not 20 s: on a busy machine (a training run beside it) it took longer."""
-    for var, value in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
-                       ("VLLM_NO_USAGE_STATS", "1"), ("DO_NOT_TRACK", "1"), ("TOKENIZERS_PARALLELISM", "false"),
-                       ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")):
+    for var, value in (
+        ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+        ("MLFLOW_DISABLE_TELEMETRY", "true"),
+        ("VLLM_NO_USAGE_STATS", "1"),
+        ("DO_NOT_TRACK", "1"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+        ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"),
+    ):
         os.environ.setdefault(var, value)
 
 
@@ -294,8 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--version", action="version", version=f"distillery {__import__('distillery').__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("validate", help="check a pipelines file", description="Check a pipelines file; exit 2 "
-                       "with one line per problem, naming the field.")
+    p = sub.add_parser(
+        "validate",
+        help="check a pipelines file",
+        description="Check a pipelines file; exit 2 with one line per problem, naming the field.",
+    )
     p.add_argument("file", nargs="?", default=default_file(), help="default: ./pipelines.yaml")
     p.set_defaults(fn=cmd_validate)
 
@@ -303,56 +345,88 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--file", default=default_file())
     p.set_defaults(fn=cmd_list)
 
-    p = sub.add_parser("run", help="run one pipeline now", description="Run one pipeline as a Prefect flow "
-                       "(ephemeral API unless PREFECT_API_URL is set), logging to MLFLOW_TRACKING_URI "
-                       "(default: sqlite:///mlflow.db here).")
+    p = sub.add_parser(
+        "run",
+        help="run one pipeline now",
+        description="Run one pipeline as a Prefect flow "
+        "(ephemeral API unless PREFECT_API_URL is set), logging to MLFLOW_TRACKING_URI "
+        "(default: sqlite:///mlflow.db here).",
+    )
     p.add_argument("pipeline")
     p.add_argument("--file", default=default_file())
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
-                   help="override a field, e.g. --set train.epochs=1 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        default=[],
+        help="override a field, e.g. --set train.epochs=1 (repeatable)",
+    )
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     p.set_defaults(fn=cmd_run)
 
-    p = sub.add_parser("deploy", help="register one deployment per pipeline with a work pool",
-                       description="Register 'distill/<pipeline>' deployments with the Prefect server at "
-                       "PREFECT_API_URL, each with its pipelines.yaml schedule, to run on WORK_POOL's workers "
-                       "(`prefect worker start --pool WORK_POOL`). The flow code is this project folder. Creates "
-                       "the global concurrency limit (concurrency.limit_name) when it is missing.")
-    p.add_argument("--work-pool", required=True, help="an existing work pool (e.g. prefect work-pool create "
-                   "local --type process)")
+    p = sub.add_parser(
+        "deploy",
+        help="register one deployment per pipeline with a work pool",
+        description="Register 'distill/<pipeline>' deployments with the Prefect server at "
+        "PREFECT_API_URL, each with its pipelines.yaml schedule, to run on WORK_POOL's workers "
+        "(`prefect worker start --pool WORK_POOL`). The flow code is this project folder. Creates "
+        "the global concurrency limit (concurrency.limit_name) when it is missing.",
+    )
+    p.add_argument(
+        "--work-pool", required=True, help="an existing work pool (e.g. prefect work-pool create local --type process)"
+    )
     p.add_argument("--file", default=default_file())
     p.add_argument("--pipelines", help="comma-separated subset (default: all)")
-    p.add_argument("--image", help="Docker/Kubernetes pools: an image with distillery installed (the Dockerfile's); "
-                   "runs import flows.distill and read the image's pipelines.yaml")
-    p.add_argument("--job-variables", metavar="JSON", help="the pool's job variables for these deployments, e.g. "
-                   "'{\"gpus\": 1}' for a pool whose job template requests nvidia.com/gpu (README: Deployments)")
+    p.add_argument(
+        "--image",
+        help="Docker/Kubernetes pools: an image with distillery installed (the Dockerfile's); "
+        "runs import flows.distill and read the image's pipelines.yaml",
+    )
+    p.add_argument(
+        "--job-variables",
+        metavar="JSON",
+        help="the pool's job variables for these deployments, e.g. "
+        "'{\"gpus\": 1}' for a pool whose job template requests nvidia.com/gpu (README: Deployments)",
+    )
     p.set_defaults(fn=cmd_deploy)
 
-    p = sub.add_parser("train", help="run only the train stage on kept traces (accelerate-friendly)",
-                       description="Train the pipeline's student by its train.method on an existing kept-traces "
-                       "jsonl (the filter stage's kept.jsonl) and save it to --out with a manifest; no Prefect. Logs "
-                       "one MLflow run to MLFLOW_TRACKING_URI (default: sqlite:///mlflow.db here). Multi-GPU or "
-                       "multi-node: `accelerate launch --config_file configs/accelerate/ddp-8gpu.yaml -m "
-                       "distillery.cli train ...`; every process trains, process 0 alone writes --out and logs.")
+    p = sub.add_parser(
+        "train",
+        help="run only the train stage on kept traces (accelerate-friendly)",
+        description="Train the pipeline's student by its train.method on an existing kept-traces "
+        "jsonl (the filter stage's kept.jsonl) and save it to --out with a manifest; no Prefect. Logs "
+        "one MLflow run to MLFLOW_TRACKING_URI (default: sqlite:///mlflow.db here). Multi-GPU or "
+        "multi-node: `accelerate launch --config_file configs/accelerate/ddp-8gpu.yaml -m "
+        "distillery.cli train ...`; every process trains, process 0 alone writes --out and logs.",
+    )
     p.add_argument("pipeline")
     p.add_argument("--traces", required=True, help="kept traces (jsonl with prompt, completion, answer, prompt_id)")
     p.add_argument("--out", required=True, help="folder for the trained model (replaced atomically)")
     p.add_argument("--file", default=default_file())
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
-                   help="override a field, e.g. --set train.max_steps=100 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        default=[],
+        help="override a field, e.g. --set train.max_steps=100 (repeatable)",
+    )
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("serve", help="serve one Prefect deployment per pipeline",
-                       description="Register 'distill/<pipeline>' deployments with the Prefect API at "
-                       "PREFECT_API_URL and run what is triggered (`prefect deployment run 'distill/demo'`).")
+    p = sub.add_parser(
+        "serve",
+        help="serve one Prefect deployment per pipeline",
+        description="Register 'distill/<pipeline>' deployments with the Prefect API at "
+        "PREFECT_API_URL and run what is triggered (`prefect deployment run 'distill/demo'`).",
+    )
     p.add_argument("--file", default=default_file())
     p.add_argument("--pipelines", help="comma-separated subset (default: all)")
     p.add_argument("--limit", type=int, default=1, help="flow runs at once (default 1: one GPU, one run)")
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser(
-        "serve-model", help="serve a model with vLLM's OpenAI-compatible server",
+        "serve-model",
+        help="serve a model with vLLM's OpenAI-compatible server",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Serve a model through vLLM's OpenAI-compatible server (/v1/completions,\n"
         "/v1/chat/completions, /health, /metrics). This process becomes the server: signals reach it\n"
@@ -364,22 +438,36 @@ def main(argv: list[str] | None = None) -> int:
         "  distillery serve-model runs/demo/<run>\n"
         "  distillery serve-model demo:teacher --draft runs/demo/<run>/train --num-speculative-tokens 4\n"
         "  DISTILLERY_API_KEY=... distillery serve-model demo:student --print-command\n"
-        "  distillery serve-model demo:student -- --enforce-eager     # after --: passed to vLLM as is")
+        "  distillery serve-model demo:student -- --enforce-eager     # after --: passed to vLLM as is",
+    )
     p.add_argument("model", help="model folder, demo:teacher|demo:student, run folder or hub id")
-    p.add_argument("--draft", metavar="FOLDER", help="speculative decoding: this model (folder, demo:*, run folder) "
-                   "drafts for MODEL; it must have MODEL's vocabulary")
+    p.add_argument(
+        "--draft",
+        metavar="FOLDER",
+        help="speculative decoding: this model (folder, demo:*, run folder) "
+        "drafts for MODEL; it must have MODEL's vocabulary",
+    )
     p.add_argument("--num-speculative-tokens", type=int, metavar="K", help="draft tokens per step (default 4)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 in a container)")
     p.add_argument("--port", type=int, default=8000, help="default 8000")
-    p.add_argument("--api-key", help="require this bearer token on /v1 (default: $DISTILLERY_API_KEY; prefer the "
-                   "variable, a command line shows in ps). Never printed")
+    p.add_argument(
+        "--api-key",
+        help="require this bearer token on /v1 (default: $DISTILLERY_API_KEY; prefer the "
+        "variable, a command line shows in ps). Never printed",
+    )
     p.add_argument("--served-model-name", metavar="NAME", help="the name clients ask for (vLLM's default: the path)")
     p.add_argument("--max-model-len", type=int, metavar="TOKENS", help="context length (default: the model's)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="weights and activations "
-                   "(default: vLLM's auto)")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and activations (default: vLLM's auto)",
+    )
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own Python code (off)")
-    p.add_argument("--print-command", action="store_true", help="print the server command (the key as "
-                   "$DISTILLERY_API_KEY) and exit, e.g. to run it on a GPU box")
+    p.add_argument(
+        "--print-command",
+        action="store_true",
+        help="print the server command (the key as $DISTILLERY_API_KEY) and exit, e.g. to run it on a GPU box",
+    )
     p.set_defaults(fn=cmd_serve_model)
 
     argv = sys.argv[1:] if argv is None else list(argv)

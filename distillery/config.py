@@ -117,7 +117,8 @@ class GenerateConfig(Strict):
     data_parallel_size: Annotated[int, Field(ge=1)] = Field(1, description="vLLM engine replicas (GPUs)")
     logprobs: Annotated[int, Field(ge=0, le=64)] = Field(0, description="top-k teacher logprobs kept per token; 0=off")
     logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = Field(
-        "raw_logprobs", description="raw: log-softmax of the logits at T=1; processed: after temperature/top-p")
+        "raw_logprobs", description="raw: log-softmax of the logits at T=1; processed: after temperature/top-p"
+    )
     think_prefill: bool = Field(False, description="end the rendered prompt with '<think>\\n' if the template doesn't")
     shard_size: Annotated[int, Field(gt=0)] = Field(256, description="prompts per shard: the unit of resumption")
     cache_dir: str | None = Field(None, description="finished shards, by content; default <output_dir>/.cache")
@@ -128,17 +129,20 @@ class GenerateConfig(Strict):
         if self.backend == "openai" and self.openai is None:
             raise ValueError("backend 'openai' needs an openai: {base_url, model} section")
         if self.n > 1 and self.temperature == 0:
-            raise ValueError(f"n = {self.n} with temperature 0: greedy samples are identical; use n: 1 or "
-                             "temperature > 0")
+            raise ValueError(
+                f"n = {self.n} with temperature 0: greedy samples are identical; use n: 1 or temperature > 0"
+            )
         return self
 
 
 class FilterConfig(Strict):
     verifier: Literal["regex", "exact", "numeric", "math", "boxed", "none"] = Field(
-        "regex", description="how the final answer (after </think>) is checked against the reference: regex "
+        "regex",
+        description="how the final answer (after </think>) is checked against the reference: regex "
         "(answer_pattern capture, normalised), exact (whole answer or capture, normalised), numeric (within "
         "tolerance; 1,000 3.50 -2 3/4), math (math-verify, LaTeX/\\boxed{}), boxed (last \\boxed{}, plain or "
-        "math-verify), none")
+        "math-verify), none",
+    )
     answer_pattern: str = Field(r"The answer is (-?\d+)", description="regex whose last group is the answer")
     tolerance: Annotated[float, Field(ge=0, lt=1)] = Field(1e-6, description="numeric verifier: relative tolerance")
     require_think: bool = Field(True, description="exactly one non-empty <think>…</think> before the answer")
@@ -146,23 +150,33 @@ class FilterConfig(Strict):
     max_tokens: Annotated[int, Field(gt=0)] | None = Field(None, description="most completion tokens; null: no bound")
     drop_truncated: bool = Field(True, description="drop completions that hit max_tokens")
     dedupe: bool = Field(True, description="drop exact prompt+completion repeats")
-    near_dedupe: bool = Field(True, description="drop traces near-identical (MinHash) to a kept trace of the "
-                              "same prompt")
+    near_dedupe: bool = Field(
+        True, description="drop traces near-identical (MinHash) to a kept trace of the same prompt"
+    )
     near_dedupe_threshold: Annotated[float, Field(gt=0, le=1)] = Field(
-        0.9, description="near_dedupe: estimated Jaccard similarity of word n-gram shingles at which a trace is a "
-        "near duplicate")
+        0.9,
+        description="near_dedupe: estimated Jaccard similarity of word n-gram shingles at which a trace is a "
+        "near duplicate",
+    )
     near_dedupe_ngram: Annotated[int, Field(ge=1, le=64)] = Field(5, description="near_dedupe: words per shingle")
-    decontaminate: bool = Field(True, description="drop traces whose prompt shares a word n-gram with a question "
-                                "of the local evaluate.tasks")
+    decontaminate: bool = Field(
+        True, description="drop traces whose prompt shares a word n-gram with a question of the local evaluate.tasks"
+    )
     decontam_ngram: Annotated[int, Field(ge=1, le=1024)] = Field(
-        13, description="decontaminate: words per n-gram; a text shorter than this is compared whole, so a value "
-        "above the longest question matches only whole-question copies")
+        13,
+        description="decontaminate: words per n-gram; a text shorter than this is compared whole, so a value "
+        "above the longest question matches only whole-question copies",
+    )
     keep_per_prompt: Annotated[int, Field(ge=1)] | None = Field(
-        None, description="best-k-of-n: keep at most this many passing traces per prompt, the shortest first; "
-        "null keeps every passing trace")
+        None,
+        description="best-k-of-n: keep at most this many passing traces per prompt, the shortest first; "
+        "null keeps every passing trace",
+    )
     holdout_prompts: Annotated[int, Field(ge=0)] = Field(
-        0, description="kept traces of this many prompts (the last ones) go to heldout.jsonl instead of training: "
-        "evaluate reports every model's perplexity on them")
+        0,
+        description="kept traces of this many prompts (the last ones) go to heldout.jsonl instead of training: "
+        "evaluate reports every model's perplexity on them",
+    )
 
     @field_validator("answer_pattern")
     @classmethod
@@ -187,22 +201,31 @@ class LoraConfig(Strict):
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     target_modules: str | list[str] = "all-linear"
     quantize: Literal["nf4"] | None = Field(
-        None, description="QLoRA: load the frozen base in 4-bit NF4 (double quant) through bitsandbytes; the adapter "
+        None,
+        description="QLoRA: load the frozen base in 4-bit NF4 (double quant) through bitsandbytes; the adapter "
         "is merged into the dequantized base it was trained against. (An LLM.int8 base is not offered: it also "
-        "quantizes activations, so no float model reproduces what the adapter learned.)")
+        "quantizes activations, so no float model reproduces what the adapter learned.)",
+    )
 
 
 class KDConfig(Strict):
     temperature: Annotated[float, Field(gt=0)] = Field(2.0, description="divides teacher and student logits alike")
-    alpha: Annotated[float, Field(ge=0, le=1)] = Field(0.5, description="weight of the soft-target loss; 1-alpha "
-                                                      "goes to cross-entropy on the teacher's tokens")
+    alpha: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.5, description="weight of the soft-target loss; 1-alpha goes to cross-entropy on the teacher's tokens"
+    )
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     beta: Annotated[float, Field(ge=0, le=1)] = Field(0.5, description="jsd interpolation: 0 forward, 1 reverse KL")
-    tail: Literal["bucket", "renormalize"] = Field("bucket", description="mass outside the stored top-k: one "
-                                                   "pseudo-token on both sides, tempered alike, or renormalise "
-                                                   "over the k")
-    scale_t2: bool = Field(True, description="multiply the soft loss by T² (Hinton et al.): without it the soft "
-                           "gradient shrinks as 1/T² at large T (bench/temperature.py); false only to measure that")
+    tail: Literal["bucket", "renormalize"] = Field(
+        "bucket",
+        description="mass outside the stored top-k: one "
+        "pseudo-token on both sides, tempered alike, or renormalise "
+        "over the k",
+    )
+    scale_t2: bool = Field(
+        True,
+        description="multiply the soft loss by T² (Hinton et al.): without it the soft "
+        "gradient shrinks as 1/T² at large T (bench/temperature.py); false only to measure that",
+    )
 
 
 class GKDSection(Strict):
@@ -215,37 +238,48 @@ class GKDSection(Strict):
 
 class DPOSection(Strict):
     judge: Literal["verifier", "teacher"] = Field(
-        "verifier", description="verifier: a sample filter.verifier accepts beats one it rejects; teacher: the "
-        "sample with the highest mean token log-prob under the teacher beats the lowest")
-    sft_first: bool = Field(True, description="SFT on the kept traces first (the train.* settings), then sample, "
-                            "judge and DPO from that model, which is also the DPO reference")
+        "verifier",
+        description="verifier: a sample filter.verifier accepts beats one it rejects; teacher: the "
+        "sample with the highest mean token log-prob under the teacher beats the lowest",
+    )
+    sft_first: bool = Field(
+        True,
+        description="SFT on the kept traces first (the train.* settings), then sample, "
+        "judge and DPO from that model, which is also the DPO reference",
+    )
     samples: Annotated[int, Field(ge=2)] = Field(4, description="student samples per prompt to pair up")
     temperature: Annotated[float, Field(gt=0)] = 1.0
     max_new_tokens: Annotated[int, Field(gt=0)] = 256
     num_prompts: Annotated[int, Field(gt=0)] | None = Field(None, description="first N kept prompts; default all")
     pairs_per_prompt: Annotated[int, Field(ge=1)] = 1
-    min_margin: Annotated[float, Field(ge=0)] = Field(0.0, description="teacher judge: least gap in mean token "
-                                                      "log-prob between chosen and rejected")
+    min_margin: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="teacher judge: least gap in mean token log-prob between chosen and rejected"
+    )
     beta: Annotated[float, Field(gt=0)] = 0.1
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "apo_zero", "sigmoid_norm"] = "sigmoid"
     sft_weight: Annotated[float, Field(ge=0)] = Field(
-        0.0, description="add this weight of NLL on the chosen samples (RPO): keeps DPO from lowering the "
-        "likelihood of the chosen answers along with the rejected ones")
+        0.0,
+        description="add this weight of NLL on the chosen samples (RPO): keeps DPO from lowering the "
+        "likelihood of the chosen answers along with the rejected ones",
+    )
     epochs: Annotated[float, Field(gt=0)] = 1.0
     learning_rate: Annotated[float, Field(gt=0)] = 5e-6
 
 
 class TrainConfig(Strict):
     method: Literal["hard", "sft", "logit_kd", "gkd", "dpo"] = Field(
-        "sft", description="hard: the dataset's answers only, no teacher (the baseline); sft: teacher traces as "
+        "sft",
+        description="hard: the dataset's answers only, no teacher (the baseline); sft: teacher traces as "
         "targets; logit_kd: the teacher's stored top-k distribution at every token; gkd: on-policy generalized KD "
         "with the live teacher (TRL GKDTrainer); dpo: pairs of student samples ranked by the verifier or the "
-        "teacher, then TRL DPOTrainer")
+        "teacher, then TRL DPOTrainer",
+    )
     kd: KDConfig = KDConfig()
     gkd: GKDSection = GKDSection()
     dpo: DPOSection = DPOSection()
-    hard_label_template: str = Field("{answer}", description="method hard: the completion for a prompt, from its "
-                                     "reference answer")
+    hard_label_template: str = Field(
+        "{answer}", description="method hard: the completion for a prompt, from its reference answer"
+    )
     epochs: Annotated[float, Field(gt=0)] = 1.0
     max_steps: int = Field(-1, description="> 0 overrides epochs")
     learning_rate: Annotated[float, Field(gt=0)] = 2e-5
@@ -263,10 +297,13 @@ class TrainConfig(Strict):
 
 class WidthPrune(Strict):
     intermediate_size: Annotated[int, Field(gt=0)] | None = Field(
-        None, description="MLP neurons to keep per layer, ranked by mean |activation| into down_proj")
+        None, description="MLP neurons to keep per layer, ranked by mean |activation| into down_proj"
+    )
     num_attention_heads: Annotated[int, Field(gt=0)] | None = Field(
-        None, description="query heads to keep per layer; grouped-query attention keeps or drops whole KV groups "
-        "(ranked by the summed output norm of their query heads), so this must be a multiple of heads per group")
+        None,
+        description="query heads to keep per layer; grouped-query attention keeps or drops whole KV groups "
+        "(ranked by the summed output norm of their query heads), so this must be a multiple of heads per group",
+    )
 
     @model_validator(mode="after")
     def _something(self) -> WidthPrune:
@@ -291,8 +328,11 @@ class PruneConfig(Strict):
     width: WidthPrune | None = Field(None, description="width: MLP neurons and attention heads to keep")
     calibration_samples: Annotated[int, Field(gt=0)] = 64
     max_length: Annotated[int, Field(gt=0)] = 256
-    heal: HealConfig | None = Field(None, description="after pruning, distil the unpruned model's full logits into "
-                                    "the pruned one on the kept traces (forward KL); omit to ship it unhealed")
+    heal: HealConfig | None = Field(
+        None,
+        description="after pruning, distil the unpruned model's full logits into "
+        "the pruned one on the kept traces (forward KL); omit to ship it unhealed",
+    )
 
     @model_validator(mode="after")
     def _something(self) -> PruneConfig:
@@ -311,11 +351,14 @@ class QuantizeConfig(Strict):
 class EvaluateConfig(Strict):
     tasks: Annotated[list[str], Field(min_length=1)] = ["demo_arith"]
     backend: Literal["hf", "vllm"] = Field(
-        "hf", description="lm-eval model type: hf (transformers) or vllm (lm-eval's vLLM backend, in its own "
-        "process; bitsandbytes-quantized models are always evaluated with hf)")
+        "hf",
+        description="lm-eval model type: hf (transformers) or vllm (lm-eval's vLLM backend, in its own "
+        "process; bitsandbytes-quantized models are always evaluated with hf)",
+    )
     tensor_parallel_size: Annotated[int, Field(ge=1)] = Field(1, description="backend vllm: GPUs per model copy")
     data_parallel_size: Annotated[int, Field(ge=1)] = Field(
-        1, description="backend vllm: model copies (lm-eval runs them as Ray workers: needs `ray`)")
+        1, description="backend vllm: model copies (lm-eval runs them as Ray workers: needs `ray`)"
+    )
     limit: Annotated[int, Field(gt=0)] | None = None
     batch_size: Annotated[int, Field(gt=0)] = 32
     max_gen_toks: Annotated[int, Field(gt=0)] = 128
@@ -324,8 +367,11 @@ class EvaluateConfig(Strict):
     throughput_prompts: Annotated[int, Field(gt=0)] = 16
     throughput_new_tokens: Annotated[int, Field(gt=0)] = 64
     metric: str = Field("exact_match", description="the lm-eval metric reported as accuracy")
-    ood_task: str | None = Field(None, description="which of `tasks` is out of distribution (e.g. longer chains "
-                                 "than training): its accuracy is every model's ood_accuracy")
+    ood_task: str | None = Field(
+        None,
+        description="which of `tasks` is out of distribution (e.g. longer chains "
+        "than training): its accuracy is every model's ood_accuracy",
+    )
 
     @model_validator(mode="after")
     def _ood_is_a_task(self) -> EvaluateConfig:
@@ -339,6 +385,7 @@ class DraftDistillConfig(Strict):
     continuations of the pipeline's prompts (on-policy) and learns the teacher's full next-token distribution on them
     (TRL DistillationTrainer). Forward KL by default: acceptance under speculative sampling is 1 - TVD(teacher,
     draft), and forward KL keeps the draft's mass where the teacher's is."""
+
     steps: Annotated[int, Field(gt=0)] = 200
     learning_rate: Annotated[float, Field(gt=0)] = 1.0e-4
     batch_size: Annotated[int, Field(gt=0)] = 32
@@ -359,10 +406,13 @@ class DraftConfig(Strict):
     enforce_eager: bool = True
     max_model_len: Annotated[int, Field(gt=0)] | None = None
     distill: DraftDistillConfig | None = Field(
-        None, description="on-policy distillation of the draft toward the teacher before it is measured; off if absent")
+        None, description="on-policy distillation of the draft toward the teacher before it is measured; off if absent"
+    )
     sample_temperature: Annotated[float, Field(gt=0)] | None = Field(
-        1.0, description="also measure sampled acceptance with transformers assisted generation (speculative "
-        "sampling) at this temperature; null skips it")
+        1.0,
+        description="also measure sampled acceptance with transformers assisted generation (speculative "
+        "sampling) at this temperature; null skips it",
+    )
     sample_prompts: Annotated[int, Field(gt=0)] = Field(16, description="prompts for the sampled measurement")
 
 
@@ -376,9 +426,11 @@ class GateConfig(Strict):
     metric: str = Field("accuracy", description=f"evaluate figure compared: {', '.join(GATE_METRICS)}")
     higher_is_better: bool = Field(True, description="false for figures like memory_bytes, where less wins")
     min_delta: Annotated[float, Field(ge=0)] = Field(
-        0.0, description="the candidate must beat the champion by more than this to take the alias")
+        0.0, description="the candidate must beat the champion by more than this to take the alias"
+    )
     model: Literal["best", "last"] = Field(
-        "last", description="the gate candidate: the last version this run registered, or its best by metric")
+        "last", description="the gate candidate: the last version this run registered, or its best by metric"
+    )
 
     @field_validator("metric")
     @classmethod
@@ -391,8 +443,10 @@ class GateConfig(Strict):
 class RegistryConfig(Strict):
     model_name: Annotated[str, Field(min_length=1)] = Field(description="registered model; one version per model")
     stages: Annotated[list[ModelStage], Field(min_length=1)] | None = Field(
-        None, description="model stages whose models become versions (quantize: one per format); default every "
-        "model stage the pipeline runs")
+        None,
+        description="model stages whose models become versions (quantize: one per format); default every "
+        "model stage the pipeline runs",
+    )
     gate: GateConfig = Field(GateConfig(), description="when alias `champion` moves to the run's `candidate`")
 
     @field_validator("stages")
@@ -409,8 +463,11 @@ class ScheduleConfig(Strict):
     cron: str | None = Field(None, description="cron string, e.g. '0 3 * * *' (03:00 daily in `timezone`)")
     interval: Annotated[float, Field(gt=0)] | None = Field(None, description="seconds between runs")
     timezone: str = Field("UTC", description="IANA name, e.g. Europe/Berlin: what the cron hours mean")
-    overrides: list[str] = Field([], description="`key=value` overrides for the scheduled runs, applied like "
-                                 "--set; checked against the pipeline when the file is loaded")
+    overrides: list[str] = Field(
+        [],
+        description="`key=value` overrides for the scheduled runs, applied like "
+        "--set; checked against the pipeline when the file is loaded",
+    )
     active: bool = Field(True, description="false: the schedule is registered but paused (no runs)")
 
     @field_validator("cron")
@@ -455,8 +512,11 @@ class ConcurrencyConfig(Strict):
 
     enabled: bool = Field(True, description="false: runs take no slot")
     limit_name: Annotated[str, Field(min_length=1)] = Field(DEFAULT_LIMIT, description="global concurrency limit")
-    slots: Annotated[int, Field(ge=1)] = Field(1, description="runs at once (GPUs); `distillery deploy` creates "
-                                               "the limit with this many slots when it is missing")
+    slots: Annotated[int, Field(ge=1)] = Field(
+        1,
+        description="runs at once (GPUs); `distillery deploy` creates "
+        "the limit with this many slots when it is missing",
+    )
 
 
 class Pipeline(Strict):
@@ -474,12 +534,15 @@ class Pipeline(Strict):
     draft: DraftConfig = DraftConfig()
     registry: RegistryConfig | None = None
     experiment: str = Field("distillery", description="MLflow experiment name")
-    log_models: bool = Field(True, description="log each stage's model folder to its MLflow run (registered "
-                             "ones are always logged)")
+    log_models: bool = Field(
+        True, description="log each stage's model folder to its MLflow run (registered ones are always logged)"
+    )
     output_dir: str = Field("runs", description="where stage artifacts go, relative to the working directory")
     schedule: ScheduleConfig | None = Field(None, description="runs the server starts on its own (cron or interval)")
-    concurrency: ConcurrencyConfig = Field(ConcurrencyConfig(), description="the global concurrency limit a run "
-                                           "takes a slot of; default: the file's top-level `concurrency`")
+    concurrency: ConcurrencyConfig = Field(
+        ConcurrencyConfig(),
+        description="the global concurrency limit a run takes a slot of; default: the file's top-level `concurrency`",
+    )
 
     @field_validator("stages")
     @classmethod
@@ -499,8 +562,10 @@ class Pipeline(Strict):
             if name in self.stages and src != "latest" and src not in self.stages:
                 raise ValueError(f"{name}.source: stage {src!r} is not in stages")
         if "train" in self.stages and self.train.method != "hard" and "filter" not in self.stages:
-            raise ValueError(f"stages: train.method {self.train.method!r} learns from the teacher's traces and needs "
-                             "stage 'filter' (only method 'hard' trains on the dataset's answers alone)")
+            raise ValueError(
+                f"stages: train.method {self.train.method!r} learns from the teacher's traces and needs "
+                "stage 'filter' (only method 'hard' trains on the dataset's answers alone)"
+            )
         if "{answer}" not in self.train.hard_label_template:
             raise ValueError("train.hard_label_template: must contain {answer}")
         if "train" in self.stages and self.train.method == "logit_kd" and self.generate.logprobs == 0:
@@ -611,8 +676,10 @@ def load_file(path: str | Path) -> PipelinesFile:
             continue
         first, slots = limits.setdefault(c.limit_name, (name, c.slots))
         if slots != c.slots:
-            lines.append(f"pipelines.{name}.concurrency.slots: limit {c.limit_name!r} has {slots} slot(s) in "
-                         f"pipelines.{first}; one limit has one size")
+            lines.append(
+                f"pipelines.{name}.concurrency.slots: limit {c.limit_name!r} has {slots} slot(s) in "
+                f"pipelines.{first}; one limit has one size"
+            )
     if lines:
         raise ConfigError(lines)
     return f

@@ -18,8 +18,10 @@ def load_prompts(cfg: DataConfig) -> list[dict]:
 
         # Train prompts never repeat an eval question: the eval split is excluded by text.
         held_out = {r["question"] for r in read_jsonl(DEMO_EVAL_FILE)}
-        rows = [{"prompt": p.question, "answer": str(p.answer)}
-                for p in task.problems(seed=10_000 + cfg.seed, count=cfg.num_prompts or 500, exclude=held_out)]
+        rows = [
+            {"prompt": p.question, "answer": str(p.answer)}
+            for p in task.problems(seed=10_000 + cfg.seed, count=cfg.num_prompts or 500, exclude=held_out)
+        ]
     elif cfg.source == "jsonl":
         raw = read_jsonl(Path(cfg.path))
         rows = [_pick(r, cfg, f"{cfg.path} line {i + 1}") for i, r in enumerate(raw)]

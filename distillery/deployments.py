@@ -39,9 +39,13 @@ def deployment_args(name: str, p: Pipeline, config_file: str | None) -> dict[str
     """What every mode registers: parameters, schedule, tags, description. No config_file: the flow's default, the
     pipelines.yaml beside the code that runs (an image's own)."""
     params = {"pipeline": name, "overrides": [], **({"config_file": config_file} if config_file else {})}
-    return {"name": name, "parameters": params,
-            "schedules": schedules_for(p), "description": p.description or f"distillery pipeline {name}",
-            "tags": ["distillery", name]}
+    return {
+        "name": name,
+        "parameters": params,
+        "schedules": schedules_for(p),
+        "description": p.description or f"distillery pipeline {name}",
+        "tags": ["distillery", name],
+    }
 
 
 def ensure_limit(c: ConcurrencyConfig) -> str:
@@ -75,8 +79,10 @@ def gpu_slot(c: ConcurrencyConfig) -> Iterator[None]:
         try:
             client.read_global_concurrency_limit_by_name(c.limit_name)
         except ObjectNotFound:
-            print(f"no concurrency limit {c.limit_name!r} on this Prefect API: this run takes no slot "
-                  "(`distillery deploy` creates it)")
+            print(
+                f"no concurrency limit {c.limit_name!r} on this Prefect API: this run takes no slot "
+                "(`distillery deploy` creates it)"
+            )
             yield
             return
     start = time.monotonic()
@@ -86,8 +92,14 @@ def gpu_slot(c: ConcurrencyConfig) -> Iterator[None]:
         yield
 
 
-def deploy_to_pool(name: str, p: Pipeline, config_file: str, work_pool: str, job_variables: dict | None = None,
-                   image: str | None = None):
+def deploy_to_pool(
+    name: str,
+    p: Pipeline,
+    config_file: str,
+    work_pool: str,
+    job_variables: dict | None = None,
+    image: str | None = None,
+):
     """A deployment whose runs a worker of `work_pool` starts.
 
     Without an image (process pools): the worker loads the flow from this project folder, so a pool on this machine
@@ -98,12 +110,26 @@ def deploy_to_pool(name: str, p: Pipeline, config_file: str, work_pool: str, job
 
         remote = Flow.from_source(source=str(REPO), entrypoint=ENTRYPOINT)
         # ignore_warnings: Prefect's "a process pool? try .serve" hint; `distillery serve` is that mode
-        return remote.deploy(work_pool_name=work_pool, build=False, push=False, print_next_steps=False,
-                             ignore_warnings=True, job_variables=job_variables, **deployment_args(name, p, config_file))
+        return remote.deploy(
+            work_pool_name=work_pool,
+            build=False,
+            push=False,
+            print_next_steps=False,
+            ignore_warnings=True,
+            job_variables=job_variables,
+            **deployment_args(name, p, config_file),
+        )
     from prefect.deployments.runner import EntrypointType
 
     from flows.distill import distill
 
-    return distill.deploy(work_pool_name=work_pool, image=image, build=False, push=False, print_next_steps=False,
-                          job_variables=job_variables, entrypoint_type=EntrypointType.MODULE_PATH,
-                          **deployment_args(name, p, None))
+    return distill.deploy(
+        work_pool_name=work_pool,
+        image=image,
+        build=False,
+        push=False,
+        print_next_steps=False,
+        job_variables=job_variables,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        **deployment_args(name, p, None),
+    )

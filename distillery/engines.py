@@ -59,8 +59,14 @@ def run_worker(module: str, spec: dict[str, Any], kv_cache_gib: float = 1.0, tim
     spec_file = work / "spec.json"
     spec_file.write_text(json.dumps(spec))
     tail: deque[str] = deque(maxlen=30)
-    proc = subprocess.Popen([sys.executable, "-m", module, str(spec_file)], env=vllm_env(kv_cache_gib),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, str(spec_file)],
+        env=vllm_env(kv_cache_gib),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
     assert proc.stdout is not None
     for line in proc.stdout:
         sys.stdout.write(line)
@@ -99,9 +105,15 @@ class VLLMEngine:
         self._work = Path(tempfile.mkdtemp(prefix="distillery-engine-"))
         spec_file = self._work / "engine.json"
         spec_file.write_text(json.dumps(self.spec))
-        self.proc = subprocess.Popen([sys.executable, "-m", "distillery.engines", str(spec_file)],
-                                     env=vllm_env(self.kv_cache_gib), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "distillery.engines", str(spec_file)],
+            env=vllm_env(self.kv_cache_gib),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
 
         def pump(stream):  # show the engine's logs and progress bars, keep the tail for errors
             for line in stream:
@@ -177,12 +189,20 @@ def _vllm_child(spec_file: str) -> None:
     per_request_seeds = not current_platform.is_cpu()
     if not per_request_seeds and spec.get("data_parallel_size", 1) == 1:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    llm = LLM(model=spec["model"], revision=spec.get("revision"),
-              trust_remote_code=spec.get("trust_remote_code", False), dtype=spec["dtype"],
-              max_model_len=spec.get("max_model_len"), enforce_eager=spec["enforce_eager"],
-              gpu_memory_utilization=spec["gpu_memory_utilization"], tensor_parallel_size=spec["tensor_parallel_size"],
-              data_parallel_size=spec.get("data_parallel_size", 1), seed=spec["seed"],
-              logprobs_mode=spec.get("logprobs_mode", "raw_logprobs"), max_logprobs=spec.get("max_logprobs", 20))
+    llm = LLM(
+        model=spec["model"],
+        revision=spec.get("revision"),
+        trust_remote_code=spec.get("trust_remote_code", False),
+        dtype=spec["dtype"],
+        max_model_len=spec.get("max_model_len"),
+        enforce_eager=spec["enforce_eager"],
+        gpu_memory_utilization=spec["gpu_memory_utilization"],
+        tensor_parallel_size=spec["tensor_parallel_size"],
+        data_parallel_size=spec.get("data_parallel_size", 1),
+        seed=spec["seed"],
+        logprobs_mode=spec.get("logprobs_mode", "raw_logprobs"),
+        max_logprobs=spec.get("max_logprobs", 20),
+    )
     proto.write(json.dumps({"ready": True}) + "\n")
     for line in sys.stdin:
         req = json.loads(line)
@@ -190,16 +210,24 @@ def _vllm_child(spec_file: str) -> None:
             break
         try:
             s = req["sampling"]
-            base = dict(n=s["n"], temperature=s["temperature"], top_p=s["top_p"], max_tokens=s["max_tokens"],
-                        stop=s["stop"] or None, logprobs=s.get("logprobs") or None,
-                        ignore_eos=s.get("ignore_eos", False))
+            base = dict(
+                n=s["n"],
+                temperature=s["temperature"],
+                top_p=s["top_p"],
+                max_tokens=s["max_tokens"],
+                stop=s["stop"] or None,
+                logprobs=s.get("logprobs") or None,
+                ignore_eos=s.get("ignore_eos", False),
+            )
             seeds = req.get("seeds") if per_request_seeds else None
-            params = ([SamplingParams(**base, seed=x) for x in seeds] if seeds else SamplingParams(**base))
+            params = [SamplingParams(**base, seed=x) for x in seeds] if seeds else SamplingParams(**base)
             start = time.perf_counter()
             outs = llm.generate(req["prompts"], params, use_tqdm=True)
             seconds = time.perf_counter() - start
-            proto.write(json.dumps({"samples": [_vllm_samples(r, s.get("logprobs") or 0) for r in outs],
-                                    "seconds": seconds}) + "\n")
+            proto.write(
+                json.dumps({"samples": [_vllm_samples(r, s.get("logprobs") or 0) for r in outs], "seconds": seconds})
+                + "\n"
+            )
         except Exception as e:  # answer the request with the error rather than dying mid-protocol
             proto.write(json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n")
 
@@ -210,18 +238,25 @@ def _vllm_child(spec_file: str) -> None:
 class HFEngine:
     """transformers `generate`, batched, in this process."""
 
-    def __init__(self, model_path: str, revision: str | None = None, trust_remote_code: bool = False,
-                 batch_size: int = 64):
+    def __init__(
+        self, model_path: str, revision: str | None = None, trust_remote_code: bool = False, batch_size: int = 64
+    ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.tok = AutoTokenizer.from_pretrained(model_path, padding_side="left", revision=revision,
-                                                 trust_remote_code=trust_remote_code)
+        self.tok = AutoTokenizer.from_pretrained(
+            model_path, padding_side="left", revision=revision, trust_remote_code=trust_remote_code
+        )
         dtype = "auto" if self.device == "cuda" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, revision=revision,
-                                                          trust_remote_code=trust_remote_code).eval().to(self.device)
+        self.model = (
+            AutoModelForCausalLM.from_pretrained(
+                model_path, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code
+            )
+            .eval()
+            .to(self.device)
+        )
         self.batch_size = batch_size
 
     def generate(self, prompts: list[str], sampling: dict[str, Any], seeds: list[int] | None = None) -> dict:
@@ -239,11 +274,21 @@ class HFEngine:
             temp = sampling["temperature"]
             with torch.no_grad():
                 gen = self.model.generate(
-                    **enc, do_sample=temp > 0, temperature=temp or None, top_p=sampling["top_p"],
-                    max_new_tokens=sampling["max_tokens"], num_return_sequences=n, pad_token_id=tok.pad_token_id,
-                    return_dict_in_generate=True, output_logits=bool(k),
-                    **({"min_new_tokens": sampling["max_tokens"], "eos_token_id": None}
-                       if sampling.get("ignore_eos") else {}))
+                    **enc,
+                    do_sample=temp > 0,
+                    temperature=temp or None,
+                    top_p=sampling["top_p"],
+                    max_new_tokens=sampling["max_tokens"],
+                    num_return_sequences=n,
+                    pad_token_id=tok.pad_token_id,
+                    return_dict_in_generate=True,
+                    output_logits=bool(k),
+                    **(
+                        {"min_new_tokens": sampling["max_tokens"], "eos_token_id": None}
+                        if sampling.get("ignore_eos")
+                        else {}
+                    ),
+                )
             new = gen.sequences[:, enc["input_ids"].shape[1] :]
             # raw logits (before temperature/top-p), the same "raw_logprobs" meaning vLLM uses
             logp = torch.log_softmax(torch.stack(gen.logits, dim=1).float(), dim=-1) if k else None
@@ -257,14 +302,20 @@ class HFEngine:
                     stopped = [s for s in sampling["stop"] if s in text]
                     if stopped:
                         text = text[: min(text.index(s) for s in stopped)]
-                    s = {"text": text, "num_tokens": length,
-                         "finish_reason": "stop" if finished or stopped else "length"}
+                    s = {
+                        "text": text,
+                        "num_tokens": length,
+                        "finish_reason": "stop" if finished or stopped else "length",
+                    }
                     if k:
                         lp = logp[r, :length]
                         top = lp.topk(k, dim=-1)
-                        s.update(token_ids=ids[:length],
-                                 token_logprobs=lp.gather(-1, new[r, :length, None]).squeeze(-1).tolist(),
-                                 top_ids=top.indices.tolist(), top_logprobs=top.values.tolist())
+                        s.update(
+                            token_ids=ids[:length],
+                            token_logprobs=lp.gather(-1, new[r, :length, None]).squeeze(-1).tolist(),
+                            top_ids=top.indices.tolist(),
+                            top_logprobs=top.values.tolist(),
+                        )
                     samples.append(s)
                 out.append(samples)
         return {"samples": out, "seconds": time.perf_counter() - start}
@@ -279,8 +330,17 @@ class HFEngine:
 class OpenAIEngine:
     """An OpenAI-compatible endpoint. Completions API for plain prompts, chat API for chat pipelines."""
 
-    def __init__(self, base_url: str, model: str, api_key_env: str, cache_dir: Path, max_concurrency: int = 8,
-                 max_retries: int = 5, timeout: float = 120.0, chat: bool = False):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str,
+        cache_dir: Path,
+        max_concurrency: int = 8,
+        max_retries: int = 5,
+        timeout: float = 120.0,
+        chat: bool = False,
+    ):
         try:
             import openai
         except ImportError as e:
@@ -307,24 +367,41 @@ class OpenAIEngine:
         if path.exists():
             self.stats["cache_hits"] += 1
             return json.loads(path.read_text())
-        kw = dict(model=self.model, n=sampling["n"], temperature=sampling["temperature"], top_p=sampling["top_p"],
-                  max_tokens=sampling["max_tokens"], stop=sampling["stop"] or None, seed=seed)
+        kw = dict(
+            model=self.model,
+            n=sampling["n"],
+            temperature=sampling["temperature"],
+            top_p=sampling["top_p"],
+            max_tokens=sampling["max_tokens"],
+            stop=sampling["stop"] or None,
+            seed=seed,
+        )
         k = sampling.get("logprobs") or 0
         async with sem:
             self.stats["requests"] += 1
             if self.chat:
                 resp = await self.client.chat.completions.create(
                     messages=[{"role": "user", "content": prompt}],
-                    **({"logprobs": True, "top_logprobs": k} if k else {}), **kw)
-                samples = [{"text": c.message.content or "", "finish_reason": c.finish_reason,
-                            "num_tokens": len(c.logprobs.content) if c.logprobs and c.logprobs.content else None}
-                           for c in resp.choices]
+                    **({"logprobs": True, "top_logprobs": k} if k else {}),
+                    **kw,
+                )
+                samples = [
+                    {
+                        "text": c.message.content or "",
+                        "finish_reason": c.finish_reason,
+                        "num_tokens": len(c.logprobs.content) if c.logprobs and c.logprobs.content else None,
+                    }
+                    for c in resp.choices
+                ]
             else:
                 resp = await self.client.completions.create(prompt=prompt, **({"logprobs": k} if k else {}), **kw)
                 samples = []
                 for c in sorted(resp.choices, key=lambda c: c.index):
-                    s = {"text": c.text, "finish_reason": c.finish_reason,
-                         "num_tokens": len(c.logprobs.tokens) if c.logprobs and c.logprobs.tokens else None}
+                    s = {
+                        "text": c.text,
+                        "finish_reason": c.finish_reason,
+                        "num_tokens": len(c.logprobs.tokens) if c.logprobs and c.logprobs.tokens else None,
+                    }
                     if k and c.logprobs:  # the completions API names tokens by text; ids need the tokenizer
                         s["token_logprobs"] = c.logprobs.token_logprobs
                         s["top_tokens"] = [list(d) for d in c.logprobs.top_logprobs]
@@ -352,8 +429,12 @@ class OpenAIEngine:
 
         start = time.perf_counter()
         samples = asyncio.run(main())
-        self.client = self.openai.AsyncOpenAI(base_url=self.client.base_url, api_key=self.client.api_key,
-                                              max_retries=self.client.max_retries, timeout=self.client.timeout)
+        self.client = self.openai.AsyncOpenAI(
+            base_url=self.client.base_url,
+            api_key=self.client.api_key,
+            max_retries=self.client.max_retries,
+            timeout=self.client.timeout,
+        )
         return {"samples": samples, "seconds": time.perf_counter() - start}
 
     def close(self) -> None:

@@ -37,13 +37,15 @@ def build_examples(rows: list[dict], logprobs: dict[tuple[str, int], dict], toke
         k = len(lp["top_ids"][0]) if lp["top_ids"] else 0
         ids = (prompt + comp)[:max_length]
         n = len(ids)
-        out.append({
-            "input_ids": ids,
-            "labels": ([-100] * len(prompt) + comp)[:n],
-            "top_ids": ([[0] * k] * len(prompt) + [list(x) for x in lp["top_ids"]])[:n],
-            "top_logprobs": ([[0.0] * k] * len(prompt) + [[float(v) for v in x] for x in lp["top_logprobs"]])[:n],
-            "prompt_length": len(prompt),
-        })
+        out.append(
+            {
+                "input_ids": ids,
+                "labels": ([-100] * len(prompt) + comp)[:n],
+                "top_ids": ([[0] * k] * len(prompt) + [list(x) for x in lp["top_ids"]])[:n],
+                "top_logprobs": ([[0.0] * k] * len(prompt) + [[float(v) for v in x] for x in lp["top_logprobs"]])[:n],
+                "prompt_length": len(prompt),
+            }
+        )
     if not out:
         raise ValueError("logit KD: no kept trace has stored logprobs (set generate.logprobs: k > 0)")
     return out
@@ -71,8 +73,19 @@ class KDCollator:
         return out
 
 
-def make_trainer(model, tokenizer, examples: list[dict], args, temperature: float, alpha: float,
-                 divergence: str, beta: float, tail: str, callbacks: list | None = None, scale_t2: bool = True):
+def make_trainer(
+    model,
+    tokenizer,
+    examples: list[dict],
+    args,
+    temperature: float,
+    alpha: float,
+    divergence: str,
+    beta: float,
+    tail: str,
+    callbacks: list | None = None,
+    scale_t2: bool = True,
+):
     """A transformers Trainer whose loss is the top-k logit distillation loss (T²-scaled unless `scale_t2` is
     off, which only the temperature experiment wants: the soft term's gradient then shrinks as 1/T²)."""
     from datasets import Dataset
@@ -100,5 +113,11 @@ def make_trainer(model, tokenizer, examples: list[dict], args, temperature: floa
 
     args.remove_unused_columns = False
     data = Dataset.from_list(examples)
-    return LogitKDTrainer(model=model, args=args, train_dataset=data, data_collator=KDCollator(tokenizer.pad_token_id),
-                          processing_class=tokenizer, callbacks=callbacks or [])
+    return LogitKDTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        data_collator=KDCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=callbacks or [],
+    )

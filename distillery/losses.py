@@ -43,8 +43,9 @@ def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
 
 
-def divergence(logp_teacher: torch.Tensor, logq_student: torch.Tensor, kind: Divergence = "forward_kl",
-               beta: float = 0.5) -> torch.Tensor:
+def divergence(
+    logp_teacher: torch.Tensor, logq_student: torch.Tensor, kind: Divergence = "forward_kl", beta: float = 0.5
+) -> torch.Tensor:
     """Per-position divergence between two normalised log-distributions over the same support."""
     if kind == "forward_kl":
         return _kl(logp_teacher, logq_student)
@@ -72,24 +73,39 @@ def _masked_mean(per_pos: torch.Tensor, labels: torch.Tensor | None) -> torch.Te
     return per_pos[mask].mean()
 
 
-def full_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
-            kind: Divergence = "forward_kl", beta: float = 0.5, labels: torch.Tensor | None = None) -> torch.Tensor:
+def full_kd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    kind: Divergence = "forward_kl",
+    beta: float = 0.5,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
     """T²-scaled divergence between full teacher and student distributions at temperature T.
 
     student_logits, teacher_logits: [..., V]; labels: [...] with -100 on positions that must not count.
     """
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} vs student {tuple(student_logits.shape)}: "
-                         "vocabularies must match (same tokenizer, same embedding size)")
+        raise ValueError(
+            f"teacher logits {tuple(teacher_logits.shape)} vs student {tuple(student_logits.shape)}: "
+            "vocabularies must match (same tokenizer, same embedding size)"
+        )
     t = float(temperature)
     logq = F.log_softmax(_f(student_logits) / t, dim=-1)
     logp = F.log_softmax(_f(teacher_logits) / t, dim=-1)
     return (t * t) * _masked_mean(divergence(logp, logq, kind, beta), labels)
 
 
-def topk_kd(student_logits: torch.Tensor, top_ids: torch.Tensor, top_logprobs: torch.Tensor,
-            temperature: float = 1.0, kind: Divergence = "forward_kl", beta: float = 0.5,
-            labels: torch.Tensor | None = None, tail: Literal["bucket", "renormalize"] = "bucket") -> torch.Tensor:
+def topk_kd(
+    student_logits: torch.Tensor,
+    top_ids: torch.Tensor,
+    top_logprobs: torch.Tensor,
+    temperature: float = 1.0,
+    kind: Divergence = "forward_kl",
+    beta: float = 0.5,
+    labels: torch.Tensor | None = None,
+    tail: Literal["bucket", "renormalize"] = "bucket",
+) -> torch.Tensor:
     """T²-scaled divergence against a teacher known only by its top-k (raw logprobs at T=1).
 
     student_logits [..., V]; top_ids [..., k] (long); top_logprobs [..., k] (log-softmax of the teacher's logits at
@@ -114,6 +130,7 @@ def topk_kd(student_logits: torch.Tensor, top_ids: torch.Tensor, top_logprobs: t
         logp = t_top - torch.logsumexp(t_top, -1, keepdim=True)
         logq = s_top - torch.logsumexp(s_top, -1, keepdim=True)
     elif tail == "bucket":
+
         def coarse(top_logp: torch.Tensor) -> torch.Tensor:
             # [k tokens, the rest] at T=1; log(1 - sum p_top) without cancellation, then tempered by T
             rest = torch.log1p(-top_logp.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-7))
@@ -129,8 +146,9 @@ def topk_kd(student_logits: torch.Tensor, top_ids: torch.Tensor, top_logprobs: t
 
 def hard_ce(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy on the hard labels (already aligned with the logits), ignoring -100."""
-    return F.cross_entropy(_f(student_logits).reshape(-1, student_logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=IGNORE)
+    return F.cross_entropy(
+        _f(student_logits).reshape(-1, student_logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE
+    )
 
 
 def mixed(kd: torch.Tensor, ce: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -143,10 +161,19 @@ def mixed(kd: torch.Tensor, ce: torch.Tensor, alpha: float) -> torch.Tensor:
     return loss
 
 
-def chunked_kd_from_hidden(hidden: torch.Tensor, lm_head: torch.nn.Module, teacher_logits: torch.Tensor | None,
-                           labels: torch.Tensor, temperature: float = 1.0, kind: Divergence = "forward_kl",
-                           beta: float = 0.5, chunk_size: int = 1024, top_ids: torch.Tensor | None = None,
-                           top_logprobs: torch.Tensor | None = None, tail: str = "bucket") -> torch.Tensor:
+def chunked_kd_from_hidden(
+    hidden: torch.Tensor,
+    lm_head: torch.nn.Module,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    kind: Divergence = "forward_kl",
+    beta: float = 0.5,
+    chunk_size: int = 1024,
+    top_ids: torch.Tensor | None = None,
+    top_logprobs: torch.Tensor | None = None,
+    tail: str = "bucket",
+) -> torch.Tensor:
     """The same loss as full_kd/topk_kd over N positions, without materialising [N, V] student logits at once.
 
     hidden [N, H] (positions already aligned with labels [N]); each chunk's logits are built, reduced to a sum of
@@ -171,7 +198,11 @@ def chunked_kd_from_hidden(hidden: torch.Tensor, lm_head: torch.nn.Module, teach
     total = hidden.new_zeros((), dtype=_f(hidden).dtype)
     for start in range(0, idx.numel(), chunk_size):
         sel = idx[start : start + chunk_size]
-        args = (hidden[sel], None if teacher_logits is None else teacher_logits[sel],
-                None if top_ids is None else top_ids[sel], None if top_logprobs is None else top_logprobs[sel])
+        args = (
+            hidden[sel],
+            None if teacher_logits is None else teacher_logits[sel],
+            None if top_ids is None else top_ids[sel],
+            None if top_logprobs is None else top_logprobs[sel],
+        )
         total = total + checkpoint(chunk_sum, *args, use_reentrant=False)
     return (t * t) * total / idx.numel()

@@ -14,20 +14,25 @@ from distillery.engines import HFEngine
 from distillery.scoring import completion_logprobs
 
 
-def sample_student(model_path: str, prompts: list[str], d, seed: int, trust_remote_code: bool = False,
-                   batch_size: int = 64) -> list[list[str]]:
+def sample_student(
+    model_path: str, prompts: list[str], d, seed: int, trust_remote_code: bool = False, batch_size: int = 64
+) -> list[list[str]]:
     """`d.samples` completions per prompt from the student, sampled at `d.temperature` (transformers generate)."""
     engine = HFEngine(model_path, trust_remote_code=trust_remote_code, batch_size=batch_size)
     try:
-        out = engine.generate(prompts, {"n": d.samples, "temperature": d.temperature, "top_p": 1.0,
-                                        "max_tokens": d.max_new_tokens, "stop": []}, seeds=[seed])
+        out = engine.generate(
+            prompts,
+            {"n": d.samples, "temperature": d.temperature, "top_p": 1.0, "max_tokens": d.max_new_tokens, "stop": []},
+            seeds=[seed],
+        )
     finally:
         engine.close()
     return [[s["text"] for s in group] for group in out["samples"]]
 
 
-def teacher_scores(teacher_path: str, prompts: list[str], completions: list[str], trust_remote_code: bool = False,
-                   batch_size: int = 32) -> list[float]:
+def teacher_scores(
+    teacher_path: str, prompts: list[str], completions: list[str], trust_remote_code: bool = False, batch_size: int = 32
+) -> list[float]:
     """Mean log-probability per completion token under the teacher (frozen, eval mode)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -36,15 +41,22 @@ def teacher_scores(teacher_path: str, prompts: list[str], completions: list[str]
 
     tok = AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=trust_remote_code)
     cuda = torch.cuda.is_available()
-    model = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.bfloat16 if cuda else torch.float32,
-                                                 trust_remote_code=trust_remote_code).to("cuda" if cuda else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(
+        teacher_path, dtype=torch.bfloat16 if cuda else torch.float32, trust_remote_code=trust_remote_code
+    ).to("cuda" if cuda else "cpu")
     model.eval().requires_grad_(False)
     check_teacher_frozen(model, where=f"dpo judge {teacher_path}")
     return [total / n for total, n in completion_logprobs(model, tok, prompts, completions, batch_size)]
 
 
-def preference_pairs(prompts: list[dict], samples: list[list[str]], d, verifier: Callable[[str, str], bool],
-                     teacher_path: str | None = None, trust_remote_code: bool = False) -> tuple[list[dict], dict]:
+def preference_pairs(
+    prompts: list[dict],
+    samples: list[list[str]],
+    d,
+    verifier: Callable[[str, str], bool],
+    teacher_path: str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[list[dict], dict]:
     """Chosen/rejected pairs from each prompt's samples, and what the judging found."""
     pairs: list[dict] = []
     correct = total = separable = 0
@@ -58,20 +70,33 @@ def preference_pairs(prompts: list[dict], samples: list[list[str]], d, verifier:
         correct += sum(ok)
         total += len(group)
         if d.judge == "verifier":
-            ranked = [(1.0, s) for s, good in zip(group, ok, strict=True) if good] + \
-                     [(0.0, s) for s, good in zip(group, ok, strict=True) if not good]
+            ranked = [(1.0, s) for s, good in zip(group, ok, strict=True) if good] + [
+                (0.0, s) for s, good in zip(group, ok, strict=True) if not good
+            ]
             made = _pairs(ranked, d.pairs_per_prompt, margin=0.5)
         else:
             scored = sorted(zip(flat_scores[offset : offset + len(group)], group, strict=True), reverse=True)
             made = _pairs(scored, d.pairs_per_prompt, margin=max(d.min_margin, 1e-9))
         offset += len(group)
         separable += bool(made)
-        pairs += [{"prompt_id": row.get("prompt_id", row.get("id")), "prompt": row["prompt"],
-                   "prompt_text": row.get("prompt_text", row["prompt"]), "chosen": c, "rejected": r,
-                   "margin": m} for c, r, m in made]
-    stats: dict[str, Any] = {"dpo_prompts": len(prompts), "dpo_samples": total, "dpo_pairs": len(pairs),
-                             "dpo_prompts_paired": separable,
-                             "dpo_sample_pass_rate": correct / total if total else float("nan")}
+        pairs += [
+            {
+                "prompt_id": row.get("prompt_id", row.get("id")),
+                "prompt": row["prompt"],
+                "prompt_text": row.get("prompt_text", row["prompt"]),
+                "chosen": c,
+                "rejected": r,
+                "margin": m,
+            }
+            for c, r, m in made
+        ]
+    stats: dict[str, Any] = {
+        "dpo_prompts": len(prompts),
+        "dpo_samples": total,
+        "dpo_pairs": len(pairs),
+        "dpo_prompts_paired": separable,
+        "dpo_sample_pass_rate": correct / total if total else float("nan"),
+    }
     return pairs, stats
 
 

@@ -30,8 +30,9 @@ def as_value(x: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def gate_decision(candidate: float | None, champion: float | None, gate: GateConfig, *,
-                  has_champion: bool | None = None) -> tuple[bool, str]:
+def gate_decision(
+    candidate: float | None, champion: float | None, gate: GateConfig, *, has_champion: bool | None = None
+) -> tuple[bool, str]:
     """Whether `champion` moves to the candidate, and why. `has_champion` defaults to `champion is not None`; pass
     True for a champion without a recorded value: nothing shows the candidate beats it, so it stays."""
     m, d = gate.metric, gate.min_delta
@@ -62,8 +63,14 @@ def pick_candidate(versions: list[dict], gate: GateConfig) -> dict:
     return versions[-1]
 
 
-def register_run(tracker: Tracker | NullTracker, ctx: RunContext, registry: RegistryConfig, models: dict[str, dict],
-                 evals: dict | None, logged: bool) -> dict | None:
+def register_run(
+    tracker: Tracker | NullTracker,
+    ctx: RunContext,
+    registry: RegistryConfig,
+    models: dict[str, dict],
+    evals: dict | None,
+    logged: bool,
+) -> dict | None:
     """Register this run's models, point `candidate` at the gate candidate, move `champion` when the gate says so.
 
     `models`: label -> {path, run_id, stage, artifact?} in the order the stages made them; `evals`: label -> evaluate
@@ -84,11 +91,17 @@ def register_run(tracker: Tracker | NullTracker, ctx: RunContext, registry: Regi
         if not logged:
             run.log_artifact(m["path"], artifact)
         figures = ((evals or {}).get(label) or {}).get("figures") or {}
-        tags = {"stage": m["stage"], "model": label, "pipeline": ctx.pipeline, "parent_run_id": ctx.parent_run_id,
-                **{f"metric.{k}": v for k, v in figures.items()}}
+        tags = {
+            "stage": m["stage"],
+            "model": label,
+            "pipeline": ctx.pipeline,
+            "parent_run_id": ctx.parent_run_id,
+            **{f"metric.{k}": v for k, v in figures.items()},
+        }
         version = tracker.register(name, run, artifact, tags=tags)
-        versions.append({"version": version, "model": label, "stage": m["stage"],
-                         "value": as_value(figures.get(gate.metric))})
+        versions.append(
+            {"version": version, "model": label, "stage": m["stage"], "value": as_value(figures.get(gate.metric))}
+        )
 
     cand = pick_candidate(versions, gate)
     tracker.set_alias(name, CANDIDATE, cand["version"])  # the latest run's, whichever run writes last
@@ -106,12 +119,19 @@ def register_run(tracker: Tracker | NullTracker, ctx: RunContext, registry: Regi
     after = cand["version"] if move else before
 
     decision = {
-        "model_name": name, "gate": gate.model_dump(), "versions": versions,
-        "candidate": cand, "champion_before": {"version": before, "value": before_value} if before else None,
-        "champion_after": after, "moved": move, "reason": reason,
+        "model_name": name,
+        "gate": gate.model_dump(),
+        "versions": versions,
+        "candidate": cand,
+        "champion_before": {"version": before, "value": before_value} if before else None,
+        "champion_after": after,
+        "moved": move,
+        "reason": reason,
     }
-    summary = (f"candidate v{cand['version']} ({cand['model']}), champion "
-               f"{'v' + before if before else 'none'} -> {'v' + after if after else 'none'}: {reason}")
+    summary = (
+        f"candidate v{cand['version']} ({cand['model']}), champion "
+        f"{'v' + before if before else 'none'} -> {'v' + after if after else 'none'}: {reason}"
+    )
     parent = StageRun(tracker.client, ctx.parent_run_id)
     parent.set_tags({"distillery.gate": summary})
     parent.log_dict(decision, "gate.json")
@@ -123,16 +143,22 @@ def register_run(tracker: Tracker | NullTracker, ctx: RunContext, registry: Regi
 DRAFT_TAGS = ("acceptance_rate", "mean_accepted_length", "speedup", "sampled_acceptance_rate", "sampled_speedup")
 
 
-def register_draft(tracker: Tracker | NullTracker, ctx: RunContext, registry: RegistryConfig, draft: dict,
-                   source: str | None) -> str | None:
+def register_draft(
+    tracker: Tracker | NullTracker, ctx: RunContext, registry: RegistryConfig, draft: dict, source: str | None
+) -> str | None:
     """The draft stage's artifact (the student with the teacher's vocabulary) as a version with alias `draft`,
     tagged with what it measured: acceptance rate, mean accepted length, speed-up."""
     if isinstance(tracker, NullTracker):
         return None
     f = draft["figures"]
-    tags = {"stage": "draft", "model": "draft", "source": source, "pipeline": ctx.pipeline,
-            "parent_run_id": ctx.parent_run_id,
-            **{f"metric.{k}": f[k] for k in DRAFT_TAGS if k in f}}
+    tags = {
+        "stage": "draft",
+        "model": "draft",
+        "source": source,
+        "pipeline": ctx.pipeline,
+        "parent_run_id": ctx.parent_run_id,
+        **{f"metric.{k}": f[k] for k in DRAFT_TAGS if k in f},
+    }
     version = tracker.register(registry.model_name, StageRun(tracker.client, draft["run_id"]), "draft-model", tags=tags)
     tracker.set_alias(registry.model_name, DRAFT, version)
     print(f"registered {registry.model_name} v{version} (draft from {source}), alias {DRAFT}")

@@ -70,8 +70,11 @@ def check_draft(target: str, draft: str, trust_remote_code: bool = False) -> Non
 
     load = dict(trust_remote_code=trust_remote_code)
     try:
-        check_same_vocab(AutoTokenizer.from_pretrained(target, **load), AutoTokenizer.from_pretrained(draft, **load),
-                         where=f"--draft {draft}")
+        check_same_vocab(
+            AutoTokenizer.from_pretrained(target, **load),
+            AutoTokenizer.from_pretrained(draft, **load),
+            where=f"--draft {draft}",
+        )
     except DistillationCheckError as e:
         raise ServeError(str(e).replace("teacher and student", "target and draft")) from None
     tv = AutoConfig.from_pretrained(target, **load).vocab_size
@@ -80,10 +83,19 @@ def check_draft(target: str, draft: str, trust_remote_code: bool = False) -> Non
         raise ServeError(f"--draft {draft}: embedding sizes differ (target {tv}, draft {dv}); vLLM needs them equal")
 
 
-def server_command(model: str, *, host: str = "127.0.0.1", port: int = 8000, draft: str | None = None,
-                   num_speculative_tokens: int = 4, served_model_name: str | None = None,
-                   max_model_len: int | None = None, dtype: str | None = None, trust_remote_code: bool = False,
-                   vllm_args: list[str] | None = None) -> list[str]:
+def server_command(
+    model: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    draft: str | None = None,
+    num_speculative_tokens: int = 4,
+    served_model_name: str | None = None,
+    max_model_len: int | None = None,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+    vllm_args: list[str] | None = None,
+) -> list[str]:
     """argv of the server, without the API key (that travels in the environment)."""
     argv = [sys.executable, "-m", SERVER_MODULE, "--model", model, "--host", host, "--port", str(port)]
     if served_model_name:
@@ -107,8 +119,9 @@ def printable(argv: list[str], with_key: bool) -> str:
     return f'{KEY_ENV}="${USER_KEY_ENV}" {line}' if with_key else line
 
 
-def serve(model_ref: str, *, api_key: str | None = None, draft_ref: str | None = None, print_command: bool = False,
-          **options) -> int:
+def serve(
+    model_ref: str, *, api_key: str | None = None, draft_ref: str | None = None, print_command: bool = False, **options
+) -> int:
     """Check the arguments, then exec the server (or print its command). Raises ServeError on bad usage."""
     from distillery.engines import require_vllm, vllm_env
 
@@ -129,11 +142,16 @@ def serve(model_ref: str, *, api_key: str | None = None, draft_ref: str | None =
         env[KEY_ENV] = api_key
     host, port = options.get("host", "127.0.0.1"), options.get("port", 8000)
     if not api_key and not env.get(KEY_ENV) and host not in LOOPBACK:
-        print(f"distillery: warning: --host {host} without an API key: whoever reaches port {port} can use the model",
-              file=sys.stderr)
-    print(f"distillery: serving {model}" + (f" with draft {draft}" if draft else "")
-          + f" at http://{host}:{port}/v1 (API key {'required' if api_key or env.get(KEY_ENV) else 'off'})",
-          file=sys.stderr)
+        print(
+            f"distillery: warning: --host {host} without an API key: whoever reaches port {port} can use the model",
+            file=sys.stderr,
+        )
+    print(
+        f"distillery: serving {model}"
+        + (f" with draft {draft}" if draft else "")
+        + f" at http://{host}:{port}/v1 (API key {'required' if api_key or env.get(KEY_ENV) else 'off'})",
+        file=sys.stderr,
+    )
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, argv, env)  # no return: this process is the server from here on

@@ -180,7 +180,9 @@ class Tracker:
             if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code) and "already exists" not in str(e):
                 raise
         mv = self.client.create_model_version(
-            name, source=run.artifact_uri(artifact_path), run_id=run.run_id,
+            name,
+            source=run.artifact_uri(artifact_path),
+            run_id=run.run_id,
             tags={k: str(v) for k, v in (tags or {}).items() if v is not None},  # no "None" strings
         )
         return str(mv.version)
@@ -190,8 +192,9 @@ class Tracker:
 
         Another client may create the same alias at that moment: with `overwrite_racer` the write is made again over
         it; without, nothing is written and False returned (`despite_insert_race`)."""
-        return despite_insert_race(lambda: self.client.set_registered_model_alias(name, alias, version),
-                                   redo=overwrite_racer)
+        return despite_insert_race(
+            lambda: self.client.set_registered_model_alias(name, alias, version), redo=overwrite_racer
+        )
 
     def get_alias(self, name: str, alias: str):
         """The ModelVersion `alias` points at, or None when the model or the alias does not exist yet."""

@@ -31,14 +31,20 @@ from tasks.quantize import quantize_task
 from tasks.report import report_task
 from tasks.train import train_task
 
-METHOD_LABELS = {"hard": "student-hard", "sft": "student-sft", "logit_kd": "student-kd", "gkd": "student-gkd",
-                 "dpo": "student-dpo"}
+METHOD_LABELS = {
+    "hard": "student-hard",
+    "sft": "student-sft",
+    "logit_kd": "student-kd",
+    "gkd": "student-gkd",
+    "dpo": "student-dpo",
+}
 DEFAULT_FILE = str(Path(__file__).resolve().parents[1] / "pipelines.yaml")
 
 
 @flow(name="distill", log_prints=True)
-def distill(pipeline: str = "demo", overrides: list[str] | None = None, config_file: str = DEFAULT_FILE,
-            track: bool = True) -> dict:
+def distill(
+    pipeline: str = "demo", overrides: list[str] | None = None, config_file: str = DEFAULT_FILE, track: bool = True
+) -> dict:
     """Run one pipeline of `config_file`; `overrides` are `key=value` strings like `train.epochs=1`."""
     cfg = load_pipeline(config_file, pipeline, parse_overrides(overrides))
     tracker, parent, ctx = open_run(cfg, pipeline, config_file, overrides, track)
@@ -76,15 +82,23 @@ def run_stages(cfg: Pipeline, ctx: RunContext, tracker) -> dict:
     if "prune" in stages:
         res = prune_task(cfg, ctx, student, kept)
         if "unhealed_path" in res:  # evaluated beside the healed one: what healing bought
-            models["student-pruned-unhealed"] = {"path": res["unhealed_path"], "run_id": res["run_id"],
-                                                 "stage": "prune-unhealed"}
+            models["student-pruned-unhealed"] = {
+                "path": res["unhealed_path"],
+                "run_id": res["run_id"],
+                "stage": "prune-unhealed",
+            }
         models["student-pruned"] = {"path": res["path"], "run_id": res["run_id"], "stage": "prune"}
         student = res["path"]
     if "quantize" in stages:
         src = pick(models, cfg.quantize.source, student)
         for fmt, res in quantize_task(cfg, ctx, src).items():
-            models[f"student-{fmt}"] = {"path": res["path"], "run_id": res["run_id"], "stage": "quantize",
-                                        "params": res["figures"]["params"], "artifact": fmt}
+            models[f"student-{fmt}"] = {
+                "path": res["path"],
+                "run_id": res["run_id"],
+                "stage": "quantize",
+                "params": res["figures"]["params"],
+                "artifact": fmt,
+            }
     evals = draft = draft_label = None
     if "evaluate" in stages:
         to_evaluate.update({label: {"path": m["path"], "params": m.get("params")} for label, m in models.items()})
@@ -119,14 +133,25 @@ def pick(models: dict[str, dict], source: str, fallback: str) -> str:
 def open_run(cfg: Pipeline, pipeline: str, config_file: str, overrides: list[str] | None, track: bool):
     tracker = Tracker(cfg.experiment) if track else NullTracker()
     flow_run_id = runtime.flow_run.id or ""
-    parent = tracker.start(pipeline, tags={"distillery.pipeline": pipeline, "prefect.flow_run_id": flow_run_id,
-                                           "distillery.config_file": config_file,
-                                           "mlflow.note.content": cfg.description})
+    parent = tracker.start(
+        pipeline,
+        tags={
+            "distillery.pipeline": pipeline,
+            "prefect.flow_run_id": flow_run_id,
+            "distillery.config_file": config_file,
+            "mlflow.note.content": cfg.description,
+        },
+    )
     run_dir = Path(cfg.output_dir).resolve() / pipeline / f"{time.strftime('%Y%m%d-%H%M%S')}-{parent.run_id[:8]}"
     run_dir.mkdir(parents=True, exist_ok=True)
     parent.log_params({"overrides": " ".join(overrides or []), **cfg.model_dump()})
     parent.log_text(cfg.model_dump_json(indent=2), "pipeline.json")
-    ctx = RunContext(pipeline=pipeline, run_dir=str(run_dir), parent_run_id=parent.run_id, experiment=cfg.experiment,
-                     tracking_uri=tracking_uri() if track else "none")
+    ctx = RunContext(
+        pipeline=pipeline,
+        run_dir=str(run_dir),
+        parent_run_id=parent.run_id,
+        experiment=cfg.experiment,
+        tracking_uri=tracking_uri() if track else "none",
+    )
     print(f"pipeline {pipeline}: artifacts in {run_dir}; MLflow run {parent.run_id} at {ctx.tracking_uri}")
     return tracker, parent, ctx

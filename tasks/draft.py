@@ -79,8 +79,15 @@ def distill_prompts(cfg: Pipeline, teacher: str, measured: list[str]) -> list[st
     return [t for t in texts if t not in seen][: cfg.draft.distill.num_prompts]
 
 
-def distill_draft(teacher: str, student: str, prompts: list[str], out: Path, d, callbacks: list | None = None,
-                  trust_remote_code: bool = False) -> dict:
+def distill_draft(
+    teacher: str,
+    student: str,
+    prompts: list[str],
+    out: Path,
+    d,
+    callbacks: list | None = None,
+    trust_remote_code: bool = False,
+) -> dict:
     """DistillSpec: on-policy distillation of the draft toward the teacher with TRL's DistillationTrainer. The draft
     samples a continuation of each prompt; the loss is the generalized JSD (`d.beta`: 0 forward KL) between the
     teacher's and the draft's full next-token distributions on it. Saves the model to `out`; returns figures."""
@@ -94,28 +101,57 @@ def distill_draft(teacher: str, student: str, prompts: list[str], out: Path, d, 
     if not prompts:
         raise ValueError("draft.distill: no training prompts")
     tokenizer = student_tokenizer(student, teacher, "draft.distill", trust_remote_code)
-    teacher_model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32,
-                                                         trust_remote_code=trust_remote_code)
+    teacher_model = AutoModelForCausalLM.from_pretrained(
+        teacher, dtype=torch.float32, trust_remote_code=trust_remote_code
+    )
     teacher_model.eval().requires_grad_(False)
     check_teacher_frozen(teacher_model, where=f"teacher {teacher}")
-    params = SFTParams(learning_rate=d.learning_rate, batch_size=d.batch_size, max_steps=d.steps, seed=d.seed,
-                       logging_steps=d.logging_steps)
+    params = SFTParams(
+        learning_rate=d.learning_rate,
+        batch_size=d.batch_size,
+        max_steps=d.steps,
+        seed=d.seed,
+        logging_steps=d.logging_steps,
+    )
     # The trainer counts its own tokens; transformers' counter cannot see the generated batches and warns each step.
-    args = DistillationConfig(**{**common_args(params, out), "include_num_input_tokens_seen": "no"},
-                              max_completion_length=d.max_new_tokens, temperature=d.temperature, beta=d.beta,
-                              gradient_checkpointing=False, disable_dropout=True)
-    trainer = guard_finite(DistillationTrainer(
-        model=load_student(student, params, trust_remote_code), teacher_model=teacher_model, args=args,
-        train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]), processing_class=tokenizer,
-        callbacks=callbacks or []), "draft.distill")
+    args = DistillationConfig(
+        **{**common_args(params, out), "include_num_input_tokens_seen": "no"},
+        max_completion_length=d.max_new_tokens,
+        temperature=d.temperature,
+        beta=d.beta,
+        gradient_checkpointing=False,
+        disable_dropout=True,
+    )
+    trainer = guard_finite(
+        DistillationTrainer(
+            model=load_student(student, params, trust_remote_code),
+            teacher_model=teacher_model,
+            args=args,
+            train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
+            processing_class=tokenizer,
+            callbacks=callbacks or [],
+        ),
+        "draft.distill",
+    )
     result = trainer.train()
-    return finish(trainer, result, tokenizer, out, trainable_count(trainer.model), len(prompts),
-                  params, student, manifest={"base": student, "method": "distillspec", "distill": d.model_dump()},
-                  where="draft.distill", trust_remote_code=trust_remote_code)
+    return finish(
+        trainer,
+        result,
+        tokenizer,
+        out,
+        trainable_count(trainer.model),
+        len(prompts),
+        params,
+        student,
+        manifest={"base": student, "method": "distillspec", "distill": d.model_dump()},
+        where="draft.distill",
+        trust_remote_code=trust_remote_code,
+    )
 
 
-def assisted_acceptance(teacher: str, draft: str, prompts: list[str], k: int, temperature: float,
-                        max_new_tokens: int, seed: int = 0) -> dict:
+def assisted_acceptance(
+    teacher: str, draft: str, prompts: list[str], k: int, temperature: float, max_new_tokens: int, seed: int = 0
+) -> dict:
     """Sampled speculative decoding with transformers' assisted generation (batch size 1): the draft proposes `k`
     tokens per step (constant schedule, no early stop), the teacher accepts each with min(1, p/q). Returns the
     acceptance rate, per position and overall, mean accepted length, and tokens/s with and without the draft."""
@@ -129,11 +165,18 @@ def assisted_acceptance(teacher: str, draft: str, prompts: list[str], k: int, te
     tok = AutoTokenizer.from_pretrained(teacher)
     target = AutoModelForCausalLM.from_pretrained(teacher, dtype=dtype).to(dev).eval()
     helper = AutoModelForCausalLM.from_pretrained(draft, dtype=dtype).to(dev).eval()
-    helper.generation_config.update(num_assistant_tokens=k, num_assistant_tokens_schedule="constant",
-                                    assistant_confidence_threshold=0.0)
+    helper.generation_config.update(
+        num_assistant_tokens=k, num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0
+    )
     gen = copy.deepcopy(target.generation_config)
-    gen.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-               pad_token_id=tok.pad_token_id)
+    gen.update(
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tok.pad_token_id,
+    )
     steps: list[tuple[int, int]] = []  # (tokens proposed, tokens accepted) per teacher forward
 
     # transformers reports no acceptance counts: record them where its decoding loop hands them to the generator.
@@ -172,15 +215,21 @@ def assisted_acceptance(teacher: str, draft: str, prompts: list[str], k: int, te
     alone_tokens, alone_s = run(False)
     spec_tokens, spec_s = run(True)
     if not steps:
-        raise RuntimeError("draft: transformers' assisted generation reported no draft steps; this transformers "
-                           "version changed the candidate-generator hooks distillery counts through")
+        raise RuntimeError(
+            "draft: transformers' assisted generation reported no draft steps; this transformers "
+            "version changed the candidate-generator hooks distillery counts through"
+        )
     proposed, accepted = sum(p for p, _ in steps), sum(a for _, a in steps)
-    figures = {"sampled_temperature": temperature, "sampled_acceptance_rate": accepted / proposed if proposed else 0.0,
-               "sampled_mean_accepted_length": 1 + accepted / len(steps),
-               "sampled_teacher_tokens_per_s": alone_tokens / alone_s,
-               "sampled_teacher_with_draft_tokens_per_s": spec_tokens / spec_s}
-    figures["sampled_speedup"] = figures["sampled_teacher_with_draft_tokens_per_s"] / figures[
-        "sampled_teacher_tokens_per_s"]
+    figures = {
+        "sampled_temperature": temperature,
+        "sampled_acceptance_rate": accepted / proposed if proposed else 0.0,
+        "sampled_mean_accepted_length": 1 + accepted / len(steps),
+        "sampled_teacher_tokens_per_s": alone_tokens / alone_s,
+        "sampled_teacher_with_draft_tokens_per_s": spec_tokens / spec_s,
+    }
+    figures["sampled_speedup"] = (
+        figures["sampled_teacher_with_draft_tokens_per_s"] / figures["sampled_teacher_tokens_per_s"]
+    )
     for i in range(k):
         figures[f"sampled_acceptance_pos_{i + 1}"] = sum(a > i for _, a in steps) / len(steps)
     return figures
@@ -216,13 +265,29 @@ def make_draft(teacher: str, student: str, dest: Path) -> dict:
         pad_vocab(model, tv)
     with atomic_dir(dest) as tmp:
         save_model(model, tok, tmp)
-        write_manifest(tmp, {"kind": "model", "role": "draft", "teacher": teacher, "base": student,
-                             "vocab_size": tv, "padded_from": dv if tv != dv else None})
+        write_manifest(
+            tmp,
+            {
+                "kind": "model",
+                "role": "draft",
+                "teacher": teacher,
+                "base": student,
+                "vocab_size": tv,
+                "padded_from": dv if tv != dv else None,
+            },
+        )
     return {"path": str(dest), "padded_from": dv if tv != dv else None}
 
 
-def measure_draft(teacher: str, student: str, prompts: list[str], cfg: Pipeline, out_dir: Path,
-                  callbacks: list | None = None, alone: dict | None = None) -> dict:
+def measure_draft(
+    teacher: str,
+    student: str,
+    prompts: list[str],
+    cfg: Pipeline,
+    out_dir: Path,
+    callbacks: list | None = None,
+    alone: dict | None = None,
+) -> dict:
     """The draft artifact from `student` (after `draft.distill` when set), then its acceptance and speed-up: vLLM
     greedy, and transformers speculative sampling when `draft.sample_temperature` is set. `alone`: the teacher's
     own run on these prompts from an earlier call (the result's `alone`), to compare several drafts to one run."""
@@ -234,18 +299,32 @@ def measure_draft(teacher: str, student: str, prompts: list[str], cfg: Pipeline,
     distill_dir = None
     if d.distill:
         distill_dir = out_dir.parent / f"{out_dir.name}-distill"
-        distilled = distill_draft(teacher, student, distill_prompts(cfg, teacher, prompts), distill_dir, d.distill,
-                                  callbacks, cfg.student.trust_remote_code)
+        distilled = distill_draft(
+            teacher,
+            student,
+            distill_prompts(cfg, teacher, prompts),
+            distill_dir,
+            d.distill,
+            callbacks,
+            cfg.student.trust_remote_code,
+        )
         student = str(distill_dir)
     made = make_draft(teacher, student, out_dir.parent / f"{out_dir.name}-model")
     draft = made["path"]
-    base = {"model": teacher, "prompts": prompts, "max_tokens": d.max_tokens, "enforce_eager": d.enforce_eager,
-            "max_model_len": d.max_model_len, "dtype": cfg.generate.dtype,
-            "gpu_memory_utilization": cfg.generate.gpu_memory_utilization}
+    base = {
+        "model": teacher,
+        "prompts": prompts,
+        "max_tokens": d.max_tokens,
+        "enforce_eager": d.enforce_eager,
+        "max_model_len": d.max_model_len,
+        "dtype": cfg.generate.dtype,
+        "gpu_memory_utilization": cfg.generate.gpu_memory_utilization,
+    }
     if alone is None:
         alone = run_worker("tasks.draft", {**base, "draft": None}, kv_cache_gib=cfg.generate.kv_cache_gib)
-    spec = run_worker("tasks.draft", {**base, "draft": draft, "k": d.num_speculative_tokens},
-                      kv_cache_gib=cfg.generate.kv_cache_gib)
+    spec = run_worker(
+        "tasks.draft", {**base, "draft": draft, "k": d.num_speculative_tokens}, kv_cache_gib=cfg.generate.kv_cache_gib
+    )
     m = spec["metrics"]
     proposed, accepted, drafts = m.get("num_draft_tokens", 0), m.get("num_accepted_tokens", 0), m.get("num_drafts", 0)
     per_pos = m.get("accepted_per_pos", [])
@@ -254,7 +333,9 @@ def measure_draft(teacher: str, student: str, prompts: list[str], cfg: Pipeline,
         "mean_accepted_length": 1 + accepted / drafts if drafts else 1.0,
         "teacher_tokens_per_s": alone["tokens"] / alone["seconds"],
         "teacher_with_draft_tokens_per_s": spec["tokens"] / spec["seconds"],
-        "num_drafts": drafts, "num_draft_tokens": proposed, "num_accepted_tokens": accepted,
+        "num_drafts": drafts,
+        "num_draft_tokens": proposed,
+        "num_accepted_tokens": accepted,
         "outputs_identical": float(alone["texts"] == spec["texts"]),
         "vocab_padded": float(made["padded_from"] is not None),
     }
@@ -262,17 +343,41 @@ def measure_draft(teacher: str, student: str, prompts: list[str], cfg: Pipeline,
     for i, n in enumerate(per_pos):
         figures[f"acceptance_pos_{i + 1}"] = n / drafts if drafts else 0.0
     if d.sample_temperature:
-        figures.update(assisted_acceptance(teacher, draft, prompts[: d.sample_prompts], d.num_speculative_tokens,
-                                           d.sample_temperature, d.max_tokens))
-    figures.update({f"distill_{k}": v for k, v in distilled.items()
-                    if k in ("steps", "train_seconds", "final_loss", "train_loss")})
+        figures.update(
+            assisted_acceptance(
+                teacher,
+                draft,
+                prompts[: d.sample_prompts],
+                d.num_speculative_tokens,
+                d.sample_temperature,
+                d.max_tokens,
+            )
+        )
+    figures.update(
+        {f"distill_{k}": v for k, v in distilled.items() if k in ("steps", "train_seconds", "final_loss", "train_loss")}
+    )
     with atomic_dir(out_dir) as tmp:
-        (tmp / "samples.json").write_text(json.dumps(
-            [{"prompt": p, "teacher": a, "with_draft": s}
-             for p, a, s in zip(prompts[:10], alone["texts"], spec["texts"], strict=False)], indent=2))
-        write_manifest(tmp, {"kind": "draft", "teacher": teacher, "draft": draft, "student": student,
-                             "num_speculative_tokens": d.num_speculative_tokens,
-                             "distill": d.distill.model_dump() if d.distill else None, "figures": figures})
+        (tmp / "samples.json").write_text(
+            json.dumps(
+                [
+                    {"prompt": p, "teacher": a, "with_draft": s}
+                    for p, a, s in zip(prompts[:10], alone["texts"], spec["texts"], strict=False)
+                ],
+                indent=2,
+            )
+        )
+        write_manifest(
+            tmp,
+            {
+                "kind": "draft",
+                "teacher": teacher,
+                "draft": draft,
+                "student": student,
+                "num_speculative_tokens": d.num_speculative_tokens,
+                "distill": d.distill.model_dump() if d.distill else None,
+                "figures": figures,
+            },
+        )
     return {"draft": draft, "figures": figures, "alone": alone, "distilled": str(distill_dir) if distill_dir else None}
 
 
@@ -283,11 +388,21 @@ def _worker(spec_file: str) -> None:
 
     kwargs = {}
     if spec["draft"]:
-        kwargs["speculative_config"] = {"method": "draft_model", "model": spec["draft"],
-                                        "num_speculative_tokens": spec["k"]}
-    llm = LLM(model=spec["model"], dtype=spec["dtype"], max_model_len=spec["max_model_len"],
-              enforce_eager=spec["enforce_eager"], gpu_memory_utilization=spec["gpu_memory_utilization"],
-              disable_log_stats=False, seed=0, **kwargs)
+        kwargs["speculative_config"] = {
+            "method": "draft_model",
+            "model": spec["draft"],
+            "num_speculative_tokens": spec["k"],
+        }
+    llm = LLM(
+        model=spec["model"],
+        dtype=spec["dtype"],
+        max_model_len=spec["max_model_len"],
+        enforce_eager=spec["enforce_eager"],
+        gpu_memory_utilization=spec["gpu_memory_utilization"],
+        disable_log_stats=False,
+        seed=0,
+        **kwargs,
+    )
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"])
     llm.generate(spec["prompts"][:2], params, use_tqdm=False)  # warm-up, excluded from timing and counters
     before = _spec_counters(llm.get_metrics(), Counter, Vector)
@@ -296,12 +411,14 @@ def _worker(spec_file: str) -> None:
     seconds = time.perf_counter() - start
     after = _spec_counters(llm.get_metrics(), Counter, Vector)
     metrics = {k: after[k] - before.get(k, 0) for k in after if k != "accepted_per_pos"}
-    metrics["accepted_per_pos"] = [a - b for a, b in zip(after.get("accepted_per_pos", []),
-                                                         before.get("accepted_per_pos", [0] * 64), strict=False)]
+    metrics["accepted_per_pos"] = [
+        a - b for a, b in zip(after.get("accepted_per_pos", []), before.get("accepted_per_pos", [0] * 64), strict=False)
+    ]
     texts = [o.outputs[0].text for o in outs]
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    Path(spec["result_file"]).write_text(json.dumps({"texts": texts, "tokens": tokens, "seconds": seconds,
-                                                     "metrics": metrics}))
+    Path(spec["result_file"]).write_text(
+        json.dumps({"texts": texts, "tokens": tokens, "seconds": seconds, "metrics": metrics})
+    )
 
 
 def _spec_counters(snapshot, Counter, Vector) -> dict:
@@ -320,8 +437,14 @@ def _spec_counters(snapshot, Counter, Vector) -> dict:
 def draft_task(cfg: Pipeline, ctx: RunContext, teacher: str, draft: str) -> dict:
     with ctx.tracker().stage("draft", ctx.parent_run_id) as run:
         run.log_params({"draft_model": draft, **cfg.draft.model_dump()})
-        result = measure_draft(teacher, draft, draft_prompts(cfg, teacher), cfg, ctx.stage_dir("draft"),
-                               callbacks=[mlflow_callback(run)] if cfg.draft.distill else None)
+        result = measure_draft(
+            teacher,
+            draft,
+            draft_prompts(cfg, teacher),
+            cfg,
+            ctx.stage_dir("draft"),
+            callbacks=[mlflow_callback(run)] if cfg.draft.distill else None,
+        )
         run.log_metrics(result["figures"])
         if result["distilled"]:
             import matplotlib.pyplot as plt

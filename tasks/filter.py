@@ -52,8 +52,9 @@ NUM_PERM = 128  # MinHash size: Jaccard estimate std ~0.03 near 0.9
 
 def think_ok(text: str) -> bool:
     m = THINK.match(text)
-    return bool(m and m["body"].strip() and "<think>" not in m["body"] and "</think>" not in m["after"]
-                and m["after"].strip())
+    return bool(
+        m and m["body"].strip() and "<think>" not in m["body"] and "</think>" not in m["after"] and m["after"].strip()
+    )
 
 
 def answer_part(text: str) -> str:
@@ -256,8 +257,11 @@ def eval_texts(task_names: list[str], root: Path = EVALS) -> list[str]:
                 texts += [str(r[field[1]]) for r in read_jsonl(folder / rel) if field[1] in r]
                 found = True
         if not found:
-            log.warning("filter: eval task %r has no YAML with a {{field}} doc_to_text and jsonl data_files; "
-                        "traces are not decontaminated against it", name)
+            log.warning(
+                "filter: eval task %r has no YAML with a {{field}} doc_to_text and jsonl data_files; "
+                "traces are not decontaminated against it",
+                name,
+            )
     return texts
 
 
@@ -271,8 +275,10 @@ class NearDuplicates:
         try:
             from datasketch import MinHash
         except ImportError as e:
-            raise ImportError("filter.near_dedupe needs datasketch: pip install 'datasketch==2.0.0' "
-                              "(or set filter.near_dedupe: false)") from e
+            raise ImportError(
+                "filter.near_dedupe needs datasketch: pip install 'datasketch==2.0.0' "
+                "(or set filter.near_dedupe: false)"
+            ) from e
         self.minhash, self.threshold, self.ngram = MinHash, threshold, ngram
         self.proto = MinHash(num_perm=NUM_PERM, seed=1)  # shared permutations: no per-trace RNG set-up
         self.kept: dict[str, list] = defaultdict(list)
@@ -386,8 +392,11 @@ def filter_traces(rows: list[dict], cfg: FilterConfig, eval_set: Sequence[str] =
         hist[min(len(passing.get(p, ())) * PASS_RATE_BINS // t, PASS_RATE_BINS - 1)] += 1
     edges = [round(i / PASS_RATE_BINS, 2) for i in range(PASS_RATE_BINS + 1)]
     report = {
-        "input": len(rows), "kept": len(kept), "dropped": {r: dropped.get(r, 0) for r in RULES},
-        "keep_rate": len(kept) / len(rows) if rows else 0.0, "prompts": len(total),
+        "input": len(rows),
+        "kept": len(kept),
+        "dropped": {r: dropped.get(r, 0) for r in RULES},
+        "keep_rate": len(kept) / len(rows) if rows else 0.0,
+        "prompts": len(total),
         "prompts_with_a_kept_trace": len(per_prompt_kept),
         "kept_per_prompt_histogram": dict(sorted(Counter(per_prompt_kept.get(p, 0) for p in total).items())),
         "pass_rate_per_prompt": {
@@ -430,8 +439,12 @@ def run_filter(cfg: Pipeline, traces: Path, out_dir: Path) -> dict:
     f = cfg.filter
     eval_set = eval_texts(cfg.evaluate.tasks) if f.decontaminate else []
     kept, report = filter_traces(rows, f, eval_set)
-    report["decontamination"] = {"enabled": f.decontaminate, "eval_tasks": cfg.evaluate.tasks,
-                                 "eval_texts": len(eval_set), "ngram": f.decontam_ngram}
+    report["decontamination"] = {
+        "enabled": f.decontaminate,
+        "eval_tasks": cfg.evaluate.tasks,
+        "eval_texts": len(eval_set),
+        "ngram": f.decontam_ngram,
+    }
     prompt_ids = list(dict.fromkeys(r["prompt_id"] for r in kept))
     held_ids = set(prompt_ids[max(0, len(prompt_ids) - f.holdout_prompts) :]) if f.holdout_prompts else set()
     heldout = [r for r in kept if r["prompt_id"] in held_ids]
@@ -443,8 +456,11 @@ def run_filter(cfg: Pipeline, traces: Path, out_dir: Path) -> dict:
             write_jsonl(tmp / "heldout.jsonl", heldout)
         atomic_write_text(tmp / "report.json", json.dumps(report, indent=2))
         write_manifest(tmp, {"kind": "traces", "source": str(traces), "report": report})
-    return {"path": str(out_dir / "kept.jsonl"), "report": report,
-            "heldout": str(out_dir / "heldout.jsonl") if heldout else None}
+    return {
+        "path": str(out_dir / "kept.jsonl"),
+        "report": report,
+        "heldout": str(out_dir / "heldout.jsonl") if heldout else None,
+    }
 
 
 @task(name="filter", cache_policy=NO_CACHE)
@@ -453,10 +469,17 @@ def filter_task(cfg: Pipeline, ctx: RunContext, traces: str) -> dict:
         run.log_params(cfg.filter.model_dump())
         result = run_filter(cfg, Path(traces), ctx.stage_dir("filter"))
         rep = result["report"]
-        run.log_metrics({"input": rep["input"], "kept": rep["kept"], "keep_rate": rep["keep_rate"],
-                         "prompts": rep["prompts"], "prompts_with_a_kept_trace": rep["prompts_with_a_kept_trace"],
-                         "pass_rate_mean": rep["pass_rate_per_prompt"]["mean"],
-                         **{f"dropped.{k}": v for k, v in rep["dropped"].items()}})
+        run.log_metrics(
+            {
+                "input": rep["input"],
+                "kept": rep["kept"],
+                "keep_rate": rep["keep_rate"],
+                "prompts": rep["prompts"],
+                "prompts_with_a_kept_trace": rep["prompts_with_a_kept_trace"],
+                "pass_rate_mean": rep["pass_rate_per_prompt"]["mean"],
+                **{f"dropped.{k}": v for k, v in rep["dropped"].items()},
+            }
+        )
         run.log_dict(rep, "filter_report.json")
         import matplotlib.pyplot as plt
 

@@ -41,8 +41,15 @@ LOGPROB_COLUMNS = ("token_ids", "token_logprobs", "top_ids", "top_logprobs")
 
 
 def sampling_dict(g: GenerateConfig) -> dict:
-    return {"n": g.n, "temperature": g.temperature, "top_p": g.top_p, "max_tokens": g.max_tokens,
-            "stop": g.stop, "seed": g.seed, "logprobs": g.logprobs}
+    return {
+        "n": g.n,
+        "temperature": g.temperature,
+        "top_p": g.top_p,
+        "max_tokens": g.max_tokens,
+        "stop": g.stop,
+        "seed": g.seed,
+        "logprobs": g.logprobs,
+    }
 
 
 def teacher_id(cfg: Pipeline, resolved: str) -> str:
@@ -53,9 +60,17 @@ def teacher_id(cfg: Pipeline, resolved: str) -> str:
 
 def shard_key(cfg: Pipeline, tid: str, shard: list[dict]) -> str:
     g = cfg.generate
-    blob = json.dumps({"teacher": tid, "revision": cfg.teacher.revision, "backend": g.backend,
-                       "sampling": sampling_dict(g), "logprobs_mode": g.logprobs_mode,
-                       "prompts": [[p["id"], p["prompt_text"]] for p in shard]}, sort_keys=True)
+    blob = json.dumps(
+        {
+            "teacher": tid,
+            "revision": cfg.teacher.revision,
+            "backend": g.backend,
+            "sampling": sampling_dict(g),
+            "logprobs_mode": g.logprobs_mode,
+            "prompts": [[p["id"], p["prompt_text"]] for p in shard],
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -70,8 +85,13 @@ def prepare_prompts(cfg: Pipeline, teacher: str) -> list[dict]:
     if not prompts:
         raise ValueError("generate: the data section produced no prompts")
     # an endpoint needs no local tokenizer: plain prompts go as they are, the chat API applies the server's template
-    tok = None if cfg.generate.backend == "openai" else AutoTokenizer.from_pretrained(
-        teacher, revision=cfg.teacher.revision, trust_remote_code=cfg.teacher.trust_remote_code)
+    tok = (
+        None
+        if cfg.generate.backend == "openai"
+        else AutoTokenizer.from_pretrained(
+            teacher, revision=cfg.teacher.revision, trust_remote_code=cfg.teacher.trust_remote_code
+        )
+    )
     for p in prompts:
         text = p["prompt"] if tok is None else render_prompt(tok, p["prompt"], cfg.data)
         if cfg.generate.think_prefill and not text.rstrip().endswith("<think>"):
@@ -83,18 +103,36 @@ def prepare_prompts(cfg: Pipeline, teacher: str) -> list[dict]:
 def make_engine(cfg: Pipeline, teacher: str):
     g = cfg.generate
     if g.backend == "vllm":
-        return VLLMEngine({"model": teacher, "revision": cfg.teacher.revision,
-                           "trust_remote_code": cfg.teacher.trust_remote_code, "dtype": g.dtype,
-                           "max_model_len": g.max_model_len, "enforce_eager": g.enforce_eager,
-                           "gpu_memory_utilization": g.gpu_memory_utilization,
-                           "tensor_parallel_size": g.tensor_parallel_size, "data_parallel_size": g.data_parallel_size,
-                           "seed": g.seed, "logprobs_mode": g.logprobs_mode, "max_logprobs": max(20, g.logprobs)},
-                           kv_cache_gib=g.kv_cache_gib)
+        return VLLMEngine(
+            {
+                "model": teacher,
+                "revision": cfg.teacher.revision,
+                "trust_remote_code": cfg.teacher.trust_remote_code,
+                "dtype": g.dtype,
+                "max_model_len": g.max_model_len,
+                "enforce_eager": g.enforce_eager,
+                "gpu_memory_utilization": g.gpu_memory_utilization,
+                "tensor_parallel_size": g.tensor_parallel_size,
+                "data_parallel_size": g.data_parallel_size,
+                "seed": g.seed,
+                "logprobs_mode": g.logprobs_mode,
+                "max_logprobs": max(20, g.logprobs),
+            },
+            kv_cache_gib=g.kv_cache_gib,
+        )
     if g.backend == "transformers":
         return HFEngine(teacher, cfg.teacher.revision, cfg.teacher.trust_remote_code, g.batch_size)
     o = g.openai
-    return OpenAIEngine(o.base_url, o.model, o.api_key_env, cache_root(cfg).parent / "openai", o.max_concurrency,
-                        o.max_retries, o.timeout, chat=cfg.data.chat_template)
+    return OpenAIEngine(
+        o.base_url,
+        o.model,
+        o.api_key_env,
+        cache_root(cfg).parent / "openai",
+        o.max_concurrency,
+        o.max_retries,
+        o.timeout,
+        chat=cfg.data.chat_template,
+    )
 
 
 class LazyEngine:
@@ -118,16 +156,26 @@ def write_logprobs(path: Path, rows: list[dict]) -> None:
     import pyarrow.parquet as pq
 
     f16 = pa.float16()
-    schema = pa.schema([("prompt_id", pa.string()), ("sample", pa.int32()), ("token_ids", pa.list_(pa.int32())),
-                        ("token_logprobs", pa.list_(f16)), ("top_ids", pa.list_(pa.list_(pa.int32()))),
-                        ("top_logprobs", pa.list_(pa.list_(f16)))])
+    schema = pa.schema(
+        [
+            ("prompt_id", pa.string()),
+            ("sample", pa.int32()),
+            ("token_ids", pa.list_(pa.int32())),
+            ("token_logprobs", pa.list_(f16)),
+            ("top_ids", pa.list_(pa.list_(pa.int32()))),
+            ("top_logprobs", pa.list_(pa.list_(f16))),
+        ]
+    )
     import numpy as np
 
-    cols = {"prompt_id": [r["prompt_id"] for r in rows], "sample": [r["sample"] for r in rows],
-            "token_ids": [r["token_ids"] for r in rows],
-            "token_logprobs": [np.asarray(r["token_logprobs"], dtype=np.float16) for r in rows],
-            "top_ids": [r["top_ids"] for r in rows],
-            "top_logprobs": [[np.asarray(x, dtype=np.float16) for x in r["top_logprobs"]] for r in rows]}
+    cols = {
+        "prompt_id": [r["prompt_id"] for r in rows],
+        "sample": [r["sample"] for r in rows],
+        "token_ids": [r["token_ids"] for r in rows],
+        "token_logprobs": [np.asarray(r["token_logprobs"], dtype=np.float16) for r in rows],
+        "top_ids": [r["top_ids"] for r in rows],
+        "top_logprobs": [[np.asarray(x, dtype=np.float16) for x in r["top_logprobs"]] for r in rows],
+    }
     pq.write_table(pa.table(cols, schema=schema), path, compression="zstd")
 
 
@@ -142,10 +190,22 @@ def run_shard(cfg: Pipeline, tid: str, shard: list[dict], dest: Path, engine) ->
     rows, lp_rows = [], []
     for p, outs in zip(shard, result["samples"], strict=True):
         for i, o in enumerate(outs):
-            rows.append({"prompt_id": p["id"], "prompt": p["prompt"], "prompt_text": p["prompt_text"],
-                         "answer": p["answer"], "sample": i, "completion": o["text"],
-                         "num_tokens": o["num_tokens"], "finish_reason": o["finish_reason"], "teacher": tid,
-                         "teacher_revision": cfg.teacher.revision, "backend": g.backend, "sampling": sampling})
+            rows.append(
+                {
+                    "prompt_id": p["id"],
+                    "prompt": p["prompt"],
+                    "prompt_text": p["prompt_text"],
+                    "answer": p["answer"],
+                    "sample": i,
+                    "completion": o["text"],
+                    "num_tokens": o["num_tokens"],
+                    "finish_reason": o["finish_reason"],
+                    "teacher": tid,
+                    "teacher_revision": cfg.teacher.revision,
+                    "backend": g.backend,
+                    "sampling": sampling,
+                }
+            )
             if g.logprobs and "top_ids" in o:
                 lp_rows.append({"prompt_id": p["id"], "sample": i, **{c: o[c] for c in LOGPROB_COLUMNS}})
     tokens = sum(r["num_tokens"] for r in rows)
@@ -153,8 +213,14 @@ def run_shard(cfg: Pipeline, tid: str, shard: list[dict], dest: Path, engine) ->
         write_jsonl(tmp / "traces.jsonl", rows)
         if lp_rows:
             write_logprobs(tmp / "logprobs.parquet", lp_rows)
-        manifest = {"kind": "shard", "prompts": len(shard), "samples": len(rows), "tokens": tokens,
-                    "seconds": result["seconds"], "logprobs": bool(lp_rows)}
+        manifest = {
+            "kind": "shard",
+            "prompts": len(shard),
+            "samples": len(rows),
+            "tokens": tokens,
+            "seconds": result["seconds"],
+            "logprobs": bool(lp_rows),
+        }
         write_manifest(tmp, manifest)
     return {**manifest, "cached": False}
 
@@ -179,10 +245,17 @@ def generate(cfg: Pipeline, out_dir: Path, shard_runner: Callable = run_shard) -
     fresh = [m for m in manifests if not m["cached"]]
     seconds = sum(m["seconds"] for m in fresh)
     fresh_tokens = sum(m["tokens"] for m in fresh)
-    figures = {"prompts": len(prompts), "samples": len(rows), "generated_tokens": tokens,
-               "shards": len(shards), "shards_cached": len(manifests) - len(fresh), "shards_generated": len(fresh),
-               "generate_seconds": seconds, "tokens_per_s": fresh_tokens / seconds if seconds else 0.0,
-               "mean_completion_tokens": tokens / len(rows)}
+    figures = {
+        "prompts": len(prompts),
+        "samples": len(rows),
+        "generated_tokens": tokens,
+        "shards": len(shards),
+        "shards_cached": len(manifests) - len(fresh),
+        "shards_generated": len(fresh),
+        "generate_seconds": seconds,
+        "tokens_per_s": fresh_tokens / seconds if seconds else 0.0,
+        "mean_completion_tokens": tokens / len(rows),
+    }
     with atomic_dir(out_dir) as tmp:
         write_jsonl(tmp / "traces.jsonl", rows)
         logprobs = None
@@ -193,15 +266,31 @@ def generate(cfg: Pipeline, out_dir: Path, shard_runner: Callable = run_shard) -
             if parts:
                 import pyarrow as pa
 
-                pq.write_table(pa.concat_tables([pq.read_table(p) for p in parts]), tmp / "logprobs.parquet",
-                               compression="zstd")
+                pq.write_table(
+                    pa.concat_tables([pq.read_table(p) for p in parts]), tmp / "logprobs.parquet", compression="zstd"
+                )
                 size_bytes = (tmp / "logprobs.parquet").stat().st_size
                 figures["logprob_bytes_per_token"] = size_bytes / max(tokens, 1)
-            logprobs = {"k": g.logprobs, "mode": g.logprobs_mode, "dtype": "float16", "file": "logprobs.parquet",
-                        "available": bool(parts)}
-        write_manifest(tmp, {"kind": "traces", "teacher": tid, "teacher_revision": cfg.teacher.revision,
-                             "backend": g.backend, "sampling": sampling_dict(g), "logprobs": logprobs,
-                             "shards": [str(d) for d in dests], "figures": figures})
+            logprobs = {
+                "k": g.logprobs,
+                "mode": g.logprobs_mode,
+                "dtype": "float16",
+                "file": "logprobs.parquet",
+                "available": bool(parts),
+            }
+        write_manifest(
+            tmp,
+            {
+                "kind": "traces",
+                "teacher": tid,
+                "teacher_revision": cfg.teacher.revision,
+                "backend": g.backend,
+                "sampling": sampling_dict(g),
+                "logprobs": logprobs,
+                "shards": [str(d) for d in dests],
+                "figures": figures,
+            },
+        )
     return {"path": str(out_dir / "traces.jsonl"), "figures": figures}
 
 
@@ -216,8 +305,14 @@ def generate_task(cfg: Pipeline, ctx: RunContext) -> dict:
 
     tracker = ctx.tracker()
     with tracker.stage("generate", ctx.parent_run_id) as run:
-        run.log_params({"teacher": cfg.teacher.path, "teacher_revision": cfg.teacher.revision,
-                        **cfg.generate.model_dump(exclude={"openai"}), "data": cfg.data.model_dump()})
+        run.log_params(
+            {
+                "teacher": cfg.teacher.path,
+                "teacher_revision": cfg.teacher.revision,
+                **cfg.generate.model_dump(exclude={"openai"}),
+                "data": cfg.data.model_dump(),
+            }
+        )
         result = generate(cfg, ctx.stage_dir("generate"), shard_runner=generate_shard_task)
         run.log_metrics(result["figures"])
         rows = read_jsonl(Path(result["path"]))

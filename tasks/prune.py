@@ -50,6 +50,7 @@ def layer_importance(model, tokenizer, texts: list[str], max_length: int, batch_
             h_out = output[0] if isinstance(output, tuple) else output
             cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)
             sums[i] += ((1 - cos) * mask_holder["m"]).sum().double()
+
         return fn
 
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
@@ -88,8 +89,14 @@ def drop_layers(model, drop: list[int]) -> None:
 def _masked_batches(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 16):
     """Calibration batches on the model's device, with the float mask of real tokens."""
     for b in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[b : b + batch_size], return_tensors="pt", padding=True, truncation=True,
-                        max_length=max_length, add_special_tokens=False).to(model.device)
+        enc = tokenizer(
+            texts[b : b + batch_size],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            add_special_tokens=False,
+        ).to(model.device)
         yield enc, enc["attention_mask"].float()
 
 
@@ -108,6 +115,7 @@ def width_importance(model, tokenizer, texts: list[str], max_length: int) -> tup
         def fn(module, args):
             m = state["mask"][..., None]
             mlp[i] += (args[0].float().abs() * m).sum((0, 1)).double().cpu()
+
         return fn
 
     def on_o(i):
@@ -115,11 +123,17 @@ def width_importance(model, tokenizer, texts: list[str], max_length: int) -> tup
             x = args[0].float()
             norms = x.view(*x.shape[:-1], -1, head_dim).norm(dim=-1)  # [B, T, heads]
             heads[i] += (norms * state["mask"][..., None]).sum((0, 1)).double().cpu()
+
         return fn
 
-    handles = [h for i, layer in enumerate(layers) for h in (
-        layer.mlp.down_proj.register_forward_pre_hook(on_down(i)),
-        layer.self_attn.o_proj.register_forward_pre_hook(on_o(i)))]
+    handles = [
+        h
+        for i, layer in enumerate(layers)
+        for h in (
+            layer.mlp.down_proj.register_forward_pre_hook(on_down(i)),
+            layer.self_attn.o_proj.register_forward_pre_hook(on_o(i)),
+        )
+    ]
     try:
         model.eval()
         for enc, mask in _masked_batches(model, tokenizer, texts, max_length):
@@ -141,8 +155,9 @@ def _head_dim(config) -> int:
 def _linear(weight, bias=None):
     import torch
 
-    out = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype,
-                          device=weight.device)
+    out = torch.nn.Linear(
+        weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype, device=weight.device
+    )
     with torch.no_grad():
         out.weight.copy_(weight)
         if bias is not None:
@@ -158,8 +173,9 @@ def _cols(linear, idx):
     return _linear(linear.weight[:, idx], linear.bias)
 
 
-def prune_width(model, mlp_importance: list, head_importance: list, intermediate_size: int | None,
-                num_heads: int | None) -> dict:
+def prune_width(
+    model, mlp_importance: list, head_importance: list, intermediate_size: int | None, num_heads: int | None
+) -> dict:
     """Keep the `intermediate_size` most important MLP neurons and `num_heads` query heads (whole KV groups) in
     every layer, in place; the config is updated to the new shapes. Returns what was kept per layer."""
     import torch
@@ -170,11 +186,14 @@ def prune_width(model, mlp_importance: list, head_importance: list, intermediate
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
     group = n_heads // n_kv
     if intermediate_size is not None and intermediate_size > cfg.intermediate_size:
-        raise ValueError(f"prune.width.intermediate_size: {intermediate_size} is above the model's "
-                         f"{cfg.intermediate_size}")
+        raise ValueError(
+            f"prune.width.intermediate_size: {intermediate_size} is above the model's {cfg.intermediate_size}"
+        )
     if num_heads is not None and (num_heads > n_heads or num_heads % group):
-        raise ValueError(f"prune.width.num_attention_heads: {num_heads} must be at most {n_heads} and a multiple of "
-                         f"{group} (query heads per KV group: {n_heads} heads, {n_kv} KV heads)")
+        raise ValueError(
+            f"prune.width.num_attention_heads: {num_heads} must be at most {n_heads} and a multiple of "
+            f"{group} (query heads per KV group: {n_heads} heads, {n_kv} KV heads)"
+        )
     kept: dict = {"mlp": [], "kv_groups": []}
     for i, layer in enumerate(layers):
         if intermediate_size is not None:
@@ -206,8 +225,16 @@ def prune_width(model, mlp_importance: list, head_importance: list, intermediate
     return kept
 
 
-def heal(pruned, teacher, tokenizer, texts: list[str], h: HealConfig, out_dir: Path, bf16: bool = False,
-         callbacks: list | None = None) -> dict:
+def heal(
+    pruned,
+    teacher,
+    tokenizer,
+    texts: list[str],
+    h: HealConfig,
+    out_dir: Path,
+    bf16: bool = False,
+    callbacks: list | None = None,
+) -> dict:
     """Distil the unpruned model's full next-token distribution into the pruned one (forward KL, T² scaled) on
     `texts`, every real token counted. Returns the trainer's loss history and figures."""
     import torch
@@ -232,17 +259,36 @@ def heal(pruned, teacher, tokenizer, texts: list[str], h: HealConfig, out_dir: P
 
     enc = tokenizer(texts, truncation=True, max_length=h.max_length, add_special_tokens=False)
     data = Dataset.from_dict({"input_ids": enc["input_ids"]})
-    params = SFTParams(epochs=h.epochs, max_steps=h.max_steps, learning_rate=h.learning_rate,
-                       batch_size=h.batch_size, max_length=h.max_length, bf16=bf16, logging_steps=10)
+    params = SFTParams(
+        epochs=h.epochs,
+        max_steps=h.max_steps,
+        learning_rate=h.learning_rate,
+        batch_size=h.batch_size,
+        max_length=h.max_length,
+        bf16=bf16,
+        logging_steps=10,
+    )
     args = TrainingArguments(**common_args(params, out_dir), remove_unused_columns=False)
-    trainer = guard_finite(HealTrainer(model=pruned, args=args, train_dataset=data, processing_class=tokenizer,
-                                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
-                                       callbacks=callbacks or []), "heal")
+    trainer = guard_finite(
+        HealTrainer(
+            model=pruned,
+            args=args,
+            train_dataset=data,
+            processing_class=tokenizer,
+            data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+            callbacks=callbacks or [],
+        ),
+        "heal",
+    )
     result = trainer.train()
     losses = [x["loss"] for x in trainer.state.log_history if "loss" in x]
-    return {"heal_steps": trainer.state.global_step, "heal_seconds": float(result.metrics["train_runtime"]),
-            "heal_loss_first": losses[0] if losses else float("nan"),
-            "heal_loss_last": losses[-1] if losses else float("nan"), "heal_history": trainer.state.log_history}
+    return {
+        "heal_steps": trainer.state.global_step,
+        "heal_seconds": float(result.metrics["train_runtime"]),
+        "heal_loss_first": losses[0] if losses else float("nan"),
+        "heal_loss_last": losses[-1] if losses else float("nan"),
+        "heal_history": trainer.state.log_history,
+    }
 
 
 def save_checked(model, tok, out_dir: Path, manifest: dict) -> None:
@@ -262,8 +308,16 @@ def save_checked(model, tok, out_dir: Path, manifest: dict) -> None:
         write_manifest(tmp, manifest)
 
 
-def prune(model_path: str, texts: list[str], cfg: PruneConfig, out_dir: Path, trust_remote_code: bool = False,
-          unhealed_dir: Path | None = None, bf16: bool = False, callbacks: list | None = None) -> dict:
+def prune(
+    model_path: str,
+    texts: list[str],
+    cfg: PruneConfig,
+    out_dir: Path,
+    trust_remote_code: bool = False,
+    unhealed_dir: Path | None = None,
+    bf16: bool = False,
+    callbacks: list | None = None,
+) -> dict:
     """Depth and/or width pruning of `model_path` into `out_dir`; with `cfg.heal`, the unhealed model goes to
     `unhealed_dir` and the healed one to `out_dir`."""
     import copy
@@ -291,13 +345,25 @@ def prune(model_path: str, texts: list[str], cfg: PruneConfig, out_dir: Path, tr
         mlp_imp, head_imp = width_importance(model, tok, calib, cfg.max_length)  # measured after the depth cut
         kept = prune_width(model, mlp_imp, head_imp, cfg.width.intermediate_size, cfg.width.num_attention_heads)
     c = model.config
-    figures = {"layers_before": n_layers, "layers_after": c.num_hidden_layers,
-               "intermediate_before": shape_before["intermediate_size"], "intermediate_after": c.intermediate_size,
-               "heads_before": shape_before["num_attention_heads"], "heads_after": c.num_attention_heads,
-               "params_before": params_before, "params_after": model.num_parameters(),
-               "param_ratio": model.num_parameters() / params_before}
-    manifest = {"kind": "model", "base": model_path, "importance": importance, "dropped": drop,
-                "width_kept": kept, "figures": figures}
+    figures = {
+        "layers_before": n_layers,
+        "layers_after": c.num_hidden_layers,
+        "intermediate_before": shape_before["intermediate_size"],
+        "intermediate_after": c.intermediate_size,
+        "heads_before": shape_before["num_attention_heads"],
+        "heads_after": c.num_attention_heads,
+        "params_before": params_before,
+        "params_after": model.num_parameters(),
+        "param_ratio": model.num_parameters() / params_before,
+    }
+    manifest = {
+        "kind": "model",
+        "base": model_path,
+        "importance": importance,
+        "dropped": drop,
+        "width_kept": kept,
+        "figures": figures,
+    }
     result = {"path": str(out_dir), "importance": importance, "dropped": drop, "figures": figures}
     if cfg.heal:
         unhealed_dir = unhealed_dir or out_dir.parent / f"{out_dir.name}-unhealed"
@@ -324,9 +390,16 @@ def prune_task(cfg: Pipeline, ctx: RunContext, student: str, traces: str | None)
             texts = [p["prompt"] for p in load_prompts(cfg.data)]
         from tasks.train import mlflow_callback
 
-        result = prune(student, texts, cfg.prune, ctx.stage_dir("prune"), cfg.student.trust_remote_code,
-                       unhealed_dir=ctx.stage_dir("prune-unhealed"), bf16=cfg.train.bf16,
-                       callbacks=[mlflow_callback(run)])
+        result = prune(
+            student,
+            texts,
+            cfg.prune,
+            ctx.stage_dir("prune"),
+            cfg.student.trust_remote_code,
+            unhealed_dir=ctx.stage_dir("prune-unhealed"),
+            bf16=cfg.train.bf16,
+            callbacks=[mlflow_callback(run)],
+        )
         run.log_metrics(result["figures"])
         run.log_metrics({f"importance.layer_{i}": v for i, v in enumerate(result["importance"])})
         run.log_dict({"importance": result["importance"], "dropped": result["dropped"]}, "layer_importance.json")

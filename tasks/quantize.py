@@ -34,9 +34,12 @@ def bnb_config(fmt: str, cfg: QuantizeConfig):
 
     if fmt == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_use_double_quant=cfg.double_quant,
-                              bnb_4bit_compute_dtype=getattr(torch, cfg.compute_dtype))
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, cfg.compute_dtype),
+    )
 
 
 _PEAK_PROBE = """
@@ -70,8 +73,9 @@ def peak_memory(path: str | Path) -> int:
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", _PEAK_PROBE, str(path)], capture_output=True, text=True,
-                         timeout=1800, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_PROBE, str(path)], capture_output=True, text=True, timeout=1800, check=False
+    )
     if out.returncode != 0:
         raise RuntimeError(f"quantize: peak-memory probe of {path} failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
@@ -92,26 +96,33 @@ def quantize(model_path: str, fmt: str, cfg: QuantizeConfig, out_dir: Path, trus
     params = sum(p.numel() for p in full.parameters())
     full_bytes = full.get_memory_footprint()
     del full
-    model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=bnb_config(fmt, cfg),
-                                                 device_map=device_map, trust_remote_code=trust_remote_code)
-    probe = tok(["Question: a quick probe of the round trip.\nAnswer:"], return_tensors="pt",
-                add_special_tokens=False).to(model.device)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, quantization_config=bnb_config(fmt, cfg), device_map=device_map, trust_remote_code=trust_remote_code
+    )
+    probe = tok(
+        ["Question: a quick probe of the round trip.\nAnswer:"], return_tensors="pt", add_special_tokens=False
+    ).to(model.device)
     with atomic_dir(out_dir) as tmp:
         save_model(model, tok, tmp)
         # Compare with the model as saved: bitsandbytes' CPU path repacks fresh 4-bit weights for its kernel and
         # save_pretrained unpacks them, which moves bf16 logits a little; the file itself must round-trip exactly.
         with torch.no_grad():
             before = model(**probe).logits.float()
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, device_map=device_map,
-                                                        trust_remote_code=trust_remote_code)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, device_map=device_map, trust_remote_code=trust_remote_code)
         with torch.no_grad():
             after = reloaded(**probe).logits.float()
         diff = float((before - after).abs().max())
         if diff > 1e-3:
-            raise RuntimeError(f"quantize {fmt}: the reloaded model differs from the saved one "
-                               f"(max |Δlogit| {diff:.3g})")
-        figures = {"params": params, "memory_bytes": reloaded.get_memory_footprint(),
-                   "full_precision_bytes": full_bytes, "disk_bytes": dir_bytes(tmp), "reload_max_abs_diff": diff}
+            raise RuntimeError(
+                f"quantize {fmt}: the reloaded model differs from the saved one (max |Δlogit| {diff:.3g})"
+            )
+        figures = {
+            "params": params,
+            "memory_bytes": reloaded.get_memory_footprint(),
+            "full_precision_bytes": full_bytes,
+            "disk_bytes": dir_bytes(tmp),
+            "reload_max_abs_diff": diff,
+        }
         figures["compression"] = full_bytes / figures["memory_bytes"]
         figures["peak_bytes"] = peak_memory(tmp)
         write_manifest(tmp, {"kind": "model", "format": fmt, "base": model_path, "figures": figures})

@@ -22,14 +22,21 @@ def build_rows(evals: dict[str, dict], draft: dict | None, draft_label: str | No
     teacher = (evals.get("teacher") or {}).get("figures", {}).get("accuracy")
     for label, res in evals.items():
         f = res["figures"]
-        rows.append({
-            "model": label, "accuracy": f["accuracy"], "stderr": f.get("accuracy_stderr"),
-            "ood_accuracy": f.get("ood_accuracy"), "ood_stderr": f.get("ood_accuracy_stderr"),
-            "recovery": f["accuracy"] / teacher if teacher else None,  # student / teacher
-            "perplexity": f.get("heldout_perplexity"),
-            "params": int(f["params"]), "memory_mb": f["memory_bytes"] / 2**20, "tokens_per_s": f["tokens_per_s"],
-            "draft_acceptance": draft["figures"]["acceptance_rate"] if draft and label == draft_label else None,
-        })
+        rows.append(
+            {
+                "model": label,
+                "accuracy": f["accuracy"],
+                "stderr": f.get("accuracy_stderr"),
+                "ood_accuracy": f.get("ood_accuracy"),
+                "ood_stderr": f.get("ood_accuracy_stderr"),
+                "recovery": f["accuracy"] / teacher if teacher else None,  # student / teacher
+                "perplexity": f.get("heldout_perplexity"),
+                "params": int(f["params"]),
+                "memory_mb": f["memory_bytes"] / 2**20,
+                "tokens_per_s": f["tokens_per_s"],
+                "draft_acceptance": draft["figures"]["acceptance_rate"] if draft and label == draft_label else None,
+            }
+        )
     return rows
 
 
@@ -43,23 +50,48 @@ def render(rows: list[dict], draft: dict | None = None) -> str:
 
     ood = any(r.get("ood_accuracy") is not None for r in rows)  # the column only when evaluate.ood_task is set
     table = tabulate(
-        [[r["model"], acc(r), *([acc(r, "ood_accuracy", "ood_stderr")] if ood else []),
-          "" if r["recovery"] is None else f"{r['recovery']:.1%}",
-          "" if r["perplexity"] is None else f"{r['perplexity']:.3f}", f"{r['params'] / 1e6:.2f}M",
-          f"{r['memory_mb']:.2f}", f"{r['tokens_per_s']:.0f}",
-          "" if r["draft_acceptance"] is None else f"{r['draft_acceptance']:.2f}"] for r in rows],
-        headers=["model", "accuracy", *(["OOD accuracy"] if ood else []), "recovery", "held-out ppl", "params",
-                 "memory MB", "tokens/s", "draft acceptance"], tablefmt="github", disable_numparse=True)
+        [
+            [
+                r["model"],
+                acc(r),
+                *([acc(r, "ood_accuracy", "ood_stderr")] if ood else []),
+                "" if r["recovery"] is None else f"{r['recovery']:.1%}",
+                "" if r["perplexity"] is None else f"{r['perplexity']:.3f}",
+                f"{r['params'] / 1e6:.2f}M",
+                f"{r['memory_mb']:.2f}",
+                f"{r['tokens_per_s']:.0f}",
+                "" if r["draft_acceptance"] is None else f"{r['draft_acceptance']:.2f}",
+            ]
+            for r in rows
+        ],
+        headers=[
+            "model",
+            "accuracy",
+            *(["OOD accuracy"] if ood else []),
+            "recovery",
+            "held-out ppl",
+            "params",
+            "memory MB",
+            "tokens/s",
+            "draft acceptance",
+        ],
+        tablefmt="github",
+        disable_numparse=True,
+    )
     if draft:
         f = draft["figures"]
-        table += (f"\n\ndraft: acceptance {f['acceptance_rate']:.2f}, mean accepted length "
-                  f"{f['mean_accepted_length']:.2f}, teacher {f['teacher_tokens_per_s']:.0f} tok/s alone vs "
-                  f"{f['teacher_with_draft_tokens_per_s']:.0f} with draft (speed-up {f['speedup']:.2f}x), "
-                  f"outputs identical: {bool(f['outputs_identical'])}")
+        table += (
+            f"\n\ndraft: acceptance {f['acceptance_rate']:.2f}, mean accepted length "
+            f"{f['mean_accepted_length']:.2f}, teacher {f['teacher_tokens_per_s']:.0f} tok/s alone vs "
+            f"{f['teacher_with_draft_tokens_per_s']:.0f} with draft (speed-up {f['speedup']:.2f}x), "
+            f"outputs identical: {bool(f['outputs_identical'])}"
+        )
         if "sampled_acceptance_rate" in f:
-            table += (f"; sampled at T={f['sampled_temperature']:g}: acceptance {f['sampled_acceptance_rate']:.2f}, "
-                      f"mean accepted length {f['sampled_mean_accepted_length']:.2f}, speed-up "
-                      f"{f['sampled_speedup']:.2f}x")
+            table += (
+                f"; sampled at T={f['sampled_temperature']:g}: acceptance {f['sampled_acceptance_rate']:.2f}, "
+                f"mean accepted length {f['sampled_mean_accepted_length']:.2f}, speed-up "
+                f"{f['sampled_speedup']:.2f}x"
+            )
         if "distill_steps" in f:
             table += f" (draft aligned to the teacher first: {int(f['distill_steps'])} DistillSpec steps)"
     return table
@@ -120,8 +152,16 @@ def report_task(ctx: RunContext, evals: dict[str, dict], draft: dict | None, dra
         parent.log_dict({"rows": rows, "draft": draft}, "summary.json")
         metrics = {}
         for r in rows:
-            for k in ("accuracy", "ood_accuracy", "recovery", "perplexity", "params", "memory_mb", "tokens_per_s",
-                      "draft_acceptance"):
+            for k in (
+                "accuracy",
+                "ood_accuracy",
+                "recovery",
+                "perplexity",
+                "params",
+                "memory_mb",
+                "tokens_per_s",
+                "draft_acceptance",
+            ):
                 if r.get(k) is not None:
                     metrics[f"{k}.{r['model']}"] = r[k]
         if draft:

@@ -52,14 +52,26 @@ def common_args(params: SFTParams, output_dir: Path) -> dict:
     loss in the logs by the running mean and hide it; it is off, and `guard_finite` stops at the first one."""
     import torch
 
-    return dict(output_dir=str(output_dir.parent / f".{output_dir.name}-trainer"), num_train_epochs=params.epochs,
-                max_steps=params.max_steps, learning_rate=params.learning_rate,
-                per_device_train_batch_size=params.batch_size,
-                gradient_accumulation_steps=params.gradient_accumulation_steps, warmup_steps=params.warmup_ratio,
-                weight_decay=params.weight_decay, lr_scheduler_type=params.lr_scheduler_type, seed=params.seed,
-                logging_steps=params.logging_steps, bf16=params.bf16, use_cpu=not torch.cuda.is_available(),
-                save_strategy="no", report_to=[], include_num_input_tokens_seen="non_padding",
-                logging_nan_inf_filter=False, disable_tqdm=False)
+    return dict(
+        output_dir=str(output_dir.parent / f".{output_dir.name}-trainer"),
+        num_train_epochs=params.epochs,
+        max_steps=params.max_steps,
+        learning_rate=params.learning_rate,
+        per_device_train_batch_size=params.batch_size,
+        gradient_accumulation_steps=params.gradient_accumulation_steps,
+        warmup_steps=params.warmup_ratio,
+        weight_decay=params.weight_decay,
+        lr_scheduler_type=params.lr_scheduler_type,
+        seed=params.seed,
+        logging_steps=params.logging_steps,
+        bf16=params.bf16,
+        use_cpu=not torch.cuda.is_available(),
+        save_strategy="no",
+        report_to=[],
+        include_num_input_tokens_seen="non_padding",
+        logging_nan_inf_filter=False,
+        disable_tqdm=False,
+    )
 
 
 def bnb_config(params: SFTParams):
@@ -71,8 +83,9 @@ def bnb_config(params: SFTParams):
     from tasks.quantize import require_bnb
 
     require_bnb()  # the quantize stage's NF4 (double quant), computing in the training dtype
-    return quantize_config("nf4", QuantizeConfig(double_quant=True, compute_dtype="bfloat16" if params.bf16
-                                                 else "float32"))
+    return quantize_config(
+        "nf4", QuantizeConfig(double_quant=True, compute_dtype="bfloat16" if params.bf16 else "float32")
+    )
 
 
 def load_student(model_path: str, params: SFTParams, trust_remote_code: bool = False):
@@ -81,8 +94,12 @@ def load_student(model_path: str, params: SFTParams, trust_remote_code: bool = F
     from transformers import AutoModelForCausalLM
 
     quant = bnb_config(params)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if params.bf16 else torch.float32,
-                                                 trust_remote_code=trust_remote_code, quantization_config=quant)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path,
+        dtype=torch.bfloat16 if params.bf16 else torch.float32,
+        trust_remote_code=trust_remote_code,
+        quantization_config=quant,
+    )
     if not params.lora:
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -90,9 +107,16 @@ def load_student(model_path: str, params: SFTParams, trust_remote_code: bool = F
     if quant is not None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     lora = params.lora
-    return get_peft_model(model, LoraConfig(r=lora.get("r", 16), lora_alpha=lora.get("alpha", 32),
-                                            lora_dropout=lora.get("dropout", 0.0), task_type="CAUSAL_LM",
-                                            target_modules=lora.get("target_modules", "all-linear")))
+    return get_peft_model(
+        model,
+        LoraConfig(
+            r=lora.get("r", 16),
+            lora_alpha=lora.get("alpha", 32),
+            lora_dropout=lora.get("dropout", 0.0),
+            task_type="CAUSAL_LM",
+            target_modules=lora.get("target_modules", "all-linear"),
+        ),
+    )
 
 
 def guard_finite(trainer, where: str):
@@ -106,8 +130,10 @@ def guard_finite(trainer, where: str):
         out = compute(model, inputs, *args, **kwargs)
         loss = out[0] if isinstance(out, tuple) else out
         if not torch.isfinite(loss.detach()).all():
-            raise FloatingPointError(f"{where}: non-finite loss ({loss.detach().float().mean().item()}) at step "
-                                     f"{trainer.state.global_step}; lower train.learning_rate or check the data")
+            raise FloatingPointError(
+                f"{where}: non-finite loss ({loss.detach().float().mean().item()}) at step "
+                f"{trainer.state.global_step}; lower train.learning_rate or check the data"
+            )
         return out
 
     trainer.compute_loss = checked
@@ -138,8 +164,9 @@ def merged_model(model, params: SFTParams, base_path: str, trust_remote_code: bo
 
         with tempfile.TemporaryDirectory(prefix="distillery-adapter-") as tmp:
             model.save_pretrained(tmp)
-            base = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quant,
-                                                        trust_remote_code=trust_remote_code)
+            base = AutoModelForCausalLM.from_pretrained(
+                base_path, quantization_config=quant, trust_remote_code=trust_remote_code
+            )
             base.dequantize()
             plain = PeftModel.from_pretrained(base, tmp).merge_and_unload()
     with torch.no_grad():
@@ -147,13 +174,26 @@ def merged_model(model, params: SFTParams, base_path: str, trust_remote_code: bo
     diff = float((before - after).abs().max())
     scale = float(before.abs().max())
     if not diff <= 1e-2 * max(1.0, scale):
-        raise RuntimeError(f"train: the merged model's logits differ from the adapter model's by {diff:.3g} "
-                           f"(logit scale {scale:.3g}); refusing to save a model that is not the one trained")
+        raise RuntimeError(
+            f"train: the merged model's logits differ from the adapter model's by {diff:.3g} "
+            f"(logit scale {scale:.3g}); refusing to save a model that is not the one trained"
+        )
     return plain, {"merge_max_abs_logit_diff": diff}
 
 
-def finish(trainer, result, tokenizer, output_dir: Path, trainable: int, examples: int, params: SFTParams,
-           base_path: str, manifest: dict, where: str, trust_remote_code: bool = False) -> dict:
+def finish(
+    trainer,
+    result,
+    tokenizer,
+    output_dir: Path,
+    trainable: int,
+    examples: int,
+    params: SFTParams,
+    base_path: str,
+    manifest: dict,
+    where: str,
+    trust_remote_code: bool = False,
+) -> dict:
     """After any trainer: refuse non-finite losses, save the (merged) model atomically, manifest last, figures."""
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     if losses and not all(math.isfinite(x) for x in losses):
@@ -167,10 +207,17 @@ def finish(trainer, result, tokenizer, output_dir: Path, trainable: int, example
         state_dict = acc.get_state_dict(trainer.model_wrapped)
     seconds = float(result.metrics.get("train_runtime", 0.0))
     tokens = int(trainer.state.num_input_tokens_seen or 0)  # summed over processes by the Trainer
-    figures = {"train_loss": float(result.training_loss), "final_loss": float(losses[-1]) if losses else float("nan"),
-               "steps": int(trainer.state.global_step), "train_seconds": seconds, "trainable_params": int(trainable),
-               "examples": examples, "tokens_seen": tokens, "train_tokens_per_s": tokens / seconds if seconds else 0.0,
-               "world_size": int(trainer.args.world_size)}
+    figures = {
+        "train_loss": float(result.training_loss),
+        "final_loss": float(losses[-1]) if losses else float("nan"),
+        "steps": int(trainer.state.global_step),
+        "train_seconds": seconds,
+        "trainable_params": int(trainable),
+        "examples": examples,
+        "tokens_seen": tokens,
+        "train_tokens_per_s": tokens / seconds if seconds else 0.0,
+        "world_size": int(trainer.args.world_size),
+    }
     # Under `accelerate launch` every process trained the same weights; one writes them, the others never touch
     # output_dir and wait until it is complete, so no process exits while the model is half written.
     if trainer.is_world_process_zero():
@@ -178,8 +225,16 @@ def finish(trainer, result, tokenizer, output_dir: Path, trainable: int, example
         with atomic_dir(output_dir) as tmp:
             save_model(model, tokenizer, tmp, state_dict=state_dict)
         figures.update(params=int(model.num_parameters()), **merge)
-        write_manifest(output_dir, {"kind": "model", **manifest, "lora": params.lora, "figures": figures,
-                                    "loss_history": trainer.state.log_history})
+        write_manifest(
+            output_dir,
+            {
+                "kind": "model",
+                **manifest,
+                "lora": params.lora,
+                "figures": figures,
+                "loss_history": trainer.state.log_history,
+            },
+        )
     acc.wait_for_everyone()
     return figures
 
@@ -197,13 +252,23 @@ def student_tokenizer(model_path: str, teacher_path: str | None, where: str, tru
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     check_pad_not_eos(tokenizer, where=f"student tokenizer {model_path}")
     if teacher_path:
-        check_same_vocab(AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=trust_remote_code), tokenizer,
-                         where=f"{where}: teacher vs student tokenizer")
+        check_same_vocab(
+            AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=trust_remote_code),
+            tokenizer,
+            where=f"{where}: teacher vs student tokenizer",
+        )
     return tokenizer
 
 
-def sft(model_path: str, records: list[dict], output_dir: Path, params: SFTParams,
-        callbacks: list | None = None, trust_remote_code: bool = False, where: str = "train") -> dict:
+def sft(
+    model_path: str,
+    records: list[dict],
+    output_dir: Path,
+    params: SFTParams,
+    callbacks: list | None = None,
+    trust_remote_code: bool = False,
+    where: str = "train",
+) -> dict:
     """Fine-tune `model_path` on prompt/completion `records`; save the (merged) model to `output_dir`.
 
     Returns the training figures: final loss, steps, tokens seen, seconds, tokens/s, trainable params.
@@ -215,20 +280,49 @@ def sft(model_path: str, records: list[dict], output_dir: Path, params: SFTParam
         raise ValueError(f"{where}: no training records (did the filter drop every trace?)")
     tokenizer = student_tokenizer(model_path, None, where, trust_remote_code)
     model = load_student(model_path, params, trust_remote_code)
-    config = SFTConfig(**common_args(params, output_dir), max_length=params.max_length, completion_only_loss=True,
-                       dataset_num_proc=None, **params.extra)
+    config = SFTConfig(
+        **common_args(params, output_dir),
+        max_length=params.max_length,
+        completion_only_loss=True,
+        dataset_num_proc=None,
+        **params.extra,
+    )
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in records])
-    trainer = guard_finite(SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                                      callbacks=callbacks or []), where)
+    trainer = guard_finite(
+        SFTTrainer(
+            model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks or []
+        ),
+        where,
+    )
     result = trainer.train()
-    return finish(trainer, result, tokenizer, output_dir, trainable_count(trainer.model), len(records), params,
-                  model_path, manifest={"base": model_path, "method": "sft"}, where=where,
-                  trust_remote_code=trust_remote_code)
+    return finish(
+        trainer,
+        result,
+        tokenizer,
+        output_dir,
+        trainable_count(trainer.model),
+        len(records),
+        params,
+        model_path,
+        manifest={"base": model_path, "method": "sft"},
+        where=where,
+        trust_remote_code=trust_remote_code,
+    )
 
 
-def logit_kd(model_path: str, teacher_path: str, rows: list[dict], logprobs: Path, output_dir: Path,
-             params: SFTParams, kd, sampling_temperature: float, logprobs_mode: str, callbacks: list | None = None,
-             trust_remote_code: bool = False) -> dict:
+def logit_kd(
+    model_path: str,
+    teacher_path: str,
+    rows: list[dict],
+    logprobs: Path,
+    output_dir: Path,
+    params: SFTParams,
+    kd,
+    sampling_temperature: float,
+    logprobs_mode: str,
+    callbacks: list | None = None,
+    trust_remote_code: bool = False,
+) -> dict:
     """Train `model_path` on the teacher's stored top-k distributions of the kept traces (distillery.kd)."""
     from transformers import TrainingArguments
 
@@ -240,16 +334,48 @@ def logit_kd(model_path: str, teacher_path: str, rows: list[dict], logprobs: Pat
     examples = build_examples(rows, load_logprobs(logprobs), tokenizer, params.max_length)
     model = load_student(model_path, params, trust_remote_code)
     args = TrainingArguments(**common_args(params, output_dir))
-    trainer = guard_finite(make_trainer(model, tokenizer, examples, args, kd.temperature, kd.alpha, kd.divergence,
-                                        kd.beta, kd.tail, callbacks, scale_t2=kd.scale_t2), "logit_kd")
+    trainer = guard_finite(
+        make_trainer(
+            model,
+            tokenizer,
+            examples,
+            args,
+            kd.temperature,
+            kd.alpha,
+            kd.divergence,
+            kd.beta,
+            kd.tail,
+            callbacks,
+            scale_t2=kd.scale_t2,
+        ),
+        "logit_kd",
+    )
     result = trainer.train()
-    return finish(trainer, result, tokenizer, output_dir, trainable_count(model), len(examples), params, model_path,
-                  manifest={"base": model_path, "method": "logit_kd", "kd": kd.model_dump()}, where="logit_kd",
-                  trust_remote_code=trust_remote_code)
+    return finish(
+        trainer,
+        result,
+        tokenizer,
+        output_dir,
+        trainable_count(model),
+        len(examples),
+        params,
+        model_path,
+        manifest={"base": model_path, "method": "logit_kd", "kd": kd.model_dump()},
+        where="logit_kd",
+        trust_remote_code=trust_remote_code,
+    )
 
 
-def gkd(model_path: str, teacher_path: str, rows: list[dict], output_dir: Path, params: SFTParams, g,
-        callbacks: list | None = None, trust_remote_code: bool = False) -> dict:
+def gkd(
+    model_path: str,
+    teacher_path: str,
+    rows: list[dict],
+    output_dir: Path,
+    params: SFTParams,
+    g,
+    callbacks: list | None = None,
+    trust_remote_code: bool = False,
+) -> dict:
     """On-policy distillation with TRL's GKDTrainer: a fraction lmbda of each batch is sampled by the student
     itself and scored by the live teacher under the generalized JSD (beta)."""
     import torch
@@ -262,25 +388,71 @@ def gkd(model_path: str, teacher_path: str, rows: list[dict], output_dir: Path, 
     tokenizer = student_tokenizer(model_path, teacher_path, "gkd", trust_remote_code)
     if tokenizer.chat_template is None:
         raise ValueError(f"gkd: the student tokenizer ({model_path}) has no chat template; TRL's GKD needs one")
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.bfloat16 if params.bf16 else torch.float32,
-                                                   trust_remote_code=trust_remote_code)
+    teacher = AutoModelForCausalLM.from_pretrained(
+        teacher_path, dtype=torch.bfloat16 if params.bf16 else torch.float32, trust_remote_code=trust_remote_code
+    )
     teacher.eval().requires_grad_(False)
     check_teacher_frozen(teacher, where=f"teacher {teacher_path}")
     student = load_student(model_path, params, trust_remote_code)
-    data = Dataset.from_list([{"messages": [{"role": "user", "content": r.get("prompt_text", r["prompt"])},
-                                            {"role": "assistant", "content": r["completion"]}]} for r in rows])
-    args = GKDConfig(**common_args(params, output_dir), max_length=params.max_length, lmbda=g.lmbda, beta=g.beta,
-                     temperature=g.temperature, max_new_tokens=g.max_new_tokens, seq_kd=g.seq_kd)
-    trainer = guard_finite(GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
-                                      processing_class=tokenizer, callbacks=callbacks or []), "gkd")
+    data = Dataset.from_list(
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": r.get("prompt_text", r["prompt"])},
+                    {"role": "assistant", "content": r["completion"]},
+                ]
+            }
+            for r in rows
+        ]
+    )
+    args = GKDConfig(
+        **common_args(params, output_dir),
+        max_length=params.max_length,
+        lmbda=g.lmbda,
+        beta=g.beta,
+        temperature=g.temperature,
+        max_new_tokens=g.max_new_tokens,
+        seq_kd=g.seq_kd,
+    )
+    trainer = guard_finite(
+        GKDTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=data,
+            processing_class=tokenizer,
+            callbacks=callbacks or [],
+        ),
+        "gkd",
+    )
     result = trainer.train()
-    return finish(trainer, result, tokenizer, output_dir, trainable_count(trainer.model), len(rows), params,
-                  model_path, manifest={"base": model_path, "method": "gkd", "gkd": g.model_dump()}, where="gkd",
-                  trust_remote_code=trust_remote_code)
+    return finish(
+        trainer,
+        result,
+        tokenizer,
+        output_dir,
+        trainable_count(trainer.model),
+        len(rows),
+        params,
+        model_path,
+        manifest={"base": model_path, "method": "gkd", "gkd": g.model_dump()},
+        where="gkd",
+        trust_remote_code=trust_remote_code,
+    )
 
 
-def dpo(model_path: str, teacher_path: str, rows: list[dict], output_dir: Path, params: SFTParams, d, verifier,
-        chat: bool, callbacks: list | None = None, trust_remote_code: bool = False) -> dict:
+def dpo(
+    model_path: str,
+    teacher_path: str,
+    rows: list[dict],
+    output_dir: Path,
+    params: SFTParams,
+    d,
+    verifier,
+    chat: bool,
+    callbacks: list | None = None,
+    trust_remote_code: bool = False,
+) -> dict:
     """Preference distillation: (SFT on the traces, then) the student samples `d.samples` answers per prompt, the
     verifier or the teacher ranks them into chosen/rejected pairs, and TRL's DPOTrainer trains on the pairs with
     the starting student as the reference."""
@@ -293,34 +465,62 @@ def dpo(model_path: str, teacher_path: str, rows: list[dict], output_dir: Path, 
     start = model_path
     if d.sft_first:
         sft_dir = output_dir.parent / f"{output_dir.name}-sft"
-        sft_figs = sft(model_path, training_records(rows, chat), sft_dir, params, callbacks, trust_remote_code,
-                       where="dpo (sft)")
+        sft_figs = sft(
+            model_path, training_records(rows, chat), sft_dir, params, callbacks, trust_remote_code, where="dpo (sft)"
+        )
         figures.update({f"sft_{k}": v for k, v in sft_figs.items()})
         start = str(sft_dir)
     tokenizer = student_tokenizer(start, None, "dpo", trust_remote_code)  # the teacher judges text, not ids
     prompts = list({r["prompt_id"]: r for r in rows}.values())[: d.num_prompts]
-    samples = sample_student(start, [r.get("prompt_text", r["prompt"]) for r in prompts], d, params.seed,
-                             trust_remote_code)
+    samples = sample_student(
+        start, [r.get("prompt_text", r["prompt"]) for r in prompts], d, params.seed, trust_remote_code
+    )
     pairs, stats = preference_pairs(prompts, samples, d, verifier, teacher_path, trust_remote_code)
     figures.update(stats)
     if not pairs:
-        raise ValueError(f"dpo: no preference pairs from {len(prompts)} prompts x {d.samples} samples (judge "
-                         f"{d.judge}): every sample was judged alike; raise train.dpo.samples or temperature")
+        raise ValueError(
+            f"dpo: no preference pairs from {len(prompts)} prompts x {d.samples} samples (judge "
+            f"{d.judge}): every sample was judged alike; raise train.dpo.samples or temperature"
+        )
     data = Dataset.from_list([to_preference_record(p, chat) for p in pairs])
-    args = DPOConfig(**{**common_args(params, output_dir), "num_train_epochs": d.epochs,
-                        "learning_rate": d.learning_rate}, beta=d.beta, max_length=params.max_length,
-                     **({"loss_type": [d.loss_type, "sft"], "loss_weights": [1.0, d.sft_weight]} if d.sft_weight
-                        else {"loss_type": [d.loss_type]}))
+    args = DPOConfig(
+        **{**common_args(params, output_dir), "num_train_epochs": d.epochs, "learning_rate": d.learning_rate},
+        beta=d.beta,
+        max_length=params.max_length,
+        **(
+            {"loss_type": [d.loss_type, "sft"], "loss_weights": [1.0, d.sft_weight]}
+            if d.sft_weight
+            else {"loss_type": [d.loss_type]}
+        ),
+    )
     model = load_student(start, params, trust_remote_code)
-    trainer = guard_finite(DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                                      callbacks=callbacks or []), "dpo")
+    trainer = guard_finite(
+        DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=callbacks or []),
+        "dpo",
+    )
     result = trainer.train()
     last = next((h for h in reversed(trainer.state.log_history) if "rewards/accuracies" in h), {})
-    figures.update({"dpo_reward_accuracy": float(last.get("rewards/accuracies", float("nan"))),
-                    "dpo_reward_margin": float(last.get("rewards/margins", float("nan")))})
-    figures.update(finish(trainer, result, tokenizer, output_dir, trainable_count(trainer.model), len(pairs), params,
-                          start, manifest={"base": model_path, "method": "dpo", "dpo": d.model_dump()}, where="dpo",
-                          trust_remote_code=trust_remote_code))
+    figures.update(
+        {
+            "dpo_reward_accuracy": float(last.get("rewards/accuracies", float("nan"))),
+            "dpo_reward_margin": float(last.get("rewards/margins", float("nan"))),
+        }
+    )
+    figures.update(
+        finish(
+            trainer,
+            result,
+            tokenizer,
+            output_dir,
+            trainable_count(trainer.model),
+            len(pairs),
+            params,
+            start,
+            manifest={"base": model_path, "method": "dpo", "dpo": d.model_dump()},
+            where="dpo",
+            trust_remote_code=trust_remote_code,
+        )
+    )
     # the whole budget, SFT included, for comparisons with single-phase methods
     for k in ("steps", "tokens_seen", "train_seconds"):
         figures[f"total_{k}"] = figures[k] + figures.get(f"sft_{k}", 0)
@@ -329,9 +529,11 @@ def dpo(model_path: str, teacher_path: str, rows: list[dict], output_dir: Path, 
 
 def to_preference_record(pair: dict, chat: bool) -> dict:
     if chat:
-        return {"prompt": [{"role": "user", "content": pair["prompt"]}],
-                "chosen": [{"role": "assistant", "content": pair["chosen"]}],
-                "rejected": [{"role": "assistant", "content": pair["rejected"]}]}
+        return {
+            "prompt": [{"role": "user", "content": pair["prompt"]}],
+            "chosen": [{"role": "assistant", "content": pair["chosen"]}],
+            "rejected": [{"role": "assistant", "content": pair["rejected"]}],
+        }
     return {"prompt": pair["prompt_text"], "chosen": pair["chosen"], "rejected": pair["rejected"]}
 
 
@@ -345,13 +547,19 @@ def training_records(rows: list[dict], chat: bool) -> list[dict]:
     """Prompt/completion pairs for TRL. Chat pipelines use conversational form so TRL applies the student's
     own template; plain pipelines train on the exact prompt text the teacher saw."""
     if chat:
-        return [{"prompt": [{"role": "user", "content": r["prompt"]}],
-                 "completion": [{"role": "assistant", "content": r["completion"]}]} for r in rows]
+        return [
+            {
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "completion": [{"role": "assistant", "content": r["completion"]}],
+            }
+            for r in rows
+        ]
     return [{"prompt": r.get("prompt_text", r["prompt"]), "completion": r["completion"]} for r in rows]
 
 
-def run_method(cfg: Pipeline, student: str, traces: str | None, generated: str | None, out: Path,
-               callbacks: list | None = None) -> dict:
+def run_method(
+    cfg: Pipeline, student: str, traces: str | None, generated: str | None, out: Path, callbacks: list | None = None
+) -> dict:
     """Train `student` by the pipeline's method into `out`; returns the training figures."""
     t, trust, chat = cfg.train, cfg.student.trust_remote_code, cfg.data.chat_template
     params = params_from(cfg)
@@ -359,34 +567,71 @@ def run_method(cfg: Pipeline, student: str, traces: str | None, generated: str |
         from distillery.data import load_prompts
 
         rows = read_jsonl(Path(traces)) if traces else load_prompts(cfg.data)
-        return sft(student, hard_label_records(rows, t.hard_label_template, chat), out, params, callbacks, trust,
-                   where="train (hard labels)")
+        return sft(
+            student,
+            hard_label_records(rows, t.hard_label_template, chat),
+            out,
+            params,
+            callbacks,
+            trust,
+            where="train (hard labels)",
+        )
     rows = read_jsonl(Path(traces))
     teacher = resolve_model(cfg.teacher.path)
     if t.method == "logit_kd":
         gen_dir = Path(generated or traces).parent
         manifest = json.loads((gen_dir / "manifest.json").read_text())
-        return logit_kd(student, teacher, rows, gen_dir / "logprobs.parquet", out, params, t.kd,
-                        cfg.generate.temperature, (manifest.get("logprobs") or {}).get("mode", "raw_logprobs"),
-                        callbacks, trust)
+        return logit_kd(
+            student,
+            teacher,
+            rows,
+            gen_dir / "logprobs.parquet",
+            out,
+            params,
+            t.kd,
+            cfg.generate.temperature,
+            (manifest.get("logprobs") or {}).get("mode", "raw_logprobs"),
+            callbacks,
+            trust,
+        )
     if t.method == "gkd":
         return gkd(student, teacher, rows, out, params, t.gkd, callbacks, trust)
     if t.method == "dpo":
         from tasks.filter import VERIFIERS
 
         check = VERIFIERS[cfg.filter.verifier]
-        return dpo(student, teacher, rows, out, params, t.dpo, lambda text, ref: check(text, ref, cfg.filter), chat,
-                   callbacks, trust)
+        return dpo(
+            student,
+            teacher,
+            rows,
+            out,
+            params,
+            t.dpo,
+            lambda text, ref: check(text, ref, cfg.filter),
+            chat,
+            callbacks,
+            trust,
+        )
     return sft(student, training_records(rows, chat), out, params, callbacks, trust)
 
 
 def params_from(cfg: Pipeline) -> SFTParams:
     t = cfg.train
-    return SFTParams(epochs=t.epochs, learning_rate=t.learning_rate, batch_size=t.batch_size,
-                     gradient_accumulation_steps=t.gradient_accumulation_steps, max_length=t.max_length,
-                     warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay, lr_scheduler_type=t.lr_scheduler_type,
-                     seed=t.seed, logging_steps=t.logging_steps, bf16=t.bf16, max_steps=t.max_steps,
-                     lora=t.lora.model_dump() if t.lora else None)
+    return SFTParams(
+        epochs=t.epochs,
+        learning_rate=t.learning_rate,
+        batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        max_length=t.max_length,
+        warmup_ratio=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        lr_scheduler_type=t.lr_scheduler_type,
+        seed=t.seed,
+        logging_steps=t.logging_steps,
+        bf16=t.bf16,
+        max_steps=t.max_steps,
+        lora=t.lora.model_dump() if t.lora else None,
+    )
 
 
 def loss_curve(history: list[dict], title: str = "train: student loss"):
@@ -448,8 +693,7 @@ def train_logged(cfg: Pipeline, run, student: str, traces: str | None, generated
 
 
 @task(name="train", cache_policy=NO_CACHE, log_prints=False)  # datasets prints bytecode when hashing
-def train_task(cfg: Pipeline, ctx: RunContext, traces: str | None, student: str,
-               generated: str | None = None) -> dict:
+def train_task(cfg: Pipeline, ctx: RunContext, traces: str | None, student: str, generated: str | None = None) -> dict:
     out = ctx.stage_dir("train")
     with ctx.tracker().stage("train", ctx.parent_run_id) as run:
         figures = train_logged(cfg, run, student, traces, generated, out)

@@ -12,17 +12,23 @@ REPO = Path(__file__).resolve().parents[1]
 SESSION_TMP = Path(os.environ.get("DISTILLERY_TEST_TMP", "/tmp")) / f"distillery-tests-{os.getpid()}"
 
 # Before anything imports prefect/mlflow/transformers: isolate state, stay offline.
-os.environ.update({
-    "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "VLLM_NO_USAGE_STATS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "PREFECT_HOME": str(SESSION_TMP / "prefect"),
-    "PREFECT_LOCAL_STORAGE_PATH": str(SESSION_TMP / "prefect" / "storage"),
-    "PREFECT_MEMO_STORE_PATH": str(SESSION_TMP / "prefect" / "memo_store.toml"),
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DISTILLERY_CACHE": str(SESSION_TMP / "cache"),
-    "HF_HOME": str(SESSION_TMP / "hf"),
-})
+os.environ.update(
+    {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PREFECT_HOME": str(SESSION_TMP / "prefect"),
+        "PREFECT_LOCAL_STORAGE_PATH": str(SESSION_TMP / "prefect" / "storage"),
+        "PREFECT_MEMO_STORE_PATH": str(SESSION_TMP / "prefect" / "memo_store.toml"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DISTILLERY_CACHE": str(SESSION_TMP / "cache"),
+        "HF_HOME": str(SESSION_TMP / "hf"),
+    }
+)
 (SESSION_TMP / "prefect").mkdir(parents=True, exist_ok=True)
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -57,8 +63,11 @@ def tiny_student(tokenizer, tmp_path_factory) -> Path:
     """A random-init 4-layer Llama on the demo tokenizer (~0.28M params)."""
     from distillery.demo import assets
 
-    return assets.save_atomic(assets.init_model(assets.STUDENT_SHAPE, tokenizer, seed=0), tokenizer,
-                              tmp_path_factory.mktemp("models") / "student")
+    return assets.save_atomic(
+        assets.init_model(assets.STUDENT_SHAPE, tokenizer, seed=0),
+        tokenizer,
+        tmp_path_factory.mktemp("models") / "student",
+    )
 
 
 @pytest.fixture(scope="session")

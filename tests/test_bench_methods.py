@@ -43,8 +43,18 @@ def test_aggregate_pairs_each_arm_with_sft_seed_by_seed():
     runs = []
     for seed, base in (("a", 0.5), ("b", 0.6), ("c", 0.4)):
         for arm, delta in (("sft", 0.0), ("hard", -0.2)):
-            runs.append({"budget": "short", "arm": arm, "seed_key": seed, "accuracy": base + delta, "steps": 5,
-                         "train_seconds": 1.0, "train_tokens_per_s": 10.0, "mfu": 0.1})
+            runs.append(
+                {
+                    "budget": "short",
+                    "arm": arm,
+                    "seed_key": seed,
+                    "accuracy": base + delta,
+                    "steps": 5,
+                    "train_seconds": 1.0,
+                    "train_tokens_per_s": 10.0,
+                    "mfu": 0.1,
+                }
+            )
     rows = {r["arm"]: r for r in aggregate(runs, ["sft", "hard"], ["short"], ["accuracy"])}
     assert rows["sft"]["seeds"] == 3 and rows["sft"]["accuracy"]["mean"] == pytest.approx(0.5)
     diff = rows["hard"]["accuracy_minus_sft"]
@@ -90,15 +100,48 @@ def test_every_arm_and_seed_is_a_child_run_of_one_parent(tmp_path, mlflow_uri):
 
     out = tmp_path / "out"
     r = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "methods.py"), "--out", str(out), "--workdir", str(tmp_path / "runs"),
-         "--data-seeds", "2", "--init-seeds", "1", "--budget", "tiny=2", "--limit", "8", "--shape", "4",
-         "--set", "data.num_prompts=48", "--set", "filter.holdout_prompts=8",
-         "--set", "generate.backend=transformers", "--set", "train.dpo.num_prompts=8",
-         "--set", "train.dpo.judge=teacher", "--set", "train.dpo.max_new_tokens=16",
-         "--set", "train.gkd.max_new_tokens=16",
-         # a smaller student taught by the logit_kd arm's student (a teacher-assistant chain), and their difference
-         "--arm", "ta=logit_kd^logit_kd:student.path=demo:student-tiny", "--pair", "ta:logit_kd"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=1500)
+        [
+            sys.executable,
+            str(REPO / "bench" / "methods.py"),
+            "--out",
+            str(out),
+            "--workdir",
+            str(tmp_path / "runs"),
+            "--data-seeds",
+            "2",
+            "--init-seeds",
+            "1",
+            "--budget",
+            "tiny=2",
+            "--limit",
+            "8",
+            "--shape",
+            "4",
+            "--set",
+            "data.num_prompts=48",
+            "--set",
+            "filter.holdout_prompts=8",
+            "--set",
+            "generate.backend=transformers",
+            "--set",
+            "train.dpo.num_prompts=8",
+            "--set",
+            "train.dpo.judge=teacher",
+            "--set",
+            "train.dpo.max_new_tokens=16",
+            "--set",
+            "train.gkd.max_new_tokens=16",
+            # a smaller student taught by the logit_kd arm's student (a teacher-assistant chain), and their difference
+            "--arm",
+            "ta=logit_kd^logit_kd:student.path=demo:student-tiny",
+            "--pair",
+            "ta:logit_kd",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "methods.json").read_text())
     # those that start from another arm, or take its targets, come after it
@@ -123,13 +166,17 @@ def test_every_arm_and_seed_is_a_child_run_of_one_parent(tmp_path, mlflow_uri):
         for seed in ("init0-data0", "init0-data1"):
             run = runs[f"tiny/{arm}/{seed}"]
             assert {"accuracy", "ood_accuracy", "fidelity", "ood_fidelity", "heldout_nll", "mfu"} <= set(
-                run.data.metrics), arm
+                run.data.metrics
+            ), arm
             assert run.data.params["method"] == {"sft_more": "sft", "ta": "logit_kd"}.get(arm, arm)
             assert run.data.params["data_seed"] == seed[-1]
     assert runs["tiny/gkd/init0-data1"].data.params["start_from"] == "sft"
     ta = runs["tiny/ta/init0-data0"].data
     assert (ta.params["targets_from"], ta.params["student"], ta.params["method"]) == (
-        "logit_kd", "demo:student-tiny", "logit_kd")
+        "logit_kd",
+        "demo:student-tiny",
+        "logit_kd",
+    )
     assert ta.metrics["params"] < runs["tiny/logit_kd/init0-data0"].data.metrics["params"] / 1.5
     assert "dpo_pairs" in runs["tiny/dpo/init0-data0"].data.metrics
 
@@ -138,9 +185,25 @@ def test_temperature_bench_puts_a_child_per_form_and_t_and_the_plot_on_one_paren
     from mlflow import MlflowClient
 
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, str(REPO / "bench" / "temperature.py"), "--out", str(out), "--batches", "1",
-                        "--batch-size", "4", "--temperatures", "1", "4"], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "temperature.py"),
+            "--out",
+            str(out),
+            "--batches",
+            "1",
+            "--batch-size",
+            "4",
+            "--temperatures",
+            "1",
+            "4",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "temperature.json").read_text())
     rows = {(x["teacher"], x["temperature"]): x for x in summary["rows"]}
@@ -150,8 +213,9 @@ def test_temperature_bench_puts_a_child_per_form_and_t_and_the_plot_on_one_paren
     client = MlflowClient(mlflow_uri)
     parent = client.get_run(summary["mlflow_parent_run"])
     assert parent.info.status == "FINISHED"
-    assert {"temperature.png", "temperature.md", "temperature.json"} <= {f.path for f in
-                                                                         client.list_artifacts(parent.info.run_id)}
+    assert {"temperature.png", "temperature.md", "temperature.json"} <= {
+        f.path for f in client.list_artifacts(parent.info.run_id)
+    }
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(c.info.run_name for c in children) == ["full/T=1", "full/T=4", "top16/T=1", "top16/T=4"]
     assert all({"grad_norm_t2", "grad_norm_plain", "soft_loss_t2"} <= set(c.data.metrics) for c in children)

@@ -44,36 +44,54 @@ CASES = [
     (lambda p: p["demo"]["generate"].update(n="many"), "pipelines.demo.generate.n: "),
     (lambda p: p["demo"]["generate"].update(top_p=1.5), "pipelines.demo.generate.top_p: must be <= 1"),
     (lambda p: p["demo"].update(stages=["generate", "fliter"]), "pipelines.demo.stages.1: must be one of"),
-    (lambda p: p["demo"].update(stages=["train"]),
-     "pipelines.demo: stages: train.method 'sft' learns from the teacher's traces"),
-    (lambda p: p["demo"]["teacher"].update(path="./no/such/model"),
-     "pipelines.demo.teacher.path: model path does not exist"),
+    (
+        lambda p: p["demo"].update(stages=["train"]),
+        "pipelines.demo: stages: train.method 'sft' learns from the teacher's traces",
+    ),
+    (
+        lambda p: p["demo"]["teacher"].update(path="./no/such/model"),
+        "pipelines.demo.teacher.path: model path does not exist",
+    ),
     (lambda p: p["demo"]["student"].update(path="demo:nope"), "pipelines.demo.student.path: unknown demo model"),
     (lambda p: p["demo"].pop("teacher"), "pipelines.demo.teacher: required key is missing"),
     (lambda p: p["smoke"]["evaluate"].update(limit=-1), "pipelines.smoke.evaluate.limit: must be > 0"),
     (lambda p: p["demo"]["generate"].update(temperature=0), "pipelines.demo.generate: n = 2 with temperature 0"),
     (lambda p: p["demo"].update(schedule={"cron": "61 * * * *"}), "pipelines.demo.schedule.cron: not a valid cron"),
-    (lambda p: p["demo"].update(schedule={"cron": "0 3 * * *", "interval": 3600}),
-     "pipelines.demo.schedule: set exactly one of cron and interval"),
+    (
+        lambda p: p["demo"].update(schedule={"cron": "0 3 * * *", "interval": 3600}),
+        "pipelines.demo.schedule: set exactly one of cron and interval",
+    ),
     (lambda p: p["demo"].update(schedule={}), "pipelines.demo.schedule: set exactly one of cron and interval"),
     (lambda p: p["demo"].update(schedule={"interval": 0}), "pipelines.demo.schedule.interval: must be > 0"),
-    (lambda p: p["demo"].update(schedule={"cron": "0 3 * * *", "timezone": "Mars/Olympus"}),
-     "pipelines.demo.schedule.timezone: unknown timezone 'Mars/Olympus'"),
-    (lambda p: p["demo"].update(schedule={"interval": 60, "overrides": ["train.epochs"]}),
-     "pipelines.demo.schedule.overrides: 'train.epochs': expected key=value"),
-    (lambda p: p["demo"].update(schedule={"interval": 60, "overrides": ["train.epochs=-1"]}),
-     "pipelines.demo.schedule.overrides: train.epochs: must be > 0"),
-    (lambda p: p["demo"].update(schedule={"interval": 60, "overrides": ["train.lr=0.1"]}),
-     "pipelines.demo.schedule.overrides: train.lr: unknown key"),
+    (
+        lambda p: p["demo"].update(schedule={"cron": "0 3 * * *", "timezone": "Mars/Olympus"}),
+        "pipelines.demo.schedule.timezone: unknown timezone 'Mars/Olympus'",
+    ),
+    (
+        lambda p: p["demo"].update(schedule={"interval": 60, "overrides": ["train.epochs"]}),
+        "pipelines.demo.schedule.overrides: 'train.epochs': expected key=value",
+    ),
+    (
+        lambda p: p["demo"].update(schedule={"interval": 60, "overrides": ["train.epochs=-1"]}),
+        "pipelines.demo.schedule.overrides: train.epochs: must be > 0",
+    ),
+    (
+        lambda p: p["demo"].update(schedule={"interval": 60, "overrides": ["train.lr=0.1"]}),
+        "pipelines.demo.schedule.overrides: train.lr: unknown key",
+    ),
     (lambda p: p["demo"].update(schedule={"interval": 60, "oops": 1}), "pipelines.demo.schedule.oops: unknown key"),
     (lambda p: p["demo"].update(concurrency={"slots": 0}), "pipelines.demo.concurrency.slots: must be >= 1"),
     (lambda p: p["demo"]["draft"].update(distill={"beta": 2}), "pipelines.demo.draft.distill.beta: must be <= 1"),
     (lambda p: p["demo"]["draft"].update(sample_temperature=0), "pipelines.demo.draft.sample_temperature: must be > 0"),
     (lambda p: p["demo"]["evaluate"].update(backend="sglang"), "pipelines.demo.evaluate.backend: must be one of"),
-    (lambda p: p["demo"]["evaluate"].update(tensor_parallel_size=0),
-     "pipelines.demo.evaluate.tensor_parallel_size: must be >= 1"),
-    (lambda p: p["smoke"].update(concurrency={"slots": 2}),
-     "pipelines.smoke.concurrency.slots: limit 'distillery-gpu' has 1 slot(s) in pipelines.demo"),
+    (
+        lambda p: p["demo"]["evaluate"].update(tensor_parallel_size=0),
+        "pipelines.demo.evaluate.tensor_parallel_size: must be >= 1",
+    ),
+    (
+        lambda p: p["smoke"].update(concurrency={"slots": 2}),
+        "pipelines.smoke.concurrency.slots: limit 'distillery-gpu' has 1 slot(s) in pipelines.demo",
+    ),
 ]
 
 
@@ -86,12 +104,16 @@ def test_bad_file_names_the_field(tmp_path, mutate, expected):
 
 
 def test_cli_validate_exit_codes(tmp_path):
-    ok = subprocess.run([sys.executable, "-m", "distillery.cli", "validate", str(REPO / "pipelines.yaml")],
-                        capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "distillery.cli", "validate", str(REPO / "pipelines.yaml")],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stderr
     path = bad_file(tmp_path, CASES[0][0])
-    bad = subprocess.run([sys.executable, "-m", "distillery.cli", "validate", str(path)],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "distillery.cli", "validate", str(path)], capture_output=True, text=True
+    )
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["pipelines.demo.train.learning_rate: must be > 0"]
 
@@ -103,8 +125,12 @@ def test_cli_run_refuses_before_any_work(tmp_path):
         (["run", "nope"], "pipelines.nope: unknown pipeline"),
         (["run", "demo", "--set", "oops"], "--set oops: expected key=value"),
     ):
-        r = subprocess.run([sys.executable, "-m", "distillery.cli", *args, "--file", str(REPO / "pipelines.yaml")],
-                           capture_output=True, text=True, cwd=tmp_path)
+        r = subprocess.run(
+            [sys.executable, "-m", "distillery.cli", *args, "--file", str(REPO / "pipelines.yaml")],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
         assert r.returncode == 2, (args, r.stderr)
         assert r.stderr.strip().startswith(expected), r.stderr
         assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
@@ -119,15 +145,22 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 def test_overrides_are_typed():
-    cfg = load_pipeline(REPO / "pipelines.yaml", "demo",
-                        parse_overrides(["train.learning_rate=1e-4", "quantize.formats=[nf4]", "train.bf16=true"]))
+    cfg = load_pipeline(
+        REPO / "pipelines.yaml",
+        "demo",
+        parse_overrides(["train.learning_rate=1e-4", "quantize.formats=[nf4]", "train.bf16=true"]),
+    )
     assert cfg.train.learning_rate == 1e-4 and cfg.quantize.formats == ["nf4"] and cfg.train.bf16 is True
 
 
 def test_schedule_and_concurrency_sections(tmp_path):
     def mutate(p):
-        p["demo"]["schedule"] = {"cron": "0 3 * * 1-5", "timezone": "Europe/Berlin", "active": False,
-                                 "overrides": ["train.epochs=1", "quantize.formats=[nf4]"]}
+        p["demo"]["schedule"] = {
+            "cron": "0 3 * * 1-5",
+            "timezone": "Europe/Berlin",
+            "active": False,
+            "overrides": ["train.epochs=1", "quantize.formats=[nf4]"],
+        }
         p["smoke"]["schedule"] = {"interval": 900}
         p["smoke"]["concurrency"] = {"enabled": False}
 
@@ -150,12 +183,41 @@ def test_schedule_and_concurrency_sections(tmp_path):
 
 def test_deploy_refuses_without_a_server(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    r = subprocess.run([sys.executable, "-m", "distillery.cli", "deploy", "--work-pool", "local",
-                        "--file", str(REPO / "pipelines.yaml")], capture_output=True, text=True, env=env, cwd=tmp_path)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distillery.cli",
+            "deploy",
+            "--work-pool",
+            "local",
+            "--file",
+            str(REPO / "pipelines.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith("PREFECT_API_URL is not set")
-    r = subprocess.run([sys.executable, "-m", "distillery.cli", "deploy", "--work-pool", "local", "--pipelines",
-                        "nope", "--file", str(REPO / "pipelines.yaml")], capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distillery.cli",
+            "deploy",
+            "--work-pool",
+            "local",
+            "--pipelines",
+            "nope",
+            "--file",
+            str(REPO / "pipelines.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r.returncode == 2 and r.stderr.startswith("--pipelines: unknown pipeline 'nope'")
 
 

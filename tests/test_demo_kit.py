@@ -55,8 +55,13 @@ def test_several_orders_are_right_but_never_one_that_goes_below_zero():
     # exact entropy: 2 orders, 4 + 2 step forms per order, 10 openers, 6 joiners, the closing slots
     import math
 
-    expected = (math.log(2) + math.log(4 * 2) + math.log(len(task.OPENERS)) + math.log(len(task.JOINERS))
-                + math.log(task.CLOSER_WAYS))
+    expected = (
+        math.log(2)
+        + math.log(4 * 2)
+        + math.log(len(task.OPENERS))
+        + math.log(len(task.JOINERS))
+        + math.log(task.CLOSER_WAYS)
+    )
     assert task.trace_entropy(p) == pytest.approx(expected)
 
 

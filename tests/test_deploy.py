@@ -22,10 +22,14 @@ TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 def tiny(**extra) -> dict:
     """A pipeline of one cheap stage: enough to see a flow run take and hold the limit's slot."""
-    return {"teacher": {"path": "demo:teacher"}, "student": {"path": "demo:student"},
-            "data": {"source": "demo", "num_prompts": 16, "seed": 0}, "stages": ["generate"],
-            "generate": {"backend": "transformers", "n": 1, "temperature": 0.8, "max_tokens": 24, "batch_size": 8},
-            **extra}
+    return {
+        "teacher": {"path": "demo:teacher"},
+        "student": {"path": "demo:student"},
+        "data": {"source": "demo", "num_prompts": 16, "seed": 0},
+        "stages": ["generate"],
+        "generate": {"backend": "transformers", "n": 1, "temperature": 0.8, "max_tokens": 24, "batch_size": 8},
+        **extra,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -34,30 +38,58 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deploy")
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect"), "PREFECT_API_URL": api,
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
-           "PREFECT_LOCAL_STORAGE_PATH": str(tmp / "prefect" / "storage"), "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp / "prefect"),
+        "PREFECT_API_URL": api,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+        "PREFECT_LOCAL_STORAGE_PATH": str(tmp / "prefect" / "storage"),
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+    }
     server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
     server_env["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = "5"  # scheduled runs within seconds, not a minute
     logs = tmp / "logs"
     logs.mkdir()
-    procs = [subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=server_env, stdout=(logs / "server.log").open("w"), stderr=subprocess.STDOUT)]
+    procs = [
+        subprocess.Popen(
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=server_env,
+            stdout=(logs / "server.log").open("w"),
+            stderr=subprocess.STDOUT,
+        )
+    ]
     try:
         wait_for(f"{api}/health", 180)
         for pool in ("local", "idle"):
             prefect(env, "work-pool", "create", pool, "--type", "process")
-        procs.append(subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "local"], cwd=tmp, env=env,
-                                      stdout=(logs / "worker.log").open("w"), stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                [str(BIN / "prefect"), "worker", "start", "--pool", "local"],
+                cwd=tmp,
+                env=env,
+                stdout=(logs / "worker.log").open("w"),
+                stderr=subprocess.STDOUT,
+            )
+        )
         config = tmp / "pipelines.yaml"
-        config.write_text(yaml.safe_dump({
-            "concurrency": {"limit_name": "test-gpu", "slots": 1},
-            "pipelines": {
-                "tiny": tiny(output_dir=str(tmp / "runs")),
-                "cron-on": tiny(schedule={"cron": "* * * * *", "timezone": "Europe/Berlin",
-                                          "overrides": ["data.num_prompts=2"]}),
-                "cron-off": tiny(schedule={"cron": "* * * * *", "active": False}),
-            }}))
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "concurrency": {"limit_name": "test-gpu", "slots": 1},
+                    "pipelines": {
+                        "tiny": tiny(output_dir=str(tmp / "runs")),
+                        "cron-on": tiny(
+                            schedule={
+                                "cron": "* * * * *",
+                                "timezone": "Europe/Berlin",
+                                "overrides": ["data.num_prompts=2"],
+                            }
+                        ),
+                        "cron-off": tiny(schedule={"cron": "* * * * *", "active": False}),
+                    },
+                }
+            )
+        )
         yield {"env": env, "api": api, "tmp": tmp, "logs": logs, "config": config}
     finally:
         for p in reversed(procs):
@@ -75,8 +107,9 @@ def prefect(env: dict, *args: str, timeout: float = 120) -> str:
 
 
 def distillery(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "distillery"), *args], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=REPO)
+    return subprocess.run(
+        [str(BIN / "distillery"), *args], env=env, capture_output=True, text=True, timeout=300, cwd=REPO
+    )
 
 
 def client(api: str):
@@ -113,8 +146,15 @@ def test_readme_commands_deploy_and_run_through_a_worker(server):
     before = set((REPO / "runs").glob("*/*")) if (REPO / "runs").exists() else None
     t0 = time.time()
     try:
-        r = subprocess.run(deploy, shell=True, env={**env, "PATH": f"{BIN}:{env['PATH']}"}, cwd=REPO,
-                           capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            deploy,
+            shell=True,
+            env={**env, "PATH": f"{BIN}:{env['PATH']}"},
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert "deployed 'distill/smoke' to work pool 'local'" in r.stdout
         assert "concurrency limit 'distillery-gpu': created with 1 slot(s)" in r.stdout
@@ -127,8 +167,9 @@ def test_readme_commands_deploy_and_run_through_a_worker(server):
             assert c.read_global_concurrency_limit_by_name("distillery-gpu").limit == 1
         deployed = time.time()
 
-        r = subprocess.run(run, shell=True, env={**env, "PATH": f"{BIN}:{env['PATH']}"}, capture_output=True,
-                           text=True, timeout=900)
+        r = subprocess.run(
+            run, shell=True, env={**env, "PATH": f"{BIN}:{env['PATH']}"}, capture_output=True, text=True, timeout=900
+        )
         worker_log = (server["logs"] / "worker.log").read_text()
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:] + worker_log[-5000:]
         assert "Completed" in r.stdout + r.stderr
@@ -149,14 +190,16 @@ def test_readme_commands_deploy_and_run_through_a_worker(server):
 
 def test_schedules_make_scheduled_runs_unless_inactive(server):
     env, api = server["env"], server["api"]
-    r = distillery(env, "deploy", "--work-pool", "idle", "--pipelines", "cron-on,cron-off",
-                   "--file", str(server["config"]))
+    r = distillery(
+        env, "deploy", "--work-pool", "idle", "--pipelines", "cron-on,cron-off", "--file", str(server["config"])
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "(cron '* * * * *' Europe/Berlin)" in r.stdout and "(inactive)" in r.stdout
     with client(api) as c:
         on, off = c.read_deployment_by_name("distill/cron-on"), c.read_deployment_by_name("distill/cron-off")
     assert [(s.active, s.schedule.cron, s.schedule.timezone) for s in on.schedules] == [
-        (True, "* * * * *", "Europe/Berlin")]
+        (True, "* * * * *", "Europe/Berlin")
+    ]
     assert [s.active for s in off.schedules] == [False]
 
     deadline = time.time() + 120

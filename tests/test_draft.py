@@ -70,8 +70,10 @@ def test_assisted_acceptance_is_one_for_the_teacher_itself_and_low_for_a_random_
     from distillery.demo.assets import TEACHER_DIR
     from tasks.draft import assisted_acceptance
 
-    prompts = ["Question: Mia has 7 shells. She finds 5 more. How many shells does Mia have now?\nAnswer:",
-               "Question: Tom has 12 coins. He loses 3. How many coins does Tom have now?\nAnswer:"]
+    prompts = [
+        "Question: Mia has 7 shells. She finds 5 more. How many shells does Mia have now?\nAnswer:",
+        "Question: Tom has 12 coins. He loses 3. How many coins does Tom have now?\nAnswer:",
+    ]
     same = assisted_acceptance(str(TEACHER_DIR), str(TEACHER_DIR), prompts, k=3, temperature=1.0, max_new_tokens=24)
     assert same["sampled_acceptance_rate"] > 0.97
     assert same["sampled_mean_accepted_length"] > 3.5  # up to k accepted + the teacher's own token per step
@@ -109,12 +111,27 @@ def test_draft_prompts_are_what_the_teacher_sees_and_never_trained_on(tmp_path):
 
     from .conftest import REPO, chat_teacher
 
-    teacher = chat_teacher(tmp_path / "teacher", "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
-                           "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    teacher = chat_teacher(
+        tmp_path / "teacher",
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+        "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}",
+    )
     write_jsonl(tmp_path / "q.jsonl", [{"prompt": f"question {i}", "answer": str(i)} for i in range(40)])
-    cfg = load_pipeline(REPO / "pipelines.yaml", "demo", parse_overrides(
-        [f"teacher.path={teacher}", "data.source=jsonl", f"data.path={tmp_path / 'q.jsonl'}", "data.num_prompts=40",
-         "data.chat_template=true", "draft.num_prompts=8", "draft.distill.num_prompts=100"]))
+    cfg = load_pipeline(
+        REPO / "pipelines.yaml",
+        "demo",
+        parse_overrides(
+            [
+                f"teacher.path={teacher}",
+                "data.source=jsonl",
+                f"data.path={tmp_path / 'q.jsonl'}",
+                "data.num_prompts=40",
+                "data.chat_template=true",
+                "draft.num_prompts=8",
+                "draft.distill.num_prompts=100",
+            ]
+        ),
+    )
     measured = draft_prompts(cfg, str(teacher))
     assert measured == [f"<|user|>question {i}<|assistant|>" for i in range(32, 40)]
     train = distill_prompts(cfg, str(teacher), measured)

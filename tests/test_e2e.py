@@ -34,8 +34,14 @@ def demo_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("demo")
     uri = f"sqlite:///{work / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    proc = subprocess.run([str(BIN / "distillery"), "run", "demo", "--file", str(REPO / "pipelines.yaml")],
-                          cwd=work, env=env, capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run(
+        [str(BIN / "distillery"), "run", "demo", "--file", str(REPO / "pipelines.yaml")],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     (work / "run.log").write_text(proc.stdout + proc.stderr)
     return work, uri, proc
 
@@ -62,8 +68,13 @@ def test_demo_pipeline_end_to_end(demo_run):
     assert m["accuracy.student-sft"] > m["accuracy.student"] + 0.05
     assert m["accuracy.teacher"] > m["accuracy.student-sft"] - 1e-9 and m["accuracy.teacher"] >= 0.8
     for label in ("teacher", "student", "student-sft", "student-pruned", "student-int8", "student-nf4"):
-        assert {f"accuracy.{label}", f"ood_accuracy.{label}", f"params.{label}", f"memory_mb.{label}",
-                f"tokens_per_s.{label}"} <= set(m)
+        assert {
+            f"accuracy.{label}",
+            f"ood_accuracy.{label}",
+            f"params.{label}",
+            f"memory_mb.{label}",
+            f"tokens_per_s.{label}",
+        } <= set(m)
     # the sizes the demo is for: a student a tenth of the teacher, compressed to under a tenth of its memory
     assert m["params.teacher"] >= 10 * m["params.student"]
     assert m["memory_mb.student-nf4"] <= 0.1 * m["memory_mb.teacher"]
@@ -102,8 +113,13 @@ def test_demo_pipeline_end_to_end(demo_run):
     assert {"summary.md", "summary.json", "accuracy_vs_size.png"} <= names(parent.info.run_id)
 
     versions = client.search_model_versions("name='distillery-demo-student'")
-    assert sorted(v.tags["model"] for v in versions) == ["draft", "student-int8", "student-nf4", "student-pruned",
-                                                        "student-sft"]
+    assert sorted(v.tags["model"] for v in versions) == [
+        "draft",
+        "student-int8",
+        "student-nf4",
+        "student-pruned",
+        "student-sft",
+    ]
     draft_version = client.get_model_version_by_alias("distillery-demo-student", "draft")
     assert draft_version.tags["stage"] == "draft" and draft_version.tags["source"] == "student-sft"
     assert float(draft_version.tags["metric.acceptance_rate"]) == pytest.approx(d["acceptance_rate"])
@@ -119,8 +135,18 @@ def test_demo_pipeline_end_to_end(demo_run):
     run_dirs = list((work / "runs" / "demo").iterdir())
     assert len(run_dirs) == 1
     rd = run_dirs[0]
-    for stage in ("generate", "filter", "train", "prune", "prune-unhealed", "draft", "draft-distill", "draft-model",
-                  "quantize/int8", "quantize/nf4"):
+    for stage in (
+        "generate",
+        "filter",
+        "train",
+        "prune",
+        "prune-unhealed",
+        "draft",
+        "draft-distill",
+        "draft-model",
+        "quantize/int8",
+        "quantize/nf4",
+    ):
         assert (rd / stage / "manifest.json").exists(), stage
     assert json.loads((rd / "summary.json").read_text())["rows"][0]["model"] == "teacher"
     assert not list(rd.rglob(".*.tmp-*"))  # no half-written leftovers
@@ -135,10 +161,12 @@ def test_demo_flow_run_is_recorded_in_prefect(demo_run):
     _, runs = mlflow_runs(uri)
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     flow_run_id = parent.data.tags["prefect.flow_run_id"]
-    code = ("import asyncio,sys\nfrom prefect.client.orchestration import get_client\n"
-            "async def main():\n  async with get_client() as c:\n"
-            f"    fr = await c.read_flow_run('{flow_run_id}')\n    print(fr.state.type.value)\n"
-            "asyncio.run(main())")
+    code = (
+        "import asyncio,sys\nfrom prefect.client.orchestration import get_client\n"
+        "async def main():\n  async with get_client() as c:\n"
+        f"    fr = await c.read_flow_run('{flow_run_id}')\n    print(fr.state.type.value)\n"
+        "asyncio.run(main())"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.stdout.strip().splitlines()[-1] == "COMPLETED", r.stderr[-3000:]
 
@@ -166,19 +194,32 @@ def test_deployment_triggered_through_prefect_server(tmp_path):
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
-           "MLFLOW_TRACKING_URI": uri, "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "prefect" / "storage")}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_API_URL": api,
+        "MLFLOW_TRACKING_URI": uri,
+        "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "prefect" / "storage"),
+    }
     server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
     logs = tmp_path / "logs"
     logs.mkdir()
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=server_env, stdout=(logs / "server.log").open("w"), stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=server_env,
+        stdout=(logs / "server.log").open("w"),
+        stderr=subprocess.STDOUT,
+    )
     serve = None
     try:
         wait_for(f"{api}/health", 120)
-        serve = subprocess.Popen([str(BIN / "distillery"), "serve", "--pipelines", "smoke",
-                                  "--file", str(REPO / "pipelines.yaml")], cwd=tmp_path, env=env,
-                                 stdout=(logs / "serve.log").open("w"), stderr=subprocess.STDOUT)
+        serve = subprocess.Popen(
+            [str(BIN / "distillery"), "serve", "--pipelines", "smoke", "--file", str(REPO / "pipelines.yaml")],
+            cwd=tmp_path,
+            env=env,
+            stdout=(logs / "serve.log").open("w"),
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.time() + 180
         while time.time() < deadline:
             ls = subprocess.run([str(BIN / "prefect"), "deployment", "ls"], env=env, capture_output=True, text=True)
@@ -188,8 +229,13 @@ def test_deployment_triggered_through_prefect_server(tmp_path):
             time.sleep(2)
         else:
             raise AssertionError("deployment never registered: " + (logs / "serve.log").read_text()[-3000:])
-        run = subprocess.run([str(BIN / "prefect"), "deployment", "run", "distill/smoke", "--watch",
-                              "--watch-timeout", "600"], env=env, capture_output=True, text=True, timeout=700)
+        run = subprocess.run(
+            [str(BIN / "prefect"), "deployment", "run", "distill/smoke", "--watch", "--watch-timeout", "600"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=700,
+        )
         serve_log = (logs / "serve.log").read_text()
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + serve_log[-5000:]
         assert "Completed" in run.stdout + run.stderr

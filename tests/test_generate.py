@@ -21,8 +21,11 @@ from .conftest import REPO
 
 
 def smoke(tmp_path: Path, *extra: str):
-    return load_pipeline(REPO / "pipelines.yaml", "smoke", parse_overrides(
-        [f"output_dir={tmp_path / 'runs'}", f"generate.cache_dir={tmp_path / 'cache'}", *extra]))
+    return load_pipeline(
+        REPO / "pipelines.yaml",
+        "smoke",
+        parse_overrides([f"output_dir={tmp_path / 'runs'}", f"generate.cache_dir={tmp_path / 'cache'}", *extra]),
+    )
 
 
 KILLABLE = """
@@ -42,10 +45,19 @@ generate(cfg, Path(sys.argv[2]), shard_runner=slow)
 
 
 def test_killed_generation_resumes_without_redoing_finished_shards(tmp_path):
-    overrides = [f"output_dir={tmp_path / 'runs'}", f"generate.cache_dir={tmp_path / 'cache'}",
-                 "data.num_prompts=40", "generate.shard_size=4", "generate.n=2", "generate.max_tokens=32"]
-    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(REPO / "pipelines.yaml"), str(tmp_path / "out"),
-                             *overrides], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    overrides = [
+        f"output_dir={tmp_path / 'runs'}",
+        f"generate.cache_dir={tmp_path / 'cache'}",
+        "data.num_prompts=40",
+        "generate.shard_size=4",
+        "generate.n=2",
+        "generate.max_tokens=32",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLABLE, str(REPO / "pipelines.yaml"), str(tmp_path / "out"), *overrides],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     shards_dir = tmp_path / "cache" / "generate"
     deadline = time.time() + 300
     while time.time() < deadline and len(list(shards_dir.glob(f"*/{MANIFEST}"))) < 3:
@@ -64,8 +76,9 @@ def test_killed_generation_resumes_without_redoing_finished_shards(tmp_path):
     res = generate(smoke(tmp_path, *overrides[2:]), tmp_path / "out")
     f = res["figures"]
     assert f["shards"] == 10 and f["shards_cached"] == len(done) and f["shards_generated"] == 10 - len(done)
-    assert {p.parent.name: p.stat().st_mtime_ns for p in shards_dir.glob(f"*/{MANIFEST}") if p.parent.name in done} \
-        == done  # finished shards were not touched
+    assert {
+        p.parent.name: p.stat().st_mtime_ns for p in shards_dir.glob(f"*/{MANIFEST}") if p.parent.name in done
+    } == done  # finished shards were not touched
     rows = read_jsonl(Path(res["path"]))
     assert len(rows) == 80 and len({r["prompt_id"] for r in rows}) == 40
 
@@ -85,12 +98,19 @@ def test_topk_logprobs_are_stored_compactly_and_are_raw(tmp_path):
     from distillery.demo.assets import TEACHER_DIR
     from tasks.generate import generate
 
-    res = generate(smoke(tmp_path, "data.num_prompts=3", "generate.n=1", "generate.logprobs=5",
-                         "generate.temperature=2.0"), tmp_path / "out")
+    res = generate(
+        smoke(tmp_path, "data.num_prompts=3", "generate.n=1", "generate.logprobs=5", "generate.temperature=2.0"),
+        tmp_path / "out",
+    )
     out = tmp_path / "out"
     manifest = json.loads((out / MANIFEST).read_text())
-    assert manifest["logprobs"] == {"k": 5, "mode": "raw_logprobs", "dtype": "float16", "file": "logprobs.parquet",
-                                    "available": True}
+    assert manifest["logprobs"] == {
+        "k": 5,
+        "mode": "raw_logprobs",
+        "dtype": "float16",
+        "file": "logprobs.parquet",
+        "available": True,
+    }
     table = pq.read_table(out / "logprobs.parquet")
     assert str(table.schema.field("top_logprobs").type) == "list<element: list<element: halffloat>>"
     rows = read_jsonl(Path(res["path"]))
@@ -138,10 +158,18 @@ class Flaky(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(b'{"error": {"message": "slow down"}}')
             return
-        choices = [{"index": i, "text": f" <think>x</think> The answer is {i}.", "finish_reason": "stop",
-                    "logprobs": None} for i in range(body.get("n", 1))]
-        payload = {"id": "c1", "object": "text_completion", "created": 0, "model": body["model"], "choices": choices,
-                   "usage": {"prompt_tokens": 5, "completion_tokens": 8 * len(choices), "total_tokens": 0}}
+        choices = [
+            {"index": i, "text": f" <think>x</think> The answer is {i}.", "finish_reason": "stop", "logprobs": None}
+            for i in range(body.get("n", 1))
+        ]
+        payload = {
+            "id": "c1",
+            "object": "text_completion",
+            "created": 0,
+            "model": body["model"],
+            "choices": choices,
+            "usage": {"prompt_tokens": 5, "completion_tokens": 8 * len(choices), "total_tokens": 0},
+        }
         data = json.dumps(payload).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -161,12 +189,20 @@ def test_openai_backend_retries_429_and_5xx_and_caches_requests(tmp_path, monkey
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("TEST_TEACHER_KEY", "sk-secret")
     try:
-        engine = OpenAIEngine(f"http://127.0.0.1:{port}/v1", "teacher", "TEST_TEACHER_KEY", tmp_path / "cache",
-                              max_concurrency=1, max_retries=3)
+        engine = OpenAIEngine(
+            f"http://127.0.0.1:{port}/v1",
+            "teacher",
+            "TEST_TEACHER_KEY",
+            tmp_path / "cache",
+            max_concurrency=1,
+            max_retries=3,
+        )
         sampling = {"n": 2, "temperature": 0.7, "top_p": 1.0, "max_tokens": 16, "stop": [], "logprobs": 0}
         out = engine.generate(["Question: one?\nAnswer:"], sampling, seeds=[1])
-        assert [s["text"] for s in out["samples"][0]] == [" <think>x</think> The answer is 0.",
-                                                          " <think>x</think> The answer is 1."]
+        assert [s["text"] for s in out["samples"][0]] == [
+            " <think>x</think> The answer is 0.",
+            " <think>x</think> The answer is 1.",
+        ]
         assert len(Flaky.calls) == 3 and Flaky.calls[-1] == "Bearer sk-secret"
         again = engine.generate(["Question: one?\nAnswer:"], sampling, seeds=[1])  # from the request cache
         assert again["samples"] == out["samples"] and len(Flaky.calls) == 3
@@ -193,9 +229,21 @@ def test_vllm_logprobs_are_raw_and_sharded(tmp_path):
     from distillery.demo.assets import TEACHER_DIR
     from tasks.generate import generate
 
-    cfg = load_pipeline(REPO / "pipelines.yaml", "demo", parse_overrides(
-        [f"output_dir={tmp_path / 'runs'}", f"generate.cache_dir={tmp_path / 'cache'}", "data.num_prompts=6",
-         "generate.n=2", "generate.logprobs=5", "generate.temperature=2.0", "generate.shard_size=3"]))
+    cfg = load_pipeline(
+        REPO / "pipelines.yaml",
+        "demo",
+        parse_overrides(
+            [
+                f"output_dir={tmp_path / 'runs'}",
+                f"generate.cache_dir={tmp_path / 'cache'}",
+                "data.num_prompts=6",
+                "generate.n=2",
+                "generate.logprobs=5",
+                "generate.temperature=2.0",
+                "generate.shard_size=3",
+            ]
+        ),
+    )
     res = generate(cfg, tmp_path / "out")
     assert res["figures"]["shards_generated"] == 2 and res["figures"]["samples"] == 12
     rows = read_jsonl(Path(res["path"]))
@@ -220,9 +268,19 @@ def test_vllm_generation_is_reproducible_on_cpu(tmp_path):
     from tasks.generate import generate
 
     args = ["data.num_prompts=400", "generate.shard_size=200", "generate.n=2", "generate.temperature=1.5"]
-    runs = [generate(load_pipeline(REPO / "pipelines.yaml", "demo", parse_overrides(
-        [f"output_dir={tmp_path / x / 'runs'}", f"generate.cache_dir={tmp_path / x / 'cache'}", *args])),
-        tmp_path / x / "out") for x in "ab"]
+    runs = [
+        generate(
+            load_pipeline(
+                REPO / "pipelines.yaml",
+                "demo",
+                parse_overrides(
+                    [f"output_dir={tmp_path / x / 'runs'}", f"generate.cache_dir={tmp_path / x / 'cache'}", *args]
+                ),
+            ),
+            tmp_path / x / "out",
+        )
+        for x in "ab"
+    ]
     a, b = ([r["completion"] for r in read_jsonl(Path(x["path"]))] for x in runs)
     assert len(a) == 800 and len(set(a)) > 400  # T=1.5: mostly distinct samples, so a changed draw shows
     assert sum(x != y for x, y in zip(a, b, strict=True)) == 0
@@ -234,10 +292,19 @@ def test_chat_template_system_turn_and_think_prefill(tmp_path):
 
     from .conftest import chat_teacher
 
-    model = chat_teacher(tmp_path / "chat-teacher", "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n"
-                         "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    cfg = smoke(tmp_path, f"teacher.path={model}", "data.chat_template=true", "data.system_prompt=Be brief.",
-                "data.num_prompts=2", "generate.think_prefill=true")
+    model = chat_teacher(
+        tmp_path / "chat-teacher",
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n"
+        "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}",
+    )
+    cfg = smoke(
+        tmp_path,
+        f"teacher.path={model}",
+        "data.chat_template=true",
+        "data.system_prompt=Be brief.",
+        "data.num_prompts=2",
+        "generate.think_prefill=true",
+    )
     texts = [p["prompt_text"] for p in prepare_prompts(cfg, str(model))]
     assert texts[0].startswith("<|system|>Be brief.\n<|user|>Question: ")
     assert texts[0].endswith("<|assistant|><think>\n")

@@ -18,9 +18,20 @@ def greedy_traces(tmp_path_factory):
     from tasks.generate import generate
 
     tmp = tmp_path_factory.mktemp("kd")
-    cfg = load_pipeline(REPO / "pipelines.yaml", "smoke", parse_overrides(
-        [f"output_dir={tmp / 'runs'}", f"generate.cache_dir={tmp / 'cache'}", "data.num_prompts=32",
-         "generate.n=1", "generate.temperature=0", "generate.logprobs=8"]))
+    cfg = load_pipeline(
+        REPO / "pipelines.yaml",
+        "smoke",
+        parse_overrides(
+            [
+                f"output_dir={tmp / 'runs'}",
+                f"generate.cache_dir={tmp / 'cache'}",
+                "data.num_prompts=32",
+                "generate.n=1",
+                "generate.temperature=0",
+                "generate.logprobs=8",
+            ]
+        ),
+    )
     res = generate(cfg, tmp / "gen")
     return read_jsonl(Path(res["path"])), load_logprobs(tmp / "gen" / "logprobs.parquet")
 
@@ -42,13 +53,24 @@ def _train(examples, student, tmp_path, steps=40, **kw):
 
     tok = AutoTokenizer.from_pretrained(student)
     model = AutoModelForCausalLM.from_pretrained(student)
-    args = TrainingArguments(output_dir=str(tmp_path / "t"), per_device_train_batch_size=8, max_steps=steps,
-                             learning_rate=3e-3, use_cpu=True, report_to=[], logging_steps=min(10, steps),
-                             save_strategy="no",
-                             disable_tqdm=True)
-    trainer = make_trainer(model, tok, examples, args, **{"temperature": 2.0, "alpha": 1.0,
-                                                          "divergence": "forward_kl", "beta": 0.5,
-                                                          "tail": "bucket", **kw})
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "t"),
+        per_device_train_batch_size=8,
+        max_steps=steps,
+        learning_rate=3e-3,
+        use_cpu=True,
+        report_to=[],
+        logging_steps=min(10, steps),
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = make_trainer(
+        model,
+        tok,
+        examples,
+        args,
+        **{"temperature": 2.0, "alpha": 1.0, "divergence": "forward_kl", "beta": 0.5, "tail": "bucket", **kw},
+    )
     trainer.train()
     return trainer
 
@@ -101,11 +123,28 @@ def test_logit_kd_pipeline_through_the_cli(tmp_path):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    r = subprocess.run([str(Path(sys.executable).parent / "distillery"), "run", "demo-kd", "--file",
-                        str(REPO / "pipelines.yaml"), "--set", "data.num_prompts=64", "--set",
-                        "generate.backend=transformers", "--set", "train.max_steps=5", "--set", "evaluate.limit=8"],
-                       cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True,
-                       timeout=900)
+    r = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "distillery"),
+            "run",
+            "demo-kd",
+            "--file",
+            str(REPO / "pipelines.yaml"),
+            "--set",
+            "data.num_prompts=64",
+            "--set",
+            "generate.backend=transformers",
+            "--set",
+            "train.max_steps=5",
+            "--set",
+            "evaluate.limit=8",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("distillery").experiment_id])
@@ -125,17 +164,21 @@ def test_gkd_on_policy_steps_with_the_live_teacher(tiny_student, gold_records, t
     from tasks.train import SFTParams, gkd
 
     out = tmp_path / "gkd"
-    figures = gkd(str(tiny_student), str(TEACHER_DIR), gold_records[:32], out,
-                  SFTParams(max_steps=4, batch_size=8, learning_rate=3e-3, logging_steps=1, max_length=128),
-                  GKDSection(lmbda=0.5, beta=0.5, max_new_tokens=16))
+    figures = gkd(
+        str(tiny_student),
+        str(TEACHER_DIR),
+        gold_records[:32],
+        out,
+        SFTParams(max_steps=4, batch_size=8, learning_rate=3e-3, logging_steps=1, max_length=128),
+        GKDSection(lmbda=0.5, beta=0.5, max_new_tokens=16),
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     losses = [h["loss"] for h in manifest["loss_history"] if "loss" in h]
     assert figures["steps"] == 4 and len(losses) == 4 and all(math.isfinite(x) and x > 0 for x in losses)
     assert manifest["method"] == "gkd" and (out / "model.safetensors").exists()
 
 
-def test_a_models_own_rescored_topk_are_its_distribution_at_the_traces_tokens(greedy_traces, tokenizer,
-                                                                               tiny_student):
+def test_a_models_own_rescored_topk_are_its_distribution_at_the_traces_tokens(greedy_traces, tokenizer, tiny_student):
     """topk_logprobs (a teacher assistant's soft targets, bench/methods.py ^TARGETS) is the model's log-softmax at
     the position before each completion token, best first; a copy of the model pays ≈ 0 on them at every T."""
     import torch
@@ -155,8 +198,9 @@ def test_a_models_own_rescored_topk_are_its_distribution_at_the_traces_tokens(gr
             logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1 : len(p) + len(c) - 1]
         full = logits.float().log_softmax(-1)
         assert s["token_ids"] == c and len(s["top_ids"]) == len(c)
-        assert torch.allclose(torch.tensor(s["token_logprobs"]), full.gather(-1, torch.tensor(c)[:, None])[:, 0],
-                              atol=1e-4)  # alone, unpadded: the same numbers as in a padded batch
+        assert torch.allclose(
+            torch.tensor(s["token_logprobs"]), full.gather(-1, torch.tensor(c)[:, None])[:, 0], atol=1e-4
+        )  # alone, unpadded: the same numbers as in a padded batch
         top = full.topk(8, dim=-1)
         assert s["top_ids"] == top.indices.tolist()
         for t in (1.0, 2.0, 4.0):

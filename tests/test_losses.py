@@ -101,7 +101,7 @@ def test_forward_kl_covers_both_modes_reverse_kl_commits_to_one():
     teacher, both from the same start near one mode: forward KL moves its mean between the modes with a wide
     spread; reverse KL sits on that mode, at the textbook optimum KL = ln 2."""
     x = torch.linspace(-20, 20, 41)
-    teacher = torch.logsumexp(torch.stack([-(x - 10) ** 2 / 8, -(x + 10) ** 2 / 8]), 0)
+    teacher = torch.logsumexp(torch.stack([-((x - 10) ** 2) / 8, -((x + 10) ** 2) / 8]), 0)
     fits = {}
     for kind in ("forward_kl", "reverse_kl"):
         mu = torch.tensor(6.0, requires_grad=True)
@@ -109,7 +109,7 @@ def test_forward_kl_covers_both_modes_reverse_kl_commits_to_one():
         opt = torch.optim.Adam([mu, log_sigma], lr=0.05)
         for _ in range(1500):
             opt.zero_grad()
-            student = -(x - mu) ** 2 / (2 * log_sigma.exp() ** 2)
+            student = -((x - mu) ** 2) / (2 * log_sigma.exp() ** 2)
             loss = full_kd(student[None], teacher[None], 1.0, kind)
             loss.backward()
             opt.step()
@@ -135,8 +135,9 @@ def test_topk_bucket_is_exact_at_t1_and_renormalize_restricts():
     p_r = top.values.softmax(-1)
     q_r = q_top / q_top.sum(-1, keepdim=True)
     expected_r = (p_r * (p_r.log() - q_r.log())).sum(-1).mean()
-    assert topk_kd(s, top.indices, top.values, 1.0, tail="renormalize").item() == pytest.approx(expected_r.item(),
-                                                                                                rel=1e-5)
+    assert topk_kd(s, top.indices, top.values, 1.0, tail="renormalize").item() == pytest.approx(
+        expected_r.item(), rel=1e-5
+    )
     # all k = V: the stored top-k is the whole teacher, and the loss is the full one
     full = logp.topk(9)
     assert topk_kd(s, full.indices, full.values, 1.0).item() == pytest.approx(full_kd(s, t).item(), abs=1e-4)
@@ -158,8 +159,9 @@ def test_chunked_loss_equals_the_naive_one_with_its_gradients():
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g, g_naive, strict=True))
     top = torch.log_softmax(teacher, -1).topk(5)
     naive_k = topk_kd(head(hidden), top.indices, top.values, 2.0, labels=labels)
-    chunked_k = chunked_kd_from_hidden(hidden, head, None, labels, 2.0, chunk_size=8, top_ids=top.indices,
-                                       top_logprobs=top.values)
+    chunked_k = chunked_kd_from_hidden(
+        hidden, head, None, labels, 2.0, chunk_size=8, top_ids=top.indices, top_logprobs=top.values
+    )
     assert chunked_k.item() == pytest.approx(naive_k.item(), rel=1e-5)
 
 
@@ -173,7 +175,8 @@ def test_mix_and_nan_refusal():
     logits = torch.randn(2, 3, 5)
     labels = torch.tensor([[1, -100, 2], [-100, -100, 4]])
     assert hard_ce(logits, labels).item() == pytest.approx(
-        torch.nn.functional.cross_entropy(logits.reshape(-1, 5), labels.reshape(-1), ignore_index=-100).item())
+        torch.nn.functional.cross_entropy(logits.reshape(-1, 5), labels.reshape(-1), ignore_index=-100).item()
+    )
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
@@ -200,8 +203,17 @@ def test_a_student_equal_to_the_teacher_pays_nothing_at_any_temperature(temperat
     head = torch.nn.Linear(8, 2000, bias=False)
     hidden = torch.randn(40, 8)
     top = torch.log_softmax(head(hidden), -1).topk(16)
-    chunked = chunked_kd_from_hidden(hidden, head, None, torch.zeros(40, dtype=torch.long), temperature,
-                                     chunk_size=16, top_ids=top.indices, top_logprobs=top.values, tail=tail)
+    chunked = chunked_kd_from_hidden(
+        hidden,
+        head,
+        None,
+        torch.zeros(40, dtype=torch.long),
+        temperature,
+        chunk_size=16,
+        top_ids=top.indices,
+        top_logprobs=top.values,
+        tail=tail,
+    )
     assert abs(chunked.item()) < 1e-4
 
 

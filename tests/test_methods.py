@@ -28,20 +28,28 @@ def regex_verifier():
 
 
 def test_hard_labels_are_the_reference_answers_once_per_prompt():
-    rows = [{"prompt_id": "a", "prompt": "Q1\nAnswer:", "answer": "7", "completion": " <think>3+4=7.</think> x"},
-            {"prompt_id": "a", "prompt": "Q1\nAnswer:", "answer": "7", "completion": " <think>4+3=7.</think> y"},
-            {"prompt_id": "b", "prompt": "Q2\nAnswer:", "answer": "-2", "completion": " z"}]
+    rows = [
+        {"prompt_id": "a", "prompt": "Q1\nAnswer:", "answer": "7", "completion": " <think>3+4=7.</think> x"},
+        {"prompt_id": "a", "prompt": "Q1\nAnswer:", "answer": "7", "completion": " <think>4+3=7.</think> y"},
+        {"prompt_id": "b", "prompt": "Q2\nAnswer:", "answer": "-2", "completion": " z"},
+    ]
     recs = hard_label_records(rows, " The answer is {answer}.", chat=False)
-    assert recs == [{"prompt": "Q1\nAnswer:", "completion": " The answer is 7."},
-                    {"prompt": "Q2\nAnswer:", "completion": " The answer is -2."}]
+    assert recs == [
+        {"prompt": "Q1\nAnswer:", "completion": " The answer is 7."},
+        {"prompt": "Q2\nAnswer:", "completion": " The answer is -2."},
+    ]
     chat = hard_label_records(rows[:1], "{answer}", chat=True)
     assert chat[0]["completion"] == [{"role": "assistant", "content": "7"}]
 
 
 def test_hard_method_needs_no_teacher_stages():
-    cfg = load_pipeline(REPO / "pipelines.yaml", "smoke",
-                        parse_overrides(["stages=[train,evaluate]", "train.method=hard",
-                                         "train.hard_label_template= The answer is {answer}."]))
+    cfg = load_pipeline(
+        REPO / "pipelines.yaml",
+        "smoke",
+        parse_overrides(
+            ["stages=[train,evaluate]", "train.method=hard", "train.hard_label_template= The answer is {answer}."]
+        ),
+    )
     assert cfg.train.method == "hard" and "generate" not in cfg.stages
     from distillery.config import ConfigError
 
@@ -56,8 +64,12 @@ def test_qlora_trains_adapters_on_a_quantized_base_and_ships_a_plain_model(tiny_
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "qlora"
-    figures = sft(str(tiny_student), gold_records[:32], out,
-                  SFTParams(max_steps=3, **PARAMS, lora={"r": 4, "alpha": 8, "quantize": "nf4"}))
+    figures = sft(
+        str(tiny_student),
+        gold_records[:32],
+        out,
+        SFTParams(max_steps=3, **PARAMS, lora={"r": 4, "alpha": 8, "quantize": "nf4"}),
+    )
     base = AutoModelForCausalLM.from_pretrained(tiny_student)
     assert figures["trainable_params"] < base.num_parameters() / 5
     assert figures["merge_max_abs_logit_diff"] < 1e-2  # the merged model is the one that was trained
@@ -77,8 +89,13 @@ def test_verifier_pairs_a_correct_sample_against_a_wrong_one():
     pairs, stats = preference_pairs(prompts, samples, d, regex_verifier())
     assert [(p["prompt_id"], p["chosen"]) for p in pairs] == [("p1", right)]  # one correct sample: one pair
     assert pairs[0]["rejected"] in (wrong, " The answer is 1.")
-    assert stats == {"dpo_prompts": 2, "dpo_samples": 8, "dpo_pairs": 1, "dpo_prompts_paired": 1,
-                     "dpo_sample_pass_rate": 5 / 8}
+    assert stats == {
+        "dpo_prompts": 2,
+        "dpo_samples": 8,
+        "dpo_pairs": 1,
+        "dpo_prompts_paired": 1,
+        "dpo_sample_pass_rate": 5 / 8,
+    }
 
 
 def test_teacher_judge_prefers_what_the_teacher_would_say(gold_records):
@@ -97,8 +114,16 @@ def test_dpo_from_teacher_judged_student_samples(tiny_student, gold_records, tmp
     rows = [{**r, "prompt_id": str(i)} for i, r in enumerate(gold_records[:16])]
     out = tmp_path / "dpo"
     d = DPOSection(judge="teacher", sft_first=False, samples=4, max_new_tokens=24, beta=0.1, learning_rate=1e-3)
-    figures = dpo(str(tiny_student), str(TEACHER_DIR), rows, out, SFTParams(max_steps=4, **PARAMS), d,
-                  regex_verifier(), chat=False)
+    figures = dpo(
+        str(tiny_student),
+        str(TEACHER_DIR),
+        rows,
+        out,
+        SFTParams(max_steps=4, **PARAMS),
+        d,
+        regex_verifier(),
+        chat=False,
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     assert figures["dpo_pairs"] >= 8 and figures["steps"] == 4 and manifest["method"] == "dpo"
     assert figures["dpo_reward_margin"] > 0
@@ -110,8 +135,16 @@ def test_dpo_refuses_when_no_sample_can_be_told_apart(tiny_student, gold_records
     rows = [{**r, "prompt_id": str(i)} for i, r in enumerate(gold_records[:4])]
     d = DPOSection(judge="verifier", sft_first=False, samples=2, max_new_tokens=8)
     with pytest.raises(ValueError, match="no preference pairs"):
-        dpo(str(tiny_student), str(TEACHER_DIR), rows, tmp_path / "o", SFTParams(max_steps=1, **PARAMS), d,
-            regex_verifier(), chat=False)
+        dpo(
+            str(tiny_student),
+            str(TEACHER_DIR),
+            rows,
+            tmp_path / "o",
+            SFTParams(max_steps=1, **PARAMS),
+            d,
+            regex_verifier(),
+            chat=False,
+        )
     assert not (tmp_path / "o").exists()
 
 
@@ -137,8 +170,13 @@ def test_nan_loss_stops_the_train_stage_and_fails_its_mlflow_run(tiny_student, g
     cfg = load_pipeline(REPO / "pipelines.yaml", "smoke", parse_overrides(["train.max_steps=3"]))
     tracker = Tracker("nan-test", mlflow_uri)
     parent = tracker.start("smoke")
-    ctx = RunContext(pipeline="smoke", run_dir=str(tmp_path / "run"), parent_run_id=parent.run_id,
-                     experiment="nan-test", tracking_uri=mlflow_uri)
+    ctx = RunContext(
+        pipeline="smoke",
+        run_dir=str(tmp_path / "run"),
+        parent_run_id=parent.run_id,
+        experiment="nan-test",
+        tracking_uri=mlflow_uri,
+    )
     with pytest.raises(FloatingPointError, match=r"train: non-finite loss \(nan\) at step 0"):
         train_task.fn(cfg, ctx, str(traces), str(bad))
     client = MlflowClient(mlflow_uri)

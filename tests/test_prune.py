@@ -23,10 +23,19 @@ def tiny(family: str, tokenizer, seed: int = 0):
     import transformers
 
     cfg_cls, model_cls = (getattr(transformers, n) for n in FAMILIES[family])
-    cfg = cfg_cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                  bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=False)
+    cfg = cfg_cls(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     return model_cls(cfg).eval()
 
@@ -71,7 +80,11 @@ def test_width_pruning_removes_exactly_the_dead_units(family, tokenizer, tmp_pat
     model.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert (cfg["intermediate_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (
-        64, 2, 1, 16)
+        64,
+        2,
+        1,
+        16,
+    )
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # plain from_pretrained, new shapes
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**probe).logits, before, atol=1e-5, rtol=1e-5)
@@ -111,8 +124,13 @@ def test_depth_and_width_pruned_teacher_is_healed_by_distillation(tokenizer, tmp
 
     from distillery.demo.assets import TEACHER_DIR
 
-    cfg = PruneConfig(drop_layers=1, width={"intermediate_size": 256}, calibration_samples=16, max_length=96,
-                      heal=HealConfig(max_steps=24, batch_size=16, learning_rate=2e-3, max_length=96))
+    cfg = PruneConfig(
+        drop_layers=1,
+        width={"intermediate_size": 256},
+        calibration_samples=16,
+        max_length=96,
+        heal=HealConfig(max_steps=24, batch_size=16, learning_rate=2e-3, max_length=96),
+    )
     res = prune(str(TEACHER_DIR), texts(192), cfg, tmp_path / "healed", unhealed_dir=tmp_path / "unhealed")
     f = res["figures"]
     assert (f["layers_after"], f["intermediate_after"], f["heads_after"]) == (3, 256, f["heads_before"])

@@ -20,21 +20,24 @@ HIGHER = GateConfig()
 LOWER = GateConfig(metric="memory_bytes", higher_is_better=False)
 
 
-@pytest.mark.parametrize("candidate,champion,gate,has_champion,move,why", [
-    (0.5, None, HIGHER, None, True, "no champion yet"),
-    (0.75, 0.5, HIGHER, None, True, "accuracy 0.75 > champion's 0.5 + min_delta 0"),
-    (0.5, 0.5, HIGHER, None, False, "accuracy 0.5 <= champion's 0.5"),  # a tie is not better
-    (0.25, 0.5, HIGHER, None, False, "champion stays"),
-    (0.75, 0.5, GateConfig(min_delta=0.25), None, False, "<= champion's 0.5 + min_delta 0.25"),  # not more than
-    (0.76, 0.5, GateConfig(min_delta=0.25), None, True, "champion moves"),
-    (100, 200, LOWER, None, True, "memory_bytes 100 < champion's 200 - min_delta 0"),
-    (200, 100, LOWER, None, False, "memory_bytes 200 >= champion's 100"),
-    (150, 200, GateConfig(metric="memory_bytes", higher_is_better=False, min_delta=50), None, False, ">="),
-    (149, 200, GateConfig(metric="memory_bytes", higher_is_better=False, min_delta=50), None, True, "<"),
-    (None, 0.5, HIGHER, None, False, "candidate has no accuracy (not evaluated)"),
-    (None, None, HIGHER, None, False, "not evaluated"),  # no champion, but nothing measured to crown
-    (0.9, None, HIGHER, True, False, "champion has no recorded accuracy"),
-])
+@pytest.mark.parametrize(
+    "candidate,champion,gate,has_champion,move,why",
+    [
+        (0.5, None, HIGHER, None, True, "no champion yet"),
+        (0.75, 0.5, HIGHER, None, True, "accuracy 0.75 > champion's 0.5 + min_delta 0"),
+        (0.5, 0.5, HIGHER, None, False, "accuracy 0.5 <= champion's 0.5"),  # a tie is not better
+        (0.25, 0.5, HIGHER, None, False, "champion stays"),
+        (0.75, 0.5, GateConfig(min_delta=0.25), None, False, "<= champion's 0.5 + min_delta 0.25"),  # not more than
+        (0.76, 0.5, GateConfig(min_delta=0.25), None, True, "champion moves"),
+        (100, 200, LOWER, None, True, "memory_bytes 100 < champion's 200 - min_delta 0"),
+        (200, 100, LOWER, None, False, "memory_bytes 200 >= champion's 100"),
+        (150, 200, GateConfig(metric="memory_bytes", higher_is_better=False, min_delta=50), None, False, ">="),
+        (149, 200, GateConfig(metric="memory_bytes", higher_is_better=False, min_delta=50), None, True, "<"),
+        (None, 0.5, HIGHER, None, False, "candidate has no accuracy (not evaluated)"),
+        (None, None, HIGHER, None, False, "not evaluated"),  # no champion, but nothing measured to crown
+        (0.9, None, HIGHER, True, False, "champion has no recorded accuracy"),
+    ],
+)
 def test_gate_decision(candidate, champion, gate, has_champion, move, why):
     moved, reason = gate_decision(candidate, champion, gate, has_champion=has_champion)
     assert moved is move
@@ -42,8 +45,13 @@ def test_gate_decision(candidate, champion, gate, has_champion, move, why):
 
 
 def test_pick_candidate_last_or_best():
-    versions = [{"version": "1", "value": 0.5}, {"version": "2", "value": 0.75}, {"version": "3", "value": 0.75},
-                {"version": "4", "value": 0.25}, {"version": "5", "value": None}]
+    versions = [
+        {"version": "1", "value": 0.5},
+        {"version": "2", "value": 0.75},
+        {"version": "3", "value": 0.75},
+        {"version": "4", "value": 0.25},
+        {"version": "5", "value": None},
+    ]
     assert pick_candidate(versions, GateConfig())["version"] == "5"
     assert pick_candidate(versions, GateConfig(model="best"))["version"] == "3"  # a tie goes to the later stage
     assert pick_candidate(versions, GateConfig(model="best", higher_is_better=False))["version"] == "4"
@@ -57,18 +65,36 @@ def fake_run(tracker: Tracker, tmp_path: Path, n: int, accuracy: dict[str, float
     train = tracker.start("train", parent.run_id)
     quantize = tracker.start("quantize", parent.run_id)
     models, evals = {}, {}
-    for label, run, stage, artifact in (("student-sft", train, "train", None),
-                                        ("student-int8", quantize, "quantize", "int8")):
+    for label, run, stage, artifact in (
+        ("student-sft", train, "train", None),
+        ("student-int8", quantize, "quantize", "int8"),
+    ):
         folder = tmp_path / f"run{n}" / label
         folder.mkdir(parents=True)
         (folder / "config.json").write_text(json.dumps({"run": n, "model": label}))
-        models[label] = {"path": str(folder), "run_id": run.run_id, "stage": stage,
-                         **({"artifact": artifact} if artifact else {})}
+        models[label] = {
+            "path": str(folder),
+            "run_id": run.run_id,
+            "stage": stage,
+            **({"artifact": artifact} if artifact else {}),
+        }
         if accuracy.get(label) is not None:
-            evals[label] = {"figures": {"accuracy": accuracy[label], "accuracy_stderr": None, "params": 1000,
-                                        "memory_bytes": 4000, "tokens_per_s": 50.0}}
-    ctx = RunContext(pipeline="demo", run_dir=str(tmp_path / f"run{n}"), parent_run_id=parent.run_id,
-                     experiment="registry-test", tracking_uri=tracker.uri)
+            evals[label] = {
+                "figures": {
+                    "accuracy": accuracy[label],
+                    "accuracy_stderr": None,
+                    "params": 1000,
+                    "memory_bytes": 4000,
+                    "tokens_per_s": 50.0,
+                }
+            }
+    ctx = RunContext(
+        pipeline="demo",
+        run_dir=str(tmp_path / f"run{n}"),
+        parent_run_id=parent.run_id,
+        experiment="registry-test",
+        tracking_uri=tracker.uri,
+    )
     return ctx, models, evals
 
 
@@ -91,7 +117,11 @@ def test_champion_moves_only_when_the_candidate_is_better(mlflow_uri, tmp_path):
     assert alias("champion") == alias("candidate") == first["candidate"]["version"] == "2"
     v1 = client.get_model_version(NAME, "1")
     assert {k: v1.tags[k] for k in ("stage", "model", "pipeline", "parent_run_id")} == {
-        "stage": "train", "model": "student-sft", "pipeline": "demo", "parent_run_id": ctx.parent_run_id}
+        "stage": "train",
+        "model": "student-sft",
+        "pipeline": "demo",
+        "parent_run_id": ctx.parent_run_id,
+    }
     assert float(v1.tags["metric.accuracy"]) == 0.6 and v1.tags["metric.params"] == "1000"
     assert "metric.accuracy_stderr" not in v1.tags  # a figure that is None is not written as "None"
 
@@ -113,8 +143,8 @@ def test_champion_moves_only_when_the_candidate_is_better(mlflow_uri, tmp_path):
     # the decision is on the parent run: tag and gate.json
     parent = client.get_run(ctx.parent_run_id)
     assert parent.data.tags["distillery.gate"] == (
-        "candidate v6 (student-int8), champion v4 -> v4: accuracy 0.25 <= champion's 0.75 + min_delta 0: "
-        "champion stays")
+        "candidate v6 (student-int8), champion v4 -> v4: accuracy 0.25 <= champion's 0.75 + min_delta 0: champion stays"
+    )
     logged = json.loads(Path(client.download_artifacts(ctx.parent_run_id, "gate.json", str(tmp_path))).read_text())
     assert logged["candidate"] == {"version": "6", "model": "student-int8", "stage": "quantize", "value": 0.25}
     assert logged["champion_before"] == {"version": "4", "value": 0.75} and logged["champion_after"] == "4"
@@ -147,8 +177,7 @@ def test_best_model_gate_and_a_stage_subset(mlflow_uri, tmp_path):
 
 def test_tracking_off_registers_nothing(tmp_path):
     null = NullTracker()
-    ctx = RunContext(pipeline="demo", run_dir=str(tmp_path), parent_run_id="none", experiment="x",
-                     tracking_uri="none")
+    ctx = RunContext(pipeline="demo", run_dir=str(tmp_path), parent_run_id="none", experiment="x", tracking_uri="none")
     models = {"student-sft": {"path": str(tmp_path), "run_id": "none", "stage": "train"}}
     assert register_run(null, ctx, RegistryConfig(model_name=NAME), models, None, logged=True) is None
     assert null.get_alias(NAME, "champion") is None and null.set_alias(NAME, "champion", "1") is None
@@ -162,19 +191,25 @@ def test_demo_registry_config():
     assert smoke.stages is None and smoke.gate == GateConfig()
 
 
-@pytest.mark.parametrize("pipeline,overrides,expected", [
-    ("demo", {"registry.gate.min_delta": -0.1}, "pipelines.demo.registry.gate.min_delta: must be >= 0"),
-    ("demo", {"registry.gate.metric": "acc"}, "pipelines.demo.registry.gate.metric: unknown metric 'acc'"),
-    ("demo", {"registry.gate.model": "first"}, "pipelines.demo.registry.gate.model: must be one of"),
-    ("demo", {"registry.gate.treshold": 1}, "pipelines.demo.registry.gate.treshold: unknown key"),
-    ("demo", {"registry.stages": ["train", "train"]}, "pipelines.demo.registry.stages: a stage is listed twice"),
-    ("demo", {"registry.stages": ["evaluate"]}, "pipelines.demo.registry.stages.0: must be one of"),
-    ("demo", {"registry.stages": []}, "pipelines.demo.registry.stages: must have at least 1 item(s)"),
-    ("demo", {"registry.stage": "train"}, "pipelines.demo.registry.stage: unknown key"),
-    ("smoke", {"registry.stages": ["prune"]}, "pipelines.smoke: registry.stages: stage 'prune' is not in stages"),
-    ("smoke", {"stages": ["generate", "filter", "evaluate"]},
-     "pipelines.smoke: registry: no model stage (train, prune, quantize) in stages to register"),
-])
+@pytest.mark.parametrize(
+    "pipeline,overrides,expected",
+    [
+        ("demo", {"registry.gate.min_delta": -0.1}, "pipelines.demo.registry.gate.min_delta: must be >= 0"),
+        ("demo", {"registry.gate.metric": "acc"}, "pipelines.demo.registry.gate.metric: unknown metric 'acc'"),
+        ("demo", {"registry.gate.model": "first"}, "pipelines.demo.registry.gate.model: must be one of"),
+        ("demo", {"registry.gate.treshold": 1}, "pipelines.demo.registry.gate.treshold: unknown key"),
+        ("demo", {"registry.stages": ["train", "train"]}, "pipelines.demo.registry.stages: a stage is listed twice"),
+        ("demo", {"registry.stages": ["evaluate"]}, "pipelines.demo.registry.stages.0: must be one of"),
+        ("demo", {"registry.stages": []}, "pipelines.demo.registry.stages: must have at least 1 item(s)"),
+        ("demo", {"registry.stage": "train"}, "pipelines.demo.registry.stage: unknown key"),
+        ("smoke", {"registry.stages": ["prune"]}, "pipelines.smoke: registry.stages: stage 'prune' is not in stages"),
+        (
+            "smoke",
+            {"stages": ["generate", "filter", "evaluate"]},
+            "pipelines.smoke: registry: no model stage (train, prune, quantize) in stages to register",
+        ),
+    ],
+)
 def test_bad_registry_config_names_the_field(pipeline, overrides, expected):
     with pytest.raises(ConfigError) as e:
         load_pipeline(REPO / "pipelines.yaml", pipeline, overrides)
@@ -200,8 +235,10 @@ def test_a_run_crowning_its_candidate_at_the_same_moment(mlflow_uri, tmp_path, t
             tracker.client.set_registered_model_alias = real
             register_run(tracker, other_ctx, registry, other_models, other_evals, logged=False)
             tracker.client.set_registered_model_alias = racing
-            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: registered_model_aliases."
-                                  "workspace, registered_model_aliases.name, registered_model_aliases.alias")
+            raise MlflowException(
+                "(sqlite3.IntegrityError) UNIQUE constraint failed: registered_model_aliases."
+                "workspace, registered_model_aliases.name, registered_model_aliases.alias"
+            )
         return real(name, alias, version)
 
     tracker.client.set_registered_model_alias = racing

@@ -8,8 +8,16 @@ from tasks.report import build_rows, frontier, plot, render
 
 
 def result(acc, params, mem, ppl=None):
-    return {"figures": {"accuracy": acc, "accuracy_stderr": 0.01, "params": params, "memory_bytes": mem,
-                        "tokens_per_s": 100.0, "heldout_perplexity": ppl}}
+    return {
+        "figures": {
+            "accuracy": acc,
+            "accuracy_stderr": 0.01,
+            "params": params,
+            "memory_bytes": mem,
+            "tokens_per_s": 100.0,
+            "heldout_perplexity": ppl,
+        }
+    }
 
 
 def test_frontier_keeps_only_models_no_smaller_one_beats():
@@ -18,8 +26,11 @@ def test_frontier_keeps_only_models_no_smaller_one_beats():
 
 
 def test_rows_carry_recovery_and_perplexity_and_render():
-    evals = {"teacher": result(0.8, 2_900_000, 11 * 2**20, 1.1), "student-sft": result(0.6, 790_000, 3 * 2**20, 1.4),
-             "student-nf4": result(0.4, 620_000, 2**19)}
+    evals = {
+        "teacher": result(0.8, 2_900_000, 11 * 2**20, 1.1),
+        "student-sft": result(0.6, 790_000, 3 * 2**20, 1.4),
+        "student-nf4": result(0.4, 620_000, 2**19),
+    }
     rows = build_rows(evals, None, None)
     by = {r["model"]: r for r in rows}
     assert by["student-sft"]["recovery"] == pytest.approx(0.75) and by["teacher"]["recovery"] == 1.0
@@ -32,10 +43,21 @@ def test_rows_carry_recovery_and_perplexity_and_render():
 
 def test_draft_line_names_greedy_sampled_and_distillspec_figures():
     evals = {"teacher": result(0.8, 2_900_000, 11 * 2**20), "student-sft": result(0.6, 790_000, 3 * 2**20)}
-    draft = {"figures": {"acceptance_rate": 0.9, "mean_accepted_length": 4.5, "teacher_tokens_per_s": 100.0,
-                         "teacher_with_draft_tokens_per_s": 150.0, "speedup": 1.5, "outputs_identical": 1.0,
-                         "sampled_temperature": 0.6, "sampled_acceptance_rate": 0.8,
-                         "sampled_mean_accepted_length": 4.1, "sampled_speedup": 1.3, "distill_steps": 40}}
+    draft = {
+        "figures": {
+            "acceptance_rate": 0.9,
+            "mean_accepted_length": 4.5,
+            "teacher_tokens_per_s": 100.0,
+            "teacher_with_draft_tokens_per_s": 150.0,
+            "speedup": 1.5,
+            "outputs_identical": 1.0,
+            "sampled_temperature": 0.6,
+            "sampled_acceptance_rate": 0.8,
+            "sampled_mean_accepted_length": 4.1,
+            "sampled_speedup": 1.3,
+            "distill_steps": 40,
+        }
+    }
     rows = build_rows(evals, draft, "student-sft")
     assert {r["model"]: r["draft_acceptance"] for r in rows} == {"teacher": None, "student-sft": 0.9}
     table = render(rows, draft)

@@ -60,11 +60,14 @@ def test_train_command_refuses_missing_traces(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("content,expected", [
-    ('{"prompt": "q", "completion": "a"}\n{"prompt": "q2", "completion"\n', "line 2: not JSON"),
-    ('{"prompt": "q", "completion": "a"}\n\n{"prompt": "q2"}\n', "line 3: no field 'completion'"),
-    ("\n", "no traces"),
-])
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        ('{"prompt": "q", "completion": "a"}\n{"prompt": "q2", "completion"\n', "line 2: not JSON"),
+        ('{"prompt": "q", "completion": "a"}\n\n{"prompt": "q2"}\n', "line 3: no field 'completion'"),
+        ("\n", "no traces"),
+    ],
+)
 def test_train_command_refuses_bad_traces_before_any_work(tmp_path, capsys, content, expected):
     from distillery.cli import main
 
@@ -85,13 +88,37 @@ def test_train_under_accelerate_launch_two_cpu_processes(tmp_path, mlflow_uri):
         for i, p in enumerate(task.problems(seed=7, count=64)):
             f.write(json.dumps({**p.as_record(), "prompt_id": i}) + "\n")
     out = tmp_path / "model"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu-2proc.yaml"),
-           "--main_process_port", str(free_port()), "-m", "distillery.cli", "train", "smoke", "--traces", str(traces),
-           "--out", str(out), "--file", str(REPO / "pipelines.yaml"),
-           "--set", "train.max_steps=4", "--set", "train.batch_size=8", "--set", "train.logging_steps=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CONFIGS / "cpu-2proc.yaml"),
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "distillery.cli",
+        "train",
+        "smoke",
+        "--traces",
+        str(traces),
+        "--out",
+        str(out),
+        "--file",
+        str(REPO / "pipelines.yaml"),
+        "--set",
+        "train.max_steps=4",
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        "train.logging_steps=1",
+    ]
     # one thread per process: two processes on a 2-core box; the children find this checkout's modules
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]

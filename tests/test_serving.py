@@ -39,14 +39,25 @@ def fake_model(folder: Path) -> Path:
 
 def test_print_command_binds_loopback_carries_the_draft_and_hides_the_key(tiny_student, capsys, monkeypatch):
     monkeypatch.delenv("DISTILLERY_API_KEY", raising=False)
-    rc = main(["serve-model", str(TEACHER_DIR), "--draft", str(tiny_student), "--api-key", KEY,
-               "--served-model-name", "teacher", "--print-command"])
+    rc = main(
+        [
+            "serve-model",
+            str(TEACHER_DIR),
+            "--draft",
+            str(tiny_student),
+            "--api-key",
+            KEY,
+            "--served-model-name",
+            "teacher",
+            "--print-command",
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert KEY not in out + err
     assert "--host 127.0.0.1" in out and "--port 8000" in out and "--trust-remote-code" not in out
     argv = shlex.split(out)
-    assert argv[0] == 'VLLM_API_KEY=$DISTILLERY_API_KEY'  # a reference the shell expands where it is run
+    assert argv[0] == "VLLM_API_KEY=$DISTILLERY_API_KEY"  # a reference the shell expands where it is run
     assert argv[1:4] == ["python", "-m", "vllm.entrypoints.openai.api_server"]
     assert argv[argv.index("--model") + 1] == str(TEACHER_DIR)
     assert argv[argv.index("--served-model-name") + 1] == "teacher"
@@ -56,15 +67,33 @@ def test_print_command_binds_loopback_carries_the_draft_and_hides_the_key(tiny_s
 
 def test_print_command_options_and_passthrough(tiny_student, capsys, monkeypatch):
     monkeypatch.setenv("DISTILLERY_API_KEY", KEY)
-    rc = main(["serve-model", "demo:teacher", "--draft", str(tiny_student), "--num-speculative-tokens", "2",
-               "--host", "0.0.0.0", "--port", "9001", "--max-model-len", "128", "--dtype", "bfloat16",
-               "--trust-remote-code", "--print-command", "--", "--enforce-eager"])
+    rc = main(
+        [
+            "serve-model",
+            "demo:teacher",
+            "--draft",
+            str(tiny_student),
+            "--num-speculative-tokens",
+            "2",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "9001",
+            "--max-model-len",
+            "128",
+            "--dtype",
+            "bfloat16",
+            "--trust-remote-code",
+            "--print-command",
+            "--",
+            "--enforce-eager",
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert KEY not in out + err
     argv = shlex.split(out)
-    for flag, value in (("--host", "0.0.0.0"), ("--port", "9001"), ("--max-model-len", "128"),
-                        ("--dtype", "bfloat16")):
+    for flag, value in (("--host", "0.0.0.0"), ("--port", "9001"), ("--max-model-len", "128"), ("--dtype", "bfloat16")):
         assert argv[argv.index(flag) + 1] == value
     assert "--trust-remote-code" in argv and argv[-1] == "--enforce-eager"
     assert json.loads(argv[argv.index("--speculative-config") + 1])["num_speculative_tokens"] == 2
@@ -128,8 +157,10 @@ def test_bad_usage_exits_2(capsys):
     assert "--num-speculative-tokens: needs --draft" in capsys.readouterr().err
     assert main(["serve-model", str(TEACHER_DIR), "--port", "70000"]) == 2
     assert main(["serve-model", str(TEACHER_DIR), "--max-model-len", "0"]) == 2
-    assert capsys.readouterr().err.splitlines() == ["--port: must be 1-65535, got 70000",
-                                                    "--max-model-len: must be >= 1, got 0"]
+    assert capsys.readouterr().err.splitlines() == [
+        "--port: must be 1-65535, got 70000",
+        "--max-model-len: must be >= 1, got 0",
+    ]
     with pytest.raises(SystemExit) as e:
         main(["validate", "--", "--enforce-eager"])
     assert e.value.code == 2
@@ -172,15 +203,37 @@ def test_healthcheck_probes_only_a_serving_container():
     from distillery.health import health_url
 
     assert health_url(["/usr/local/bin/distillery", "run", "demo"]) is None
-    assert health_url(["python", "-m", "vllm.entrypoints.openai.api_server", "--model", "m", "--host", "0.0.0.0",
-                       "--port", "9000"]) == "http://127.0.0.1:9000/health"
-    assert health_url(["python", "-m", "vllm.entrypoints.openai.api_server", "--model", "m"]) \
+    assert (
+        health_url(
+            [
+                "python",
+                "-m",
+                "vllm.entrypoints.openai.api_server",
+                "--model",
+                "m",
+                "--host",
+                "0.0.0.0",
+                "--port",
+                "9000",
+            ]
+        )
+        == "http://127.0.0.1:9000/health"
+    )
+    assert (
+        health_url(["python", "-m", "vllm.entrypoints.openai.api_server", "--model", "m"])
         == "http://127.0.0.1:8000/health"
+    )
     port = free_port()
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Health)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    fake = [sys.executable, "-c", "import time; time.sleep(60)", "vllm.entrypoints.openai.api_server",
-            "--port", str(port)]
+    fake = [
+        sys.executable,
+        "-c",
+        "import time; time.sleep(60)",
+        "vllm.entrypoints.openai.api_server",
+        "--port",
+        str(port),
+    ]
     proc = subprocess.Popen(fake)  # a process whose command line looks like the server's
     try:
         check = [sys.executable, "-m", "distillery.health", str(proc.pid)]
@@ -206,8 +259,21 @@ class Server:
         self.port = free_port()
         self.log = log
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "distillery.cli", "serve-model", *args, "--port", str(self.port),
-               "--max-model-len", "256", "--dtype", "bfloat16", "--", "--enforce-eager"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "distillery.cli",
+            "serve-model",
+            *args,
+            "--port",
+            str(self.port),
+            "--max-model-len",
+            "256",
+            "--dtype",
+            "bfloat16",
+            "--",
+            "--enforce-eager",
+        ]
         full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
         self.proc = subprocess.Popen(cmd, env=full_env, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
@@ -234,8 +300,13 @@ class Server:
 # One test per server, so function scope: each starts once and is gone before the next starts (2 cores here).
 @pytest.fixture
 def student_server(tmp_path_factory):
-    server = Server(tmp_path_factory.mktemp("serve") / "student.log", "demo:student", "--served-model-name",
-                    "student", env={"DISTILLERY_API_KEY": KEY})
+    server = Server(
+        tmp_path_factory.mktemp("serve") / "student.log",
+        "demo:student",
+        "--served-model-name",
+        "student",
+        env={"DISTILLERY_API_KEY": KEY},
+    )
     try:
         yield server.wait_ready()
     finally:
@@ -247,10 +318,20 @@ def teacher_servers(tmp_path_factory):
     """The teacher alone and the teacher with the demo student as its draft, started side by side, both behind
     the API key. Module scope: the two tests at the end of this file share them (one start saved on 2 cores)."""
     logs = tmp_path_factory.mktemp("serve")
-    alone = Server(logs / "teacher.log", "demo:teacher", "--served-model-name", "teacher",
-                   env={"DISTILLERY_API_KEY": KEY})
-    drafted = Server(logs / "drafted.log", "demo:teacher", "--served-model-name", "teacher", "--draft",
-                     "demo:student", "--num-speculative-tokens", "4", env={"DISTILLERY_API_KEY": KEY})
+    alone = Server(
+        logs / "teacher.log", "demo:teacher", "--served-model-name", "teacher", env={"DISTILLERY_API_KEY": KEY}
+    )
+    drafted = Server(
+        logs / "drafted.log",
+        "demo:teacher",
+        "--served-model-name",
+        "teacher",
+        "--draft",
+        "demo:student",
+        "--num-speculative-tokens",
+        "4",
+        env={"DISTILLERY_API_KEY": KEY},
+    )
     try:
         yield alone.wait_ready(), drafted.wait_ready()
     finally:
@@ -274,12 +355,17 @@ def test_served_student_needs_its_key_and_answers_both_apis(student_server):
 
     client = openai.OpenAI(base_url=f"{s.url}/v1", api_key=KEY, max_retries=0, timeout=120)
     assert [m.id for m in client.models.list().data] == ["student"]
-    c = client.completions.create(model="student", prompt="Question: Max has 2 shells.\nAnswer:", max_tokens=8,
-                                  temperature=0)
+    c = client.completions.create(
+        model="student", prompt="Question: Max has 2 shells.\nAnswer:", max_tokens=8, temperature=0
+    )
     assert c.choices[0].finish_reason in ("stop", "length") and c.usage.completion_tokens >= 1
     assert isinstance(c.choices[0].text, str)
-    chat = client.chat.completions.create(model="student", max_tokens=8, temperature=0,
-                                          messages=[{"role": "user", "content": "Question: 2 + 2?\nAnswer:"}])
+    chat = client.chat.completions.create(
+        model="student",
+        max_tokens=8,
+        temperature=0,
+        messages=[{"role": "user", "content": "Question: 2 + 2?\nAnswer:"}],
+    )
     assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
     assert isinstance(chat.choices[0].message.content, str)
 
@@ -295,9 +381,14 @@ def test_served_student_needs_its_key_and_answers_both_apis(student_server):
 @pytest.mark.vllm
 def test_exit_code_is_the_servers(tmp_path):
     """Exec, not a child: vLLM's own argument error (exit 2) is the command's exit code."""
-    r = subprocess.run([sys.executable, "-m", "distillery.cli", "serve-model", "demo:teacher", "--",
-                        "--no-such-vllm-flag"], env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "distillery.cli", "serve-model", "demo:teacher", "--", "--no-such-vllm-flag"],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "--no-such-vllm-flag" in r.stderr
 
 
@@ -317,16 +408,23 @@ def test_teacher_with_draft_answers_exactly_as_the_teacher_alone(teacher_servers
     for server in teacher_servers:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
         # one request at a time: the same batch shapes on both servers
-        answers.append([client.completions.create(model="teacher", prompt=p, max_tokens=48, temperature=0)
-                        .choices[0].text for p in prompts])
+        answers.append(
+            [
+                client.completions.create(model="teacher", prompt=p, max_tokens=48, temperature=0).choices[0].text
+                for p in prompts
+            ]
+        )
     alone, drafted = answers
     assert sum("<think>" in a for a in alone) >= 6  # the real teacher answered
     assert drafted == alone
 
     with urllib.request.urlopen(f"{teacher_servers[1].url}/metrics", timeout=10) as r:
         metrics = r.read().decode()
-    proposed = sum(float(line.split()[-1]) for line in metrics.splitlines()
-                   if line.startswith("vllm:spec_decode_num_draft_tokens_total"))
+    proposed = sum(
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("vllm:spec_decode_num_draft_tokens_total")
+    )
     assert proposed > 0, "the draft proposed nothing: speculative decoding was not on"
 
 
@@ -342,10 +440,15 @@ def test_hosted_teacher_is_the_served_teacher(teacher_servers, tmp_path, monkeyp
 
     alone = teacher_servers[0]
     monkeypatch.setenv("TEACHER_KEY", KEY)
-    overrides = [f"output_dir={tmp_path / 'runs'}", f"generate.cache_dir={tmp_path / 'cache'}", "data.num_prompts=8",
-                 "generate.n=2", "generate.temperature=0.7", "generate.backend=openai",
-                 f"generate.openai={{base_url: '{alone.url}/v1', model: teacher, api_key_env: TEACHER_KEY, "
-                 "max_concurrency: 4}"]
+    overrides = [
+        f"output_dir={tmp_path / 'runs'}",
+        f"generate.cache_dir={tmp_path / 'cache'}",
+        "data.num_prompts=8",
+        "generate.n=2",
+        "generate.temperature=0.7",
+        "generate.backend=openai",
+        f"generate.openai={{base_url: '{alone.url}/v1', model: teacher, api_key_env: TEACHER_KEY, max_concurrency: 4}}",
+    ]
     cfg = load_pipeline(REPO / "pipelines.yaml", "demo", parse_overrides(overrides))
     res = generate(cfg, tmp_path / "out")
     rows = read_jsonl(Path(res["path"]))

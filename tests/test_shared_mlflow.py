@@ -62,11 +62,21 @@ def test_first_runs_started_together_create_one_sqlite_store(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
     start = time.time() + 10  # past every process's imports
-    code = ("import sys, time\nfrom distillery.tracking import Tracker\n"
-            "time.sleep(max(0, float(sys.argv[2]) - time.time()))\n"
-            "t = Tracker('together', sys.argv[1])\nt.end(t.start('run'))\n")
-    procs = [subprocess.Popen([sys.executable, "-c", code, uri, str(start)], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+    code = (
+        "import sys, time\nfrom distillery.tracking import Tracker\n"
+        "time.sleep(max(0, float(sys.argv[2]) - time.time()))\n"
+        "t = Tracker('together', sys.argv[1])\nt.end(t.start('run'))\n"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, uri, str(start)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(3)
+    ]
     outs = [p.communicate(timeout=180)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], [o[-2000:] for o in outs]
     from mlflow.tracking import MlflowClient
@@ -84,25 +94,55 @@ def test_two_runs_at_once_share_one_tracking_server(tmp_path):
     store.mkdir()
     logs.mkdir()
     server = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
-         "--backend-store-uri", f"sqlite:///{store / 'm.db'}", "--artifacts-destination", str(artifacts),
-         "--serve-artifacts"],
-        cwd=store, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-        stdout=(logs / "server.log").open("w"), stderr=subprocess.STDOUT)
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+            "--backend-store-uri",
+            f"sqlite:///{store / 'm.db'}",
+            "--artifacts-destination",
+            str(artifacts),
+            "--serve-artifacts",
+        ],
+        cwd=store,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        stdout=(logs / "server.log").open("w"),
+        stderr=subprocess.STDOUT,
+    )
     procs: list[subprocess.Popen] = []
     try:
         wait_for(f"{uri}/health", 120)
         # two ephemeral Prefect APIs starting at once on a busy 2-core box take longer than Prefect's default 20 s
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
-        quick = ["--set", "data.num_prompts=32", "--set", "train.max_steps=3", "--set", "evaluate.limit=8",
-                 "--set", "evaluate.throughput_prompts=2", "--set", "evaluate.throughput_new_tokens=8"]
+        quick = [
+            "--set",
+            "data.num_prompts=32",
+            "--set",
+            "train.max_steps=3",
+            "--set",
+            "evaluate.limit=8",
+            "--set",
+            "evaluate.throughput_prompts=2",
+            "--set",
+            "evaluate.throughput_new_tokens=8",
+        ]
         for i in range(2):  # started together: both create the experiment and the registered model at once
             work = tmp_path / f"run{i}"
             work.mkdir()
-            procs.append(subprocess.Popen(
-                [str(BIN / "distillery"), "run", "smoke", "--file", str(REPO / "pipelines.yaml"), *quick],
-                cwd=work, env={**env, "PREFECT_HOME": str(work / "prefect")},
-                stdout=(logs / f"run{i}.log").open("w"), stderr=subprocess.STDOUT))
+            procs.append(
+                subprocess.Popen(
+                    [str(BIN / "distillery"), "run", "smoke", "--file", str(REPO / "pipelines.yaml"), *quick],
+                    cwd=work,
+                    env={**env, "PREFECT_HOME": str(work / "prefect")},
+                    stdout=(logs / f"run{i}.log").open("w"),
+                    stderr=subprocess.STDOUT,
+                )
+            )
         for i, p in enumerate(procs):
             rc = p.wait(timeout=900)
             assert rc == 0, f"run{i}: " + (logs / f"run{i}.log").read_text()[-5000:]

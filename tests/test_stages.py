@@ -18,8 +18,12 @@ from .conftest import REPO
 @pytest.fixture(scope="module")
 def trained(tiny_student, gold_records, tmp_path_factory):
     out = tmp_path_factory.mktemp("train") / "model"
-    figures = sft(str(tiny_student), gold_records, out, SFTParams(max_steps=6, batch_size=16, learning_rate=3e-3,
-                                                                  logging_steps=2, max_length=128))
+    figures = sft(
+        str(tiny_student),
+        gold_records,
+        out,
+        SFTParams(max_steps=6, batch_size=16, learning_rate=3e-3, logging_steps=2, max_length=128),
+    )
     return out, figures
 
 
@@ -40,9 +44,12 @@ def test_sft_masks_the_prompt(tiny_student, tokenizer):
     from trl import SFTConfig, SFTTrainer
 
     rec = {"prompt": "Question: Mia has 2 pens.\nAnswer:", "completion": " <think>2=2.</think> The answer is 2."}
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_student), processing_class=tokenizer,
-                         train_dataset=Dataset.from_list([rec, {**rec, "completion": " The answer is 2."}]),
-                         args=SFTConfig(output_dir="/tmp/x", use_cpu=True, report_to=[], completion_only_loss=True))
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_student),
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_list([rec, {**rec, "completion": " The answer is 2."}]),
+        args=SFTConfig(output_dir="/tmp/x", use_cpu=True, report_to=[], completion_only_loss=True),
+    )
     batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
     n_prompt = len(tokenizer(rec["prompt"], add_special_tokens=False)["input_ids"])
     labels, ids = batch["labels"][0], batch["input_ids"][0]
@@ -103,8 +110,11 @@ def test_depth_pruning_drops_least_important_layer(trained, gold_records, tmp_pa
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
     assert model.config.num_hidden_layers == 2 and len(model.model.layers) == 2
     tok = AutoTokenizer.from_pretrained(tmp_path / "pruned")
-    out = model.generate(**tok(["Question: Tom has 3 pens.\nAnswer:"], return_tensors="pt", add_special_tokens=False),
-                         max_new_tokens=5, do_sample=False)  # the KV cache indices still line up
+    out = model.generate(
+        **tok(["Question: Tom has 3 pens.\nAnswer:"], return_tensors="pt", add_special_tokens=False),
+        max_new_tokens=5,
+        do_sample=False,
+    )  # the KV cache indices still line up
     assert out.shape[1] > 5
     assert res["figures"]["params_after"] < res["figures"]["params_before"]
 
@@ -168,8 +178,10 @@ def test_filter_holds_out_whole_prompts_for_perplexity(tmp_path):
     from distillery.artifacts import read_jsonl, write_jsonl
     from tasks.filter import run_filter
 
-    rows = [{**r, "prompt_id": f"p{i}", "sample": 0, "num_tokens": 20, "finish_reason": "stop",
-             "prompt_text": r["prompt"]} for i, r in enumerate(_problems(6))]
+    rows = [
+        {**r, "prompt_id": f"p{i}", "sample": 0, "num_tokens": 20, "finish_reason": "stop", "prompt_text": r["prompt"]}
+        for i, r in enumerate(_problems(6))
+    ]
     write_jsonl(tmp_path / "traces.jsonl", rows)
     cfg = load_pipeline(REPO / "pipelines.yaml", "smoke", parse_overrides(["filter.holdout_prompts=2"]))
     res = run_filter(cfg, tmp_path / "traces.jsonl", tmp_path / "filter")
@@ -214,8 +226,10 @@ def test_lineage_survives_another_run_inserting_the_same_dataset_first(tmp_path,
     def racing(run_id, datasets=None, **kw):  # the other run's insert landed between lookup and insert
         calls.append(run_id)
         if len(calls) == 1:
-            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
-                                  "datasets.name, datasets.digest")
+            raise MlflowException(
+                "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+                "datasets.name, datasets.digest"
+            )
         return real(run_id, datasets=datasets, **kw)
 
     second.client.log_inputs = racing

@@ -75,10 +75,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-steps", type=int, default=-1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-seed", type=int, default=7, help="seed of the training problems")
-    ap.add_argument("--continue-from", type=Path, default=None,
-                    help="a teacher to train further (its tokenizer is kept) instead of a random init")
-    ap.add_argument("--stop-in", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
-                    help="stop as soon as greedy accuracy on 100 dev problems is within [LOW, HIGH]")
+    ap.add_argument(
+        "--continue-from",
+        type=Path,
+        default=None,
+        help="a teacher to train further (its tokenizer is kept) instead of a random init",
+    )
+    ap.add_argument(
+        "--stop-in",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("LOW", "HIGH"),
+        help="stop as soon as greedy accuracy on 100 dev problems is within [LOW, HIGH]",
+    )
     ap.add_argument("--check-every", type=int, default=50, help="steps between those checks")
     ap.add_argument("--out", type=Path, default=assets.TEACHER_DIR, help="where the teacher goes")
     args = ap.parse_args(argv)
@@ -102,10 +112,18 @@ def main(argv: list[str] | None = None) -> None:
     else:
         tokenizer = assets.build_tokenizer([p.question + p.trace for p in gold[:5000]])
         tokenizer.chat_template = assets.DEMO_CHAT_TEMPLATE
-        init = assets.save_atomic(assets.init_model(assets.TEACHER_SHAPE, tokenizer, args.seed), tokenizer,
-                                  work / "init")
-    params = SFTParams(epochs=args.epochs, learning_rate=args.lr, batch_size=64, max_steps=args.max_steps,
-                       seed=args.seed, logging_steps=50, warmup_ratio=0.03)
+        init = assets.save_atomic(
+            assets.init_model(assets.TEACHER_SHAPE, tokenizer, args.seed), tokenizer, work / "init"
+        )
+    params = SFTParams(
+        epochs=args.epochs,
+        learning_rate=args.lr,
+        batch_size=64,
+        max_steps=args.max_steps,
+        seed=args.seed,
+        logging_steps=50,
+        warmup_ratio=0.03,
+    )
     checks: list[dict] = []
     callbacks = [accuracy_stop(str(init), tuple(args.stop_in), args.check_every, checks)] if args.stop_in else []
     figures = sft(str(init), [p.as_record() for p in gold], work / "trained", params, callbacks=callbacks)
@@ -115,11 +133,25 @@ def main(argv: list[str] | None = None) -> None:
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(work / "trained", dest, ignore=shutil.ignore_patterns("manifest.json"))
-    (dest / "demo_teacher.json").write_text(json.dumps(
-        {"examples": args.examples, "epochs": args.epochs, "lr": args.lr, "seed": args.seed,
-         "data_seed": args.data_seed, "continued_from": str(args.continue_from) if args.continue_from else None,
-         "stop_in": args.stop_in, "dev_checks": checks,
-         "eval_accuracy_greedy": measured["accuracy"], **measured, **figures, "previous": previous}, indent=2))
+    (dest / "demo_teacher.json").write_text(
+        json.dumps(
+            {
+                "examples": args.examples,
+                "epochs": args.epochs,
+                "lr": args.lr,
+                "seed": args.seed,
+                "data_seed": args.data_seed,
+                "continued_from": str(args.continue_from) if args.continue_from else None,
+                "stop_in": args.stop_in,
+                "dev_checks": checks,
+                "eval_accuracy_greedy": measured["accuracy"],
+                **measured,
+                **figures,
+                "previous": previous,
+            },
+            indent=2,
+        )
+    )
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -24,8 +24,9 @@ def _load(model_path: str):
     return tok, AutoModelForCausalLM.from_pretrained(model_path).eval()
 
 
-def greedy_answers(model_path: str, problems: list[task.Problem], max_new_tokens: int = 96,
-                   batch_size: int = 64, loaded=None) -> list[str]:
+def greedy_answers(
+    model_path: str, problems: list[task.Problem], max_new_tokens: int = 96, batch_size: int = 64, loaded=None
+) -> list[str]:
     """Greedy completions (the same decoding as the evaluate stage's lm-eval task)."""
     tok, model = loaded or _load(model_path)
     texts = []
@@ -41,8 +42,16 @@ def accuracy(texts: list[str], problems: list[task.Problem]) -> float:
     return sum(task.extract_answer(t) == str(p.answer) for t, p in zip(texts, problems, strict=True)) / len(problems)
 
 
-def sampled_profile(model_path: str, problems: list[task.Problem], samples: int = 2, temperature: float = 1.0,
-                    max_new_tokens: int = 96, batch_size: int = 64, seed: int = 0, loaded=None) -> dict:
+def sampled_profile(
+    model_path: str,
+    problems: list[task.Problem],
+    samples: int = 2,
+    temperature: float = 1.0,
+    max_new_tokens: int = 96,
+    batch_size: int = 64,
+    seed: int = 0,
+    loaded=None,
+) -> dict:
     """Sample the model at `temperature` and measure its own distribution at every sampled token (at T = 1):
     mean entropy (nats/token), mean top-1 and top-16 probability; plus the share of samples that are correct
     and that are gold traces, and how many distinct orders/openers/closers its samples use per problem."""
@@ -56,12 +65,21 @@ def sampled_profile(model_path: str, problems: list[task.Problem], samples: int 
     for i in range(0, len(problems), batch_size):
         batch = problems[i : i + batch_size]
         enc = tok([p.question for p in batch], return_tensors="pt", padding=True)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                             top_k=0, top_p=1.0, num_return_sequences=samples, output_scores=False,
-                             return_dict_in_generate=False)
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            num_return_sequences=samples,
+            output_scores=False,
+            return_dict_in_generate=False,
+        )
         prompt_len = enc["input_ids"].shape[1]
-        attn = torch.cat([enc["attention_mask"].repeat_interleave(samples, 0),
-                          torch.ones_like(out[:, prompt_len:])], dim=1)
+        attn = torch.cat(
+            [enc["attention_mask"].repeat_interleave(samples, 0), torch.ones_like(out[:, prompt_len:])], dim=1
+        )
         with torch.no_grad():
             logits = model(input_ids=out, attention_mask=attn).logits[:, prompt_len - 1 : -1].float()
         logp = torch.log_softmax(logits, -1)
@@ -88,9 +106,16 @@ def sampled_profile(model_path: str, problems: list[task.Problem], samples: int 
             variety["closer"].append(len({(c.lead, c.comma, c.subject, c.verb, c.tail) for c in ok}))
             variety["trace"].append(len(set(mine)))
     n = len(problems) * samples
-    return {"entropy_nats_per_token": ent / tokens, "top1_mass": top1 / tokens, "top16_mass": top16 / tokens,
-            "sampled_accuracy": correct / n, "gold_trace_share": gold / n, "samples_per_prompt": samples,
-            "tokens": tokens, **{f"distinct_{k}_per_prompt": sum(v) / len(v) for k, v in variety.items()}}
+    return {
+        "entropy_nats_per_token": ent / tokens,
+        "top1_mass": top1 / tokens,
+        "top16_mass": top16 / tokens,
+        "sampled_accuracy": correct / n,
+        "gold_trace_share": gold / n,
+        "samples_per_prompt": samples,
+        "tokens": tokens,
+        **{f"distinct_{k}_per_prompt": sum(v) / len(v) for k, v in variety.items()},
+    }
 
 
 def gold_entropy(problems: list[task.Problem], tokenizer) -> float:
@@ -111,8 +136,13 @@ def profile(model_path: str, samples: int = 2, limit: int | None = None) -> dict
             by_kind[f"accuracy_{kind}"] = accuracy([t for t, _ in sel], [p for _, p in sel])
     ood_acc = accuracy(greedy_answers(model_path, ood, loaded=loaded), ood)
     shape = sampled_profile(model_path, evals, samples=samples, loaded=loaded)
-    return {"accuracy": accuracy(texts, evals), **by_kind, "ood_accuracy": ood_acc,
-            "gold_entropy_nats_per_token": gold_entropy(evals, loaded[0]), **shape}
+    return {
+        "accuracy": accuracy(texts, evals),
+        **by_kind,
+        "ood_accuracy": ood_acc,
+        "gold_entropy_nats_per_token": gold_entropy(evals, loaded[0]),
+        **shape,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -124,8 +154,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limit", type=int, default=None, help="only the first N prompts of each split")
     args = ap.parse_args(argv)
     figures = profile(args.model, args.samples, args.limit)
-    print(json.dumps({k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v)
-                      for k, v in figures.items()}, indent=2))
+    print(
+        json.dumps(
+            {k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v) for k, v in figures.items()}, indent=2
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 NAMES = [
-    ("Mia", "She"), ("Tom", "He"), ("Ana", "She"), ("Leo", "He"), ("Zoe", "She"), ("Sam", "He"),
-    ("Ivy", "She"), ("Max", "He"), ("Eva", "She"), ("Ben", "He"), ("Lia", "She"), ("Kai", "He"),
+    ("Mia", "She"),
+    ("Tom", "He"),
+    ("Ana", "She"),
+    ("Leo", "He"),
+    ("Zoe", "She"),
+    ("Sam", "He"),
+    ("Ivy", "She"),
+    ("Max", "He"),
+    ("Eva", "She"),
+    ("Ben", "He"),
+    ("Lia", "She"),
+    ("Kai", "He"),
 ]
 ITEMS = ["apples", "shells", "coins", "books", "stamps", "marbles", "cards", "pens"]
 ADD = ["finds {n} more", "buys {n} more", "gets {n} more", "is given {n} more"]
@@ -40,8 +50,18 @@ SUB = ["gives away {n}", "loses {n}", "sells {n}", "trades away {n}"]
 MUL = "multiplies them by {n}"
 # The free parts of a trace, each slot's options equally right: how the reasoning opens, what joins two steps,
 # and the sentence before the fixed "The answer is N." (lead, comma, subject, verb, what follows the number).
-OPENERS = ["", "Let me see. ", "Step by step. ", "OK, ", "Right, ", "First, ", "So, ", "Well, ", "Hmm. ",
-           "Let me think. "]
+OPENERS = [
+    "",
+    "Let me see. ",
+    "Step by step. ",
+    "OK, ",
+    "Right, ",
+    "First, ",
+    "So, ",
+    "Well, ",
+    "Hmm. ",
+    "Let me think. ",
+]
 JOINERS = [" ", " Then ", " Next, ", " Now ", " After that, ", " And "]
 LEADS = ["So", "Thus", "In the end", "Finally", "Now", "All in all", "Altogether", "Overall"]
 COMMAS = ["", ","]
@@ -105,23 +125,30 @@ def _orders(start: int, ops: tuple[tuple[str, int], ...]) -> list[tuple[tuple[st
 def _step_forms(value: int, op: str, n: int) -> tuple[list[str], int]:
     if op == "+":
         new = value + n
-        forms = [f"{value}+{n}={new}.", f"{n}+{value}={new}.", f"{value} plus {n} is {new}.",
-                 f"{n} plus {value} is {new}."]
+        forms = [
+            f"{value}+{n}={new}.",
+            f"{n}+{value}={new}.",
+            f"{value} plus {n} is {new}.",
+            f"{n} plus {value} is {new}.",
+        ]
     elif op == "-":
         new = value - n
         forms = [f"{value}-{n}={new}.", f"{value} minus {n} is {new}."]
     else:
         new = value * n
-        forms = [f"{value}*{n}={new}.", f"{n}*{value}={new}.", f"{value} times {n} is {new}.",
-                 f"{n} times {value} is {new}."]
+        forms = [
+            f"{value}*{n}={new}.",
+            f"{n}*{value}={new}.",
+            f"{value} times {n} is {new}.",
+            f"{n} times {value} is {new}.",
+        ]
     return list(dict.fromkeys(forms)), new  # 3+3 written either way is one form
 
 
 def _closer(p: Problem, c: Choices) -> str:
     subject = p.name if c.subject == 0 else p.pronoun.lower()
     tail = TAILS[c.tail].format(item=p.item)
-    return (f" {LEADS[c.lead]}{COMMAS[c.comma]} {subject} {VERBS[c.verb]} {p.answer} {tail}."
-            f" The answer is {p.answer}.")
+    return f" {LEADS[c.lead]}{COMMAS[c.comma]} {subject} {VERBS[c.verb]} {p.answer} {tail}. The answer is {p.answer}."
 
 
 def render(p: Problem, c: Choices) -> str:
@@ -156,10 +183,17 @@ def trace_entropy(p: Problem) -> float:
 def sample_choices(p: Problem, rng: random.Random) -> Choices:
     orders = _orders(p.start, p.ops)
     order = orders[rng.randrange(len(orders))]
-    return Choices(order, tuple(rng.randrange(c) for c in _form_counts(p, order)), rng.randrange(len(OPENERS)),
-                   tuple(rng.randrange(len(JOINERS)) for _ in p.ops[1:]), rng.randrange(len(LEADS)),
-                   rng.randrange(len(COMMAS)), rng.randrange(2), rng.randrange(len(VERBS)),
-                   rng.randrange(len(TAILS)))
+    return Choices(
+        order,
+        tuple(rng.randrange(c) for c in _form_counts(p, order)),
+        rng.randrange(len(OPENERS)),
+        tuple(rng.randrange(len(JOINERS)) for _ in p.ops[1:]),
+        rng.randrange(len(LEADS)),
+        rng.randrange(len(COMMAS)),
+        rng.randrange(2),
+        rng.randrange(len(VERBS)),
+        rng.randrange(len(TAILS)),
+    )
 
 
 def sample_trace(p: Problem, rng: random.Random) -> str:
@@ -172,7 +206,7 @@ def parse_trace(p: Problem, text: str) -> Choices | None:
     text = text.removesuffix("</s>")
     if not text.startswith(" <think>") or "</think>" not in text:
         return None
-    think, closer = text[len(" <think>"):].split("</think>", 1)
+    think, closer = text[len(" <think>") :].split("</think>", 1)
     valid = set(_orders(p.start, p.ops))
 
     def steps(rest: str, value: int, done: tuple, forms: tuple, joiners: tuple):
@@ -181,7 +215,7 @@ def parse_trace(p: Problem, text: str) -> Choices | None:
                 yield done, forms, joiners
             return
         if done:
-            heads = [(j, rest[len(s):]) for j, s in enumerate(JOINERS) if rest.startswith(s)]
+            heads = [(j, rest[len(s) :]) for j, s in enumerate(JOINERS) if rest.startswith(s)]
         else:
             heads = [(None, rest)]
         remaining = list(p.ops)
@@ -192,24 +226,33 @@ def parse_trace(p: Problem, text: str) -> Choices | None:
                 options, new = _step_forms(value, *o)
                 for f, s in enumerate(options):
                     if r.startswith(s):
-                        yield from steps(r[len(s):], new, done + (o,), forms + (f,),
-                                         joiners + (() if j is None else (j,)))
+                        yield from steps(
+                            r[len(s) :], new, done + (o,), forms + (f,), joiners + (() if j is None else (j,))
+                        )
 
     for oi, opener in enumerate(OPENERS):
         if not think.startswith(opener):
             continue
-        for order, forms, joiners in steps(think[len(opener):], p.start, (), (), ()):
+        for order, forms, joiners in steps(think[len(opener) :], p.start, (), (), ()):
             for lead, comma, subject, verb, tail in itertools.product(
-                    range(len(LEADS)), range(len(COMMAS)), range(2), range(len(VERBS)), range(len(TAILS))):
+                range(len(LEADS)), range(len(COMMAS)), range(2), range(len(VERBS)), range(len(TAILS))
+            ):
                 c = Choices(order, forms, oi, joiners, lead, comma, subject, verb, tail)
                 if _closer(p, c) == closer:
                     return c
     return None
 
 
-def make_problem(rng: random.Random, steps: int | None = None, max_start: int = 20, max_operand: int = 9,
-                 hard: bool | None = None, kind: str | None = None, names: list[tuple[str, str]] = NAMES,
-                 items: list[str] = ITEMS) -> Problem:
+def make_problem(
+    rng: random.Random,
+    steps: int | None = None,
+    max_start: int = 20,
+    max_operand: int = 9,
+    hard: bool | None = None,
+    kind: str | None = None,
+    names: list[tuple[str, str]] = NAMES,
+    items: list[str] = ITEMS,
+) -> Problem:
     """One problem: `steps` additive steps (uniform over TRAIN_STEPS if None), then a product when `hard`
     (drawn with HARD_FRACTION if None)."""
     if hard is None:
