@@ -134,9 +134,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from distillery.config import load_pipeline, parse_overrides
     from distillery.demo.assets import resolve_model
+    from distillery.methods import params_from, sft
+    from distillery.training import training_records
     from tasks.draft import draft_prompts, measure_draft
     from tasks.evaluate import evaluate_model, throughput_prompts
-    from tasks.train import params_from, sft, training_records
 
     cfg = load_pipeline(a.config, a.pipeline, parse_overrides(a.overrides))
     if cfg.draft.distill is None and any("+" in arm for arm in a.arms):

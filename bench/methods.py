@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     from distillery.artifacts import read_jsonl
     from distillery.config import load_pipeline, parse_overrides
     from distillery.demo.assets import resolve_model
-    from tasks.train import run_method
+    from distillery.methods import run_method
 
     arms = {n: ARMS[n] for n in a.arms} | {x.name: x for x in map(parse_arm, a.extra_arms)}
     if not arms:

@@ -72,3 +72,39 @@ def save_model(model, tokenizer, folder: Path, state_dict: dict | None = None) -
     model.config.use_cache = True
     model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(folder)
+
+
+def content_hash(path: str | Path) -> str:
+    """sha256 over a file, or over a folder's files (relative names and bytes, in name order), its manifest
+    excepted: the manifest holds timings that differ between runs of identical content. Hidden entries (trainer
+    scratch, temp folders) are not content."""
+    import hashlib
+
+    path = Path(path)
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        rel = f.name if f == path else f.relative_to(path).as_posix()
+        if rel == MANIFEST or any(part.startswith(".") for part in Path(rel).parts):
+            continue
+        h.update(rel.encode() + b"\0")
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def stored_params(folder: str | Path) -> int:
+    """Parameters stored in a model folder's safetensors, read from their headers (no weights loaded). For a
+    bitsandbytes checkpoint this counts packed elements, not the model's parameters."""
+    import math
+    import struct
+
+    total = 0
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with f.open("rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+        total += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+    return total

@@ -15,6 +15,7 @@ import math
 from typing import Any
 
 from distillery.config import MODEL_STAGES, GateConfig, RegistryConfig
+from distillery.results import Evaluation, ModelArtifact
 from distillery.runtime import RunContext
 from distillery.tracking import NullTracker, StageRun, Tracker
 
@@ -67,40 +68,39 @@ def register_run(
     tracker: Tracker | NullTracker,
     ctx: RunContext,
     registry: RegistryConfig,
-    models: dict[str, dict],
-    evals: dict | None,
+    models: list[ModelArtifact],
+    evals: dict[str, Evaluation] | None,
     logged: bool,
 ) -> dict | None:
     """Register this run's models, point `candidate` at the gate candidate, move `champion` when the gate says so.
 
-    `models`: label -> {path, run_id, stage, artifact?} in the order the stages made them; `evals`: label -> evaluate
-    result; `logged`: the stage runs hold their model folders already (log_models). Returns the decision logged as
-    gate.json, or None when tracking is off or no model is of a registered stage.
+    `models`: in the order the stages made them; `evals`: label -> its evaluation; `logged`: the stage runs hold
+    their model folders already (log_models). Returns the decision logged as gate.json, or None when tracking is
+    off or no model is of a registered stage.
     """
     if isinstance(tracker, NullTracker):
         return None
     name, gate = registry.model_name, registry.gate
     stages = registry.stages or MODEL_STAGES  # not e.g. prune-unhealed: evaluated for comparison, never shipped
-    chosen = {k: m for k, m in models.items() if m["stage"] in stages}
+    chosen = [m for m in models if m.stage in stages]
     if not chosen:
         return None
     versions = []
-    for label, m in chosen.items():
-        run = StageRun(tracker.client, m["run_id"])
-        artifact = m.get("artifact", "model")
+    for m in chosen:
+        run = StageRun(tracker.client, m.run_id)
         if not logged:
-            run.log_artifact(m["path"], artifact)
-        figures = ((evals or {}).get(label) or {}).get("figures") or {}
+            run.log_artifact(m.path, m.artifact)
+        figures = evals[m.label].figures if evals and m.label in evals else {}
         tags = {
-            "stage": m["stage"],
-            "model": label,
+            "stage": m.stage,
+            "model": m.label,
             "pipeline": ctx.pipeline,
             "parent_run_id": ctx.parent_run_id,
             **{f"metric.{k}": v for k, v in figures.items()},
         }
-        version = tracker.register(name, run, artifact, tags=tags)
+        version = tracker.register(name, run, m.artifact, tags=tags)
         versions.append(
-            {"version": version, "model": label, "stage": m["stage"], "value": as_value(figures.get(gate.metric))}
+            {"version": version, "model": m.label, "stage": m.stage, "value": as_value(figures.get(gate.metric))}
         )
 
     cand = pick_candidate(versions, gate)
@@ -144,13 +144,17 @@ DRAFT_TAGS = ("acceptance_rate", "mean_accepted_length", "speedup", "sampled_acc
 
 
 def register_draft(
-    tracker: Tracker | NullTracker, ctx: RunContext, registry: RegistryConfig, draft: dict, source: str | None
+    tracker: Tracker | NullTracker,
+    ctx: RunContext,
+    registry: RegistryConfig,
+    draft: ModelArtifact,
+    source: str | None,
 ) -> str | None:
     """The draft stage's artifact (the student with the teacher's vocabulary) as a version with alias `draft`,
     tagged with what it measured: acceptance rate, mean accepted length, speed-up."""
     if isinstance(tracker, NullTracker):
         return None
-    f = draft["figures"]
+    f = draft.figures
     tags = {
         "stage": "draft",
         "model": "draft",
@@ -159,7 +163,7 @@ def register_draft(
         "parent_run_id": ctx.parent_run_id,
         **{f"metric.{k}": f[k] for k in DRAFT_TAGS if k in f},
     }
-    version = tracker.register(registry.model_name, StageRun(tracker.client, draft["run_id"]), "draft-model", tags=tags)
+    version = tracker.register(registry.model_name, StageRun(tracker.client, draft.run_id), draft.artifact, tags=tags)
     tracker.set_alias(registry.model_name, DRAFT, version)
     print(f"registered {registry.model_name} v{version} (draft from {source}), alias {DRAFT}")
     return version

@@ -145,7 +145,7 @@ def cmd_train(args) -> int:
     from tasks.train import train_logged
 
     # Under `accelerate launch` (torchrun) this joins the process group the Trainer then uses: NCCL on GPUs, gloo
-    # on CPUs; cpu= as the Trainer's use_cpu (tasks.train.common_args), or the two would disagree.
+    # on CPUs; cpu= as the Trainer's use_cpu (distillery.training.common_args), or the two would disagree.
     state = PartialState(cpu=not torch.cuda.is_available())
     with state.main_process_first():  # rank 0 builds a cached demo student; the others then read it
         student = resolve_model(cfg.student.path, seed=cfg.train.seed)
@@ -241,7 +241,7 @@ def cmd_deploy(args) -> int:
                     f"(create one: prefect work-pool create {args.work_pool} --type process)"
                 ]
             )
-    from distillery.deployments import deploy_to_pool, ensure_limit
+    from flows.deploy import deploy_to_pool, ensure_limit
 
     path = str(Path(args.file).resolve())
     for limit in {
@@ -263,7 +263,7 @@ def cmd_serve(args) -> int:
         return _fail(problems)
     from prefect import serve
 
-    from distillery.deployments import deployment_args, ensure_limit
+    from flows.deploy import deployment_args, ensure_limit
     from flows.distill import distill
 
     if _api_problem() is None:  # an ephemeral API forgets the limit when we exit; only a server keeps it
@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         "jsonl (the filter stage's kept.jsonl) and save it to --out with a manifest; no Prefect. Logs "
         "one MLflow run to MLFLOW_TRACKING_URI (default: sqlite:///mlflow.db here). Multi-GPU or "
         "multi-node: `accelerate launch --config_file configs/accelerate/ddp-8gpu.yaml -m "
-        "distillery.cli train ...`; every process trains, process 0 alone writes --out and logs.",
+        "flows.cli train ...`; every process trains, process 0 alone writes --out and logs.",
     )
     p.add_argument("pipeline")
     p.add_argument("--traces", required=True, help="kept traces (jsonl with prompt, completion, answer, prompt_id)")

@@ -4,18 +4,17 @@
     distillery serve                      # the same deployments, run by this process
 
 A run holds one slot of the global concurrency limit (`concurrency.limit_name`, default `distillery-gpu`) while its
-stages run: with `slots: 1` a second run waits for the first instead of sharing its GPU.
+stages run (distillery.concurrency.gpu_slot): with `slots: 1` a second run waits for the first instead of sharing
+its GPU; `ensure_limit` creates the limit.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from distillery.config import ConcurrencyConfig, Pipeline
+from flows.distill import distill
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRYPOINT = "flows/distill.py:distill"
@@ -63,35 +62,6 @@ def ensure_limit(c: ConcurrencyConfig) -> str:
             return f"concurrency limit {c.limit_name!r}: created with {c.slots} slot(s)"
 
 
-@contextmanager
-def gpu_slot(c: ConcurrencyConfig) -> Iterator[None]:
-    """Hold one slot of the limit around the heavy work. Prefect's `concurrency()` logs a warning and goes on when
-    the limit does not exist; we look first, so `distillery run` on an ephemeral API (no limit) says why it
-    takes no slot instead, and never waits on a limit nobody created."""
-    if not c.enabled:
-        yield
-        return
-    from prefect.client.orchestration import get_client
-    from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(c.limit_name)
-        except ObjectNotFound:
-            print(
-                f"no concurrency limit {c.limit_name!r} on this Prefect API: this run takes no slot "
-                "(`distillery deploy` creates it)"
-            )
-            yield
-            return
-    start = time.monotonic()
-    # a renewal hiccup must not kill hours of training; the lease is renewed in the background while we hold it
-    with concurrency(c.limit_name, occupy=1, strict=True, raise_on_lease_renewal_failure=False):
-        print(f"holding a slot of concurrency limit {c.limit_name!r} (waited {time.monotonic() - start:.0f}s)")
-        yield
-
-
 def deploy_to_pool(
     name: str,
     p: Pipeline,
@@ -120,8 +90,6 @@ def deploy_to_pool(
             **deployment_args(name, p, config_file),
         )
     from prefect.deployments.runner import EntrypointType
-
-    from flows.distill import distill
 
     return distill.deploy(
         work_pool_name=work_pool,

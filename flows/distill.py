@@ -3,10 +3,11 @@
     distillery run demo                                  # in-process, ephemeral Prefect API
     prefect deployment run 'distill/demo'                # through a server, after `distillery serve`
 
-One MLflow parent run per pipeline run, a child per stage; stages pass paths, never live models, so each heavy
-stage can own its process and memory. The stages run holding one slot of the global concurrency limit
-(`concurrency.limit_name`), so two runs never share a GPU: the second waits. The models made are registered, and
-the registry gate decides whether alias `champion` moves (distillery/registry.py).
+One MLflow parent run per pipeline run, a child per stage. Stages pass typed results (distillery.results: paths,
+run ids, figures, content hashes), never live models, so each heavy stage can own its process and memory. The
+stages run holding one slot of the global concurrency limit (`concurrency.limit_name`), so two runs never share a
+GPU: the second waits. The models made are registered, and the registry gate decides whether alias `champion`
+moves (distillery/registry.py).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from pathlib import Path
 from prefect import flow, runtime
 
 from distillery import registry
+from distillery.concurrency import gpu_slot
 from distillery.config import Pipeline, load_pipeline, parse_overrides
 from distillery.demo.assets import resolve_model
-from distillery.deployments import gpu_slot
+from distillery.results import ModelArtifact, latest_full_precision
 from distillery.runtime import RunContext
 from distillery.tracking import NullTracker, Tracker, tracking_uri
 from tasks.draft import draft_task
@@ -31,13 +33,6 @@ from tasks.quantize import quantize_task
 from tasks.report import report_task
 from tasks.train import train_task
 
-METHOD_LABELS = {
-    "hard": "student-hard",
-    "sft": "student-sft",
-    "logit_kd": "student-kd",
-    "gkd": "student-gkd",
-    "dpo": "student-dpo",
-}
 DEFAULT_FILE = str(Path(__file__).resolve().parents[1] / "pipelines.yaml")
 
 
@@ -59,75 +54,38 @@ def distill(
 
 
 def run_stages(cfg: Pipeline, ctx: RunContext, tracker) -> dict:
+    """The stages the pipeline lists, in order; each hands the next typed results (distillery.results)."""
     stages = cfg.stages
-    teacher = resolve_model(cfg.teacher.path)
-    student = resolve_model(cfg.student.path, seed=cfg.train.seed)
-    to_evaluate: dict[str, dict] = {"teacher": {"path": teacher}}
-    if cfg.evaluate.include_untrained:
-        to_evaluate["student"] = {"path": student}
-    models: dict[str, dict] = {}  # stage label -> {path, run_id, params?}
+    teacher = ModelArtifact(label="teacher", path=resolve_model(cfg.teacher.path), stage="reference")
+    student = ModelArtifact(label="student", path=resolve_model(cfg.student.path, seed=cfg.train.seed), stage="init")
+    models: list[ModelArtifact] = []  # every model a stage makes, in order
     traces = kept = None
 
     if "generate" in stages:
-        traces = generate_task(cfg, ctx)["path"]
-    heldout = None
+        traces = generate_task(cfg, ctx)
     if "filter" in stages:
-        filtered = filter_task(cfg, ctx, traces)
-        kept, heldout = filtered["path"], filtered.get("heldout")
+        kept = filter_task(cfg, ctx, traces)
     if "train" in stages:
-        res = train_task(cfg, ctx, kept, student, generated=traces)
-        label = METHOD_LABELS[cfg.train.method]
-        models[label] = {"path": res["path"], "run_id": res["run_id"], "stage": "train"}
-        student = res["path"]
+        models.append(train_task(cfg, ctx, kept, student, generated=traces))
     if "prune" in stages:
-        res = prune_task(cfg, ctx, student, kept)
-        if "unhealed_path" in res:  # evaluated beside the healed one: what healing bought
-            models["student-pruned-unhealed"] = {
-                "path": res["unhealed_path"],
-                "run_id": res["run_id"],
-                "stage": "prune-unhealed",
-            }
-        models["student-pruned"] = {"path": res["path"], "run_id": res["run_id"], "stage": "prune"}
-        student = res["path"]
+        models += prune_task(cfg, ctx, latest_full_precision(models, "latest", student), kept)
     if "quantize" in stages:
-        src = pick(models, cfg.quantize.source, student)
-        for fmt, res in quantize_task(cfg, ctx, src).items():
-            models[f"student-{fmt}"] = {
-                "path": res["path"],
-                "run_id": res["run_id"],
-                "stage": "quantize",
-                "params": res["figures"]["params"],
-                "artifact": fmt,
-            }
-    evals = draft = draft_label = None
+        models += quantize_task(cfg, ctx, latest_full_precision(models, cfg.quantize.source, student))
+    evals = None
     if "evaluate" in stages:
-        to_evaluate.update({label: {"path": m["path"], "params": m.get("params")} for label, m in models.items()})
-        evals = evaluate_task(cfg, ctx, to_evaluate, heldout)
+        untrained = [student] if cfg.evaluate.include_untrained else []
+        evals = evaluate_task(cfg, ctx, [teacher, *untrained, *models], kept.heldout if kept else None)
+    draft = None
+    draft_source = latest_full_precision(models, cfg.draft.source, student)
     if "draft" in stages:
-        draft_label = label_for(models, cfg.draft.source)
-        draft = draft_task(cfg, ctx, teacher, pick(models, cfg.draft.source, student))
+        draft = draft_task(cfg, ctx, teacher, draft_source)
     gate = None
     if cfg.registry and models:
         gate = registry.register_run(tracker, ctx, cfg.registry, models, evals, logged=cfg.log_models)
     if cfg.registry and draft:
-        registry.register_draft(tracker, ctx, cfg.registry, draft, draft_label)
-    table = report_task(ctx, evals, draft, draft_label) if evals else None
-    return {"models": models, "table": table["table"] if table else None, "gate": gate}
-
-
-def label_for(models: dict[str, dict], source: str) -> str:
-    full = [k for k, m in models.items() if m["stage"] in ("train", "prune")]
-    if not full:
-        return "student"
-    if source == "latest":
-        return full[-1]
-    return next(k for k, m in models.items() if m["stage"] == source)
-
-
-def pick(models: dict[str, dict], source: str, fallback: str) -> str:
-    """The full-precision student a later stage starts from: the named stage's, or the latest."""
-    label = label_for(models, source)
-    return models[label]["path"] if label in models else fallback
+        registry.register_draft(tracker, ctx, cfg.registry, draft, draft_source.label)
+    table = report_task(ctx, evals, draft, draft_source.label) if evals else None
+    return {"models": models, "table": table, "gate": gate}
 
 
 def open_run(cfg: Pipeline, pipeline: str, config_file: str, overrides: list[str] | None, track: bool):

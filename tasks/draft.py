@@ -28,11 +28,12 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from distillery.artifacts import atomic_dir, read_jsonl, write_manifest
+from distillery.artifacts import atomic_dir, content_hash, read_jsonl, stored_params, write_manifest
 from distillery.checks import check_same_vocab
 from distillery.config import Pipeline
+from distillery.results import ModelArtifact
 from distillery.runtime import RunContext
-from tasks.train import (
+from distillery.training import (
     SFTParams,
     common_args,
     finish,
@@ -434,13 +435,15 @@ def _spec_counters(snapshot, Counter, Vector) -> dict:
 
 
 @task(name="draft", cache_policy=NO_CACHE, log_prints=False)  # datasets prints bytecode when hashing
-def draft_task(cfg: Pipeline, ctx: RunContext, teacher: str, draft: str) -> dict:
+def draft_task(cfg: Pipeline, ctx: RunContext, teacher: ModelArtifact, student: ModelArtifact) -> ModelArtifact:
+    """`student` made the teacher's speculative draft (the teacher's vocabulary, distilled on its own samples when
+    `draft.distill` is set), with acceptance and speed-up measured against `teacher` as its figures."""
     with ctx.tracker().stage("draft", ctx.parent_run_id) as run:
-        run.log_params({"draft_model": draft, **cfg.draft.model_dump()})
+        run.log_params({"draft_model": student.path, **cfg.draft.model_dump()})
         result = measure_draft(
-            teacher,
-            draft,
-            draft_prompts(cfg, teacher),
+            teacher.path,
+            student.path,
+            draft_prompts(cfg, teacher.path),
             cfg,
             ctx.stage_dir("draft"),
             callbacks=[mlflow_callback(run)] if cfg.draft.distill else None,
@@ -455,7 +458,16 @@ def draft_task(cfg: Pipeline, ctx: RunContext, teacher: str, draft: str) -> dict
             plt.close(fig)
         run.log_artifact(ctx.stage_dir("draft") / "samples.json")
         run.log_artifact(result["draft"], "draft-model")  # registered with alias `draft` when there is a registry
-    return {"draft": result["draft"], "figures": result["figures"], "run_id": run.run_id}
+    return ModelArtifact(
+        label="draft",
+        path=result["draft"],
+        stage="draft",
+        run_id=run.run_id,
+        params=stored_params(result["draft"]),  # the embedding may be padded to the teacher's vocabulary
+        figures=result["figures"],
+        content_hash=content_hash(result["draft"]),
+        artifact="draft-model",
+    )
 
 
 if __name__ == "__main__":

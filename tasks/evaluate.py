@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 
 from distillery.artifacts import atomic_write_text, read_jsonl
 from distillery.config import EvaluateConfig, Pipeline
+from distillery.results import Evaluation, ModelArtifact
 from distillery.runtime import RunContext
 
 EVALS = Path(__file__).resolve().parents[1] / "evals"
@@ -283,16 +284,16 @@ def throughput_prompts(cfg: Pipeline) -> list[str]:
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(
-    cfg: Pipeline, ctx: RunContext, models: dict[str, dict], heldout: str | None = None
-) -> dict[str, dict]:
-    """`models`: label -> {path, params?}; evaluated in order, one result per label. `heldout`: teacher traces
+    cfg: Pipeline, ctx: RunContext, models: list[ModelArtifact], heldout: str | None = None
+) -> dict[str, Evaluation]:
+    """Each model in order, the same tasks and measures for all: label -> its Evaluation. `heldout`: teacher traces
     no model trained on, for perplexity."""
-    results: dict[str, dict] = {}
+    results: dict[str, Evaluation] = {}
     out_dir = ctx.stage_dir("evaluate")
     include = local_task_dir(cfg.evaluate.tasks)
     prompts = throughput_prompts(cfg)
     with ctx.tracker().stage("evaluate", ctx.parent_run_id) as run:
-        run.log_params({**cfg.evaluate.model_dump(), "models": ",".join(models)})
+        run.log_params({**cfg.evaluate.model_dump(), "models": ",".join(m.label for m in models)})
         try:
             _evaluate_all(
                 cfg, models, include, prompts, out_dir, run, results, read_jsonl(Path(heldout)) if heldout else None
@@ -304,15 +305,23 @@ def evaluate_task(
 
 
 def _evaluate_all(
-    cfg: Pipeline, models: dict[str, dict], include, prompts, out_dir: Path, run, results, heldout: list[dict] | None
+    cfg: Pipeline,
+    models: list[ModelArtifact],
+    include,
+    prompts,
+    out_dir: Path,
+    run,
+    results: dict[str, Evaluation],
+    heldout: list[dict] | None,
 ) -> None:
-    for i, (label, spec) in enumerate(models.items()):
-        print(f"evaluate [{i + 1}/{len(models)}] {label}: {spec['path']}")
-        trust = cfg.teacher.trust_remote_code if label == "teacher" else cfg.student.trust_remote_code
-        res = evaluate_model(
-            spec["path"], cfg.evaluate, include, prompts, spec.get("params"), trust, heldout, engine_settings(cfg)
-        )
-        results[label] = res
+    for i, m in enumerate(models):
+        label = m.label
+        print(f"evaluate [{i + 1}/{len(models)}] {label}: {m.path}")
+        trust = cfg.teacher.trust_remote_code if m.stage == "reference" else cfg.student.trust_remote_code
+        # a bnb checkpoint packs its weights, so it counts fewer elements: the quantize stage's count is the model's
+        params = m.params if m.stage == "quantize" else None
+        res = evaluate_model(m.path, cfg.evaluate, include, prompts, params, trust, heldout, engine_settings(cfg))
+        results[label] = Evaluation(label, m.path, res["figures"], {k: v for k, v in res.items() if k != "figures"})
         atomic_write_text(out_dir / f"{label}.json", json.dumps(res, indent=2))
         run.log_metrics({f"{k}.{label}": v for k, v in res["figures"].items() if v is not None})
         run.log_dict(res, f"results/{label}.json")

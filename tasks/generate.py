@@ -30,11 +30,12 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from distillery.artifacts import MANIFEST, atomic_dir, read_jsonl, write_jsonl, write_manifest
+from distillery.artifacts import MANIFEST, atomic_dir, content_hash, read_jsonl, write_jsonl, write_manifest
 from distillery.config import GenerateConfig, Pipeline
 from distillery.data import load_prompts, render_prompt
 from distillery.demo.assets import resolve_model
 from distillery.engines import HFEngine, OpenAIEngine, VLLMEngine, derive_seed
+from distillery.results import Traces
 from distillery.runtime import RunContext
 
 LOGPROB_COLUMNS = ("token_ids", "token_logprobs", "top_ids", "top_logprobs")
@@ -300,7 +301,7 @@ def generate_shard_task(cfg: Pipeline, tid: str, shard: list[dict], dest: Path, 
 
 
 @task(name="generate", cache_policy=NO_CACHE)
-def generate_task(cfg: Pipeline, ctx: RunContext) -> dict:
+def generate_task(cfg: Pipeline, ctx: RunContext) -> Traces:
     from distillery.lineage import log_traces_input
 
     tracker = ctx.tracker()
@@ -319,4 +320,5 @@ def generate_task(cfg: Pipeline, ctx: RunContext) -> dict:
         run.log_dict(rows[:50], "traces_sample.json")
         run.log_artifact(Path(result["path"]).parent / MANIFEST)
         log_traces_input(run, Path(result["path"]), "generated", context="generated")
-    return result
+    path = Path(result["path"])
+    return Traces(str(path), "generate", run.run_id, result["figures"], content_hash(path.parent))

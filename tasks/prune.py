@@ -23,8 +23,9 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from distillery.artifacts import atomic_dir, read_jsonl, save_model, write_manifest
+from distillery.artifacts import atomic_dir, content_hash, read_jsonl, save_model, write_manifest
 from distillery.config import HealConfig, Pipeline, PruneConfig
+from distillery.results import ModelArtifact, Traces
 from distillery.runtime import RunContext
 
 
@@ -243,7 +244,7 @@ def heal(
 
     from distillery.checks import check_teacher_frozen
     from distillery.losses import full_kd
-    from tasks.train import SFTParams, common_args, guard_finite
+    from distillery.training import SFTParams, common_args, guard_finite
 
     teacher.eval().requires_grad_(False)
     check_teacher_frozen(teacher, where="heal: unpruned teacher")
@@ -379,19 +380,21 @@ def prune(
 
 
 @task(name="prune", cache_policy=NO_CACHE)
-def prune_task(cfg: Pipeline, ctx: RunContext, student: str, traces: str | None) -> dict:
+def prune_task(cfg: Pipeline, ctx: RunContext, student: ModelArtifact, traces: Traces | None) -> list[ModelArtifact]:
+    """The pruned (and healed) student, last; before it the unhealed one when it is kept for comparison. Calibrated
+    on the kept `traces`, or on the prompts when the pipeline has none."""
     with ctx.tracker().stage("prune", ctx.parent_run_id) as run:
         run.log_params(cfg.prune.model_dump())
-        rows = read_jsonl(Path(traces)) if traces else []
+        rows = read_jsonl(Path(traces.path)) if traces else []
         texts = [r.get("prompt_text", r["prompt"]) + r["completion"] for r in rows]
         if not texts:  # no traces in this pipeline: calibrate on the prompts alone
             from distillery.data import load_prompts
 
             texts = [p["prompt"] for p in load_prompts(cfg.data)]
-        from tasks.train import mlflow_callback
+        from distillery.training import mlflow_callback
 
         result = prune(
-            student,
+            student.path,
             texts,
             cfg.prune,
             ctx.stage_dir("prune"),
@@ -407,4 +410,30 @@ def prune_task(cfg: Pipeline, ctx: RunContext, student: str, traces: str | None)
             run.log_artifact(result["path"], "model")
             if "unhealed_path" in result:
                 run.log_artifact(result["unhealed_path"], "model-unhealed")
-    return {**result, "run_id": run.run_id}
+    figures, made = result["figures"], []
+    if "unhealed_path" in result:  # evaluated beside the healed one: what healing bought
+        path = result["unhealed_path"]
+        made.append(
+            ModelArtifact(
+                label="student-pruned-unhealed",
+                path=path,
+                stage="prune-unhealed",
+                run_id=run.run_id,
+                params=figures["params_after"],
+                figures=figures,
+                content_hash=content_hash(path),
+                artifact="model-unhealed",
+            )
+        )
+    made.append(
+        ModelArtifact(
+            label="student-pruned",
+            path=result["path"],
+            stage="prune",
+            run_id=run.run_id,
+            params=figures["params_after"],
+            figures=figures,
+            content_hash=content_hash(result["path"]),
+        )
+    )
+    return made

@@ -16,31 +16,11 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from distillery.artifacts import atomic_dir, save_model, write_manifest
+from distillery.artifacts import atomic_dir, content_hash, save_model, write_manifest
+from distillery.bnb import bnb_config, require_bnb
 from distillery.config import Pipeline, QuantizeConfig
+from distillery.results import ModelArtifact
 from distillery.runtime import RunContext
-
-
-def require_bnb() -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ImportError("quantize needs bitsandbytes: pip install 'bitsandbytes>=0.45'")
-
-
-def bnb_config(fmt: str, cfg: QuantizeConfig):
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    if fmt == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=cfg.double_quant,
-        bnb_4bit_compute_dtype=getattr(torch, cfg.compute_dtype),
-    )
-
 
 _PEAK_PROBE = """
 import json, sys
@@ -130,15 +110,29 @@ def quantize(model_path: str, fmt: str, cfg: QuantizeConfig, out_dir: Path, trus
 
 
 @task(name="quantize", cache_policy=NO_CACHE)
-def quantize_task(cfg: Pipeline, ctx: RunContext, student: str) -> dict[str, dict]:
-    results = {}
+def quantize_task(cfg: Pipeline, ctx: RunContext, student: ModelArtifact) -> list[ModelArtifact]:
+    """One quantized copy of the full-precision `student` per `quantize.formats`, labelled student-<format>."""
+    made = []
     with ctx.tracker().stage("quantize", ctx.parent_run_id) as run:
-        run.log_params({"source_model": student, **cfg.quantize.model_dump()})
-        run.log_metrics({"full_precision.peak_bytes": peak_memory(student)})
+        run.log_params({"source_model": student.path, **cfg.quantize.model_dump()})
+        run.log_metrics({"full_precision.peak_bytes": peak_memory(student.path)})
         for fmt in cfg.quantize.formats:
-            res = quantize(student, fmt, cfg.quantize, ctx.stage_dir("quantize") / fmt, cfg.student.trust_remote_code)
+            res = quantize(
+                student.path, fmt, cfg.quantize, ctx.stage_dir("quantize") / fmt, cfg.student.trust_remote_code
+            )
             run.log_metrics({f"{fmt}.{k}": v for k, v in res["figures"].items()})
             if cfg.log_models:
                 run.log_artifact(res["path"], fmt)
-            results[fmt] = {**res, "run_id": run.run_id}
-    return results
+            made.append(
+                ModelArtifact(
+                    label=f"student-{fmt}",
+                    path=res["path"],
+                    stage="quantize",
+                    run_id=run.run_id,
+                    params=res["figures"]["params"],
+                    figures=res["figures"],
+                    content_hash=content_hash(res["path"]),
+                    artifact=fmt,
+                )
+            )
+    return made

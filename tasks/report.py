@@ -8,20 +8,23 @@ logged to the parent MLflow run as summary.md / summary.json / accuracy_vs_size.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from distillery.artifacts import atomic_write_text
+from distillery.results import Evaluation, ModelArtifact
 from distillery.runtime import RunContext
 
 
-def build_rows(evals: dict[str, dict], draft: dict | None, draft_label: str | None) -> list[dict]:
+def build_rows(evals: dict[str, Evaluation], draft: ModelArtifact | None, draft_label: str | None) -> list[dict]:
+    """One row per evaluated model, in evaluation order; `draft_label` names the model the draft was made from."""
     rows = []
-    teacher = (evals.get("teacher") or {}).get("figures", {}).get("accuracy")
+    teacher = evals["teacher"].figures.get("accuracy") if "teacher" in evals else None
     for label, res in evals.items():
-        f = res["figures"]
+        f = res.figures
         rows.append(
             {
                 "model": label,
@@ -34,13 +37,13 @@ def build_rows(evals: dict[str, dict], draft: dict | None, draft_label: str | No
                 "params": int(f["params"]),
                 "memory_mb": f["memory_bytes"] / 2**20,
                 "tokens_per_s": f["tokens_per_s"],
-                "draft_acceptance": draft["figures"]["acceptance_rate"] if draft and label == draft_label else None,
+                "draft_acceptance": draft.figures["acceptance_rate"] if draft and label == draft_label else None,
             }
         )
     return rows
 
 
-def render(rows: list[dict], draft: dict | None = None) -> str:
+def render(rows: list[dict], draft: ModelArtifact | None = None) -> str:
     from tabulate import tabulate
 
     def acc(r, key="accuracy", err="stderr"):
@@ -79,7 +82,7 @@ def render(rows: list[dict], draft: dict | None = None) -> str:
         disable_numparse=True,
     )
     if draft:
-        f = draft["figures"]
+        f = draft.figures
         table += (
             f"\n\ndraft: acceptance {f['acceptance_rate']:.2f}, mean accepted length "
             f"{f['mean_accepted_length']:.2f}, teacher {f['teacher_tokens_per_s']:.0f} tok/s alone vs "
@@ -136,20 +139,24 @@ def plot(rows: list[dict]):
 
 
 @task(name="report", cache_policy=NO_CACHE)
-def report_task(ctx: RunContext, evals: dict[str, dict], draft: dict | None, draft_label: str | None) -> dict:
+def report_task(
+    ctx: RunContext, evals: dict[str, Evaluation], draft: ModelArtifact | None, draft_label: str | None
+) -> str:
+    """The table: printed, written to the run folder (summary.md, summary.json) and put on the parent run."""
     rows = build_rows(evals, draft, draft_label)
     text = render(rows, draft)
+    summary = {"rows": rows, "draft": asdict(draft) if draft else None}
     print("\n" + text + "\n")
     out = Path(ctx.run_dir)
     atomic_write_text(out / "summary.md", text + "\n")
-    atomic_write_text(out / "summary.json", json.dumps({"rows": rows, "draft": draft}, indent=2))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     tracker = ctx.tracker()
     if ctx.tracking_uri != "none":
         from distillery.tracking import StageRun
 
         parent = StageRun(tracker.client, ctx.parent_run_id)
         parent.log_text(text, "summary.md")
-        parent.log_dict({"rows": rows, "draft": draft}, "summary.json")
+        parent.log_dict(summary, "summary.json")
         metrics = {}
         for r in rows:
             for k in (
@@ -165,11 +172,11 @@ def report_task(ctx: RunContext, evals: dict[str, dict], draft: dict | None, dra
                 if r.get(k) is not None:
                     metrics[f"{k}.{r['model']}"] = r[k]
         if draft:
-            metrics.update({f"draft.{k}": v for k, v in draft["figures"].items()})
+            metrics.update({f"draft.{k}": v for k, v in draft.figures.items()})
         parent.log_metrics(metrics)
         import matplotlib.pyplot as plt
 
         fig = plot(rows)
         parent.log_figure(fig, "accuracy_vs_size.png")
         plt.close(fig)
-    return {"rows": rows, "table": text}
+    return text

@@ -81,7 +81,10 @@ def test_merge_pools_other_inits_and_arms_and_refuses_what_does_not_compare(tmp_
     assert pair["seeds"] == 5 and pair["accuracy"]["mean"] == pytest.approx(0.060, abs=5e-4)
     teacher = {"accuracy": 0.9, "ood_accuracy": 0.3, "entropy_nats_per_token": 0.35}
     assert "kd_t4" in render(list(rows.values()), teacher)
-    plot(list(rows.values()), teacher), plot_shape(list(rows.values()), teacher)
+    import matplotlib.pyplot as plt
+
+    for fig in (plot(list(rows.values()), teacher), plot_shape(list(rows.values()), teacher)):
+        plt.close(fig)
 
     with pytest.raises(SystemExit, match="budget demo is 1600 steps there, 400 here"):
         load_merged(files[:1], "demo", {"demo": "400"})

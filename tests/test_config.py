@@ -105,15 +105,13 @@ def test_bad_file_names_the_field(tmp_path, mutate, expected):
 
 def test_cli_validate_exit_codes(tmp_path):
     ok = subprocess.run(
-        [sys.executable, "-m", "distillery.cli", "validate", str(REPO / "pipelines.yaml")],
+        [sys.executable, "-m", "flows.cli", "validate", str(REPO / "pipelines.yaml")],
         capture_output=True,
         text=True,
     )
     assert ok.returncode == 0, ok.stderr
     path = bad_file(tmp_path, CASES[0][0])
-    bad = subprocess.run(
-        [sys.executable, "-m", "distillery.cli", "validate", str(path)], capture_output=True, text=True
-    )
+    bad = subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(path)], capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["pipelines.demo.train.learning_rate: must be > 0"]
 
@@ -126,7 +124,7 @@ def test_cli_run_refuses_before_any_work(tmp_path):
         (["run", "demo", "--set", "oops"], "--set oops: expected key=value"),
     ):
         r = subprocess.run(
-            [sys.executable, "-m", "distillery.cli", *args, "--file", str(REPO / "pipelines.yaml")],
+            [sys.executable, "-m", "flows.cli", *args, "--file", str(REPO / "pipelines.yaml")],
             capture_output=True,
             text=True,
             cwd=tmp_path,
@@ -187,7 +185,7 @@ def test_deploy_refuses_without_a_server(tmp_path):
         [
             sys.executable,
             "-m",
-            "distillery.cli",
+            "flows.cli",
             "deploy",
             "--work-pool",
             "local",
@@ -205,7 +203,7 @@ def test_deploy_refuses_without_a_server(tmp_path):
         [
             sys.executable,
             "-m",
-            "distillery.cli",
+            "flows.cli",
             "deploy",
             "--work-pool",
             "local",
@@ -223,5 +221,5 @@ def test_deploy_refuses_without_a_server(tmp_path):
 
 @pytest.mark.parametrize("cmd", [[], ["validate"], ["run"], ["serve"], ["deploy"], ["list"]])
 def test_every_command_has_help(cmd):
-    r = subprocess.run([sys.executable, "-m", "distillery.cli", *cmd, "--help"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "flows.cli", *cmd, "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "usage: distillery" in r.stdout

@@ -11,22 +11,10 @@ from typing import get_args
 import pytest
 
 from distillery.config import FilterConfig, Pipeline
+from distillery.results import Traces
 from distillery.runtime import RunContext
-from tasks.filter import (
-    RULES,
-    VERIFIERS,
-    eval_texts,
-    extract_boxed,
-    filter_task,
-    filter_traces,
-    length_histogram,
-    ngrams,
-    normalise,
-    parse_number,
-    report_figure,
-    think_ok,
-    verdict,
-)
+from distillery.verify import VERIFIERS, extract_boxed, normalise, parse_number, think_ok
+from tasks.filter import RULES, eval_texts, filter_task, filter_traces, length_histogram, ngrams, report_figure, verdict
 
 GOOD = " <think>3+5=8. 8-2=6.</think> The answer is 6."
 
@@ -445,6 +433,8 @@ def test_report_figure(tmp_path):
 
 
 class Recorder:
+    run_id = "recorded-run"
+
     def __init__(self):
         self.metrics, self.dicts, self.figures = {}, {}, []
 
@@ -476,9 +466,11 @@ def test_filter_task_logs_the_report(tmp_path, monkeypatch):
     traces.write_text("".join(json.dumps(r) + "\n" for r in [row(), row(), row(answer="7", prompt="Q2")]))
     cfg = Pipeline(teacher={"path": "demo:teacher"}, student={"path": "demo:student"})
     ctx = RunContext("t", str(tmp_path / "run"), "parent", "exp", "none")
-    result = filter_task.fn(cfg, ctx, str(traces))
+    result = filter_task.fn(cfg, ctx, Traces(str(traces), "generate"))
     rep = json.loads((tmp_path / "run" / "filter" / "report.json").read_text())
     assert rep["kept"] == 1 and rep["decontamination"]["eval_texts"] == 200
-    assert rec.dicts["filter_report.json"] == result["report"]
+    assert rec.dicts["filter_report.json"] == result.report and result.figures == {"kept": 1, "keep_rate": 1 / 3}
+    assert result.path == str(tmp_path / "run" / "filter" / "kept.jsonl") and result.run_id == "recorded-run"
+    assert len(result.content_hash) == 64
     assert {f"dropped.{r}" for r in RULES} <= set(rec.metrics) and rec.metrics["dropped.duplicate"] == 1
     assert rec.figures == [("filter_report.png", 2)] and not plt.get_fignums()  # logged, then closed

@@ -161,7 +161,8 @@ def test_gkd_on_policy_steps_with_the_live_teacher(tiny_student, gold_records, t
 
     from distillery.config import GKDSection
     from distillery.demo.assets import TEACHER_DIR
-    from tasks.train import SFTParams, gkd
+    from distillery.methods import gkd
+    from distillery.training import SFTParams
 
     out = tmp_path / "gkd"
     figures = gkd(

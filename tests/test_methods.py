@@ -11,8 +11,9 @@ import pytest
 
 from distillery.config import DPOSection, load_pipeline, parse_overrides
 from distillery.demo.assets import TEACHER_DIR
+from distillery.methods import dpo, sft
 from distillery.preferences import preference_pairs
-from tasks.train import SFTParams, dpo, hard_label_records, sft
+from distillery.training import SFTParams, hard_label_records
 
 from .conftest import REPO
 
@@ -21,7 +22,7 @@ PARAMS = dict(batch_size=8, learning_rate=3e-3, logging_steps=1, max_length=128)
 
 def regex_verifier():
     from distillery.config import FilterConfig
-    from tasks.filter import VERIFIERS
+    from distillery.verify import VERIFIERS
 
     cfg = FilterConfig()
     return lambda text, ref: VERIFIERS["regex"](text, ref, cfg)
@@ -155,6 +156,7 @@ def test_nan_loss_stops_the_train_stage_and_fails_its_mlflow_run(tiny_student, g
     from mlflow import MlflowClient
     from safetensors.torch import load_file, save_file
 
+    from distillery.results import ModelArtifact, Traces
     from distillery.runtime import RunContext
     from distillery.tracking import Tracker
     from tasks.train import train_task
@@ -178,7 +180,7 @@ def test_nan_loss_stops_the_train_stage_and_fails_its_mlflow_run(tiny_student, g
         tracking_uri=mlflow_uri,
     )
     with pytest.raises(FloatingPointError, match=r"train: non-finite loss \(nan\) at step 0"):
-        train_task.fn(cfg, ctx, str(traces), str(bad))
+        train_task.fn(cfg, ctx, Traces(str(traces), "filter"), ModelArtifact("student", str(bad), "init"))
     client = MlflowClient(mlflow_uri)
     runs = client.search_runs([tracker.experiment_id], f"tags.mlflow.parentRunId = '{parent.run_id}'")
     assert [(r.info.run_name, r.info.status) for r in runs] == [("train", "FAILED")]

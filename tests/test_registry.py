@@ -10,6 +10,7 @@ import pytest
 
 from distillery.config import ConfigError, GateConfig, RegistryConfig, load_pipeline
 from distillery.registry import gate_decision, pick_candidate, register_run
+from distillery.results import Evaluation, ModelArtifact
 from distillery.runtime import RunContext
 from distillery.tracking import NullTracker, Tracker
 
@@ -64,30 +65,24 @@ def fake_run(tracker: Tracker, tmp_path: Path, n: int, accuracy: dict[str, float
     parent = tracker.start(f"run{n}", tags={"distillery.pipeline": "demo"})
     train = tracker.start("train", parent.run_id)
     quantize = tracker.start("quantize", parent.run_id)
-    models, evals = {}, {}
+    models, evals = [], {}
     for label, run, stage, artifact in (
-        ("student-sft", train, "train", None),
+        ("student-sft", train, "train", "model"),
         ("student-int8", quantize, "quantize", "int8"),
     ):
         folder = tmp_path / f"run{n}" / label
         folder.mkdir(parents=True)
         (folder / "config.json").write_text(json.dumps({"run": n, "model": label}))
-        models[label] = {
-            "path": str(folder),
-            "run_id": run.run_id,
-            "stage": stage,
-            **({"artifact": artifact} if artifact else {}),
-        }
+        models.append(ModelArtifact(label=label, path=str(folder), stage=stage, run_id=run.run_id, artifact=artifact))
         if accuracy.get(label) is not None:
-            evals[label] = {
-                "figures": {
-                    "accuracy": accuracy[label],
-                    "accuracy_stderr": None,
-                    "params": 1000,
-                    "memory_bytes": 4000,
-                    "tokens_per_s": 50.0,
-                }
+            figures = {
+                "accuracy": accuracy[label],
+                "accuracy_stderr": None,
+                "params": 1000,
+                "memory_bytes": 4000,
+                "tokens_per_s": 50.0,
             }
+            evals[label] = Evaluation(label, str(folder), figures)
     ctx = RunContext(
         pipeline="demo",
         run_dir=str(tmp_path / f"run{n}"),
@@ -178,7 +173,7 @@ def test_best_model_gate_and_a_stage_subset(mlflow_uri, tmp_path):
 def test_tracking_off_registers_nothing(tmp_path):
     null = NullTracker()
     ctx = RunContext(pipeline="demo", run_dir=str(tmp_path), parent_run_id="none", experiment="x", tracking_uri="none")
-    models = {"student-sft": {"path": str(tmp_path), "run_id": "none", "stage": "train"}}
+    models = [ModelArtifact(label="student-sft", path=str(tmp_path), stage="train", run_id="none")]
     assert register_run(null, ctx, RegistryConfig(model_name=NAME), models, None, logged=True) is None
     assert null.get_alias(NAME, "champion") is None and null.set_alias(NAME, "champion", "1") is None
 

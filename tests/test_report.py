@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import pytest
 
+from distillery.results import Evaluation, ModelArtifact
 from tasks.report import build_rows, frontier, plot, render
 
 
 def result(acc, params, mem, ppl=None):
-    return {
-        "figures": {
-            "accuracy": acc,
-            "accuracy_stderr": 0.01,
-            "params": params,
-            "memory_bytes": mem,
-            "tokens_per_s": 100.0,
-            "heldout_perplexity": ppl,
-        }
+    figures = {
+        "accuracy": acc,
+        "accuracy_stderr": 0.01,
+        "params": params,
+        "memory_bytes": mem,
+        "tokens_per_s": 100.0,
+        "heldout_perplexity": ppl,
     }
+    return Evaluation("model", "/models/x", figures)
 
 
 def test_frontier_keeps_only_models_no_smaller_one_beats():
@@ -43,8 +43,11 @@ def test_rows_carry_recovery_and_perplexity_and_render():
 
 def test_draft_line_names_greedy_sampled_and_distillspec_figures():
     evals = {"teacher": result(0.8, 2_900_000, 11 * 2**20), "student-sft": result(0.6, 790_000, 3 * 2**20)}
-    draft = {
-        "figures": {
+    draft = ModelArtifact(
+        label="draft",
+        path="/runs/draft",
+        stage="draft",
+        figures={
             "acceptance_rate": 0.9,
             "mean_accepted_length": 4.5,
             "teacher_tokens_per_s": 100.0,
@@ -56,8 +59,8 @@ def test_draft_line_names_greedy_sampled_and_distillspec_figures():
             "sampled_mean_accepted_length": 4.1,
             "sampled_speedup": 1.3,
             "distill_steps": 40,
-        }
-    }
+        },
+    )
     rows = build_rows(evals, draft, "student-sft")
     assert {r["model"]: r["draft_acceptance"] for r in rows} == {"teacher": None, "student-sft": 0.9}
     table = render(rows, draft)
@@ -66,7 +69,7 @@ def test_draft_line_names_greedy_sampled_and_distillspec_figures():
 
 def test_ood_column_appears_when_evaluate_has_an_ood_task():
     with_ood = result(0.8, 2_900_000, 11 * 2**20)
-    with_ood["figures"].update(ood_accuracy=0.3, ood_accuracy_stderr=0.03)
+    with_ood.figures.update(ood_accuracy=0.3, ood_accuracy_stderr=0.03)
     rows = build_rows({"teacher": with_ood, "student": result(0.5, 290_000, 2**20)}, None, None)
     table = render(rows)
     assert "OOD accuracy" in table and "0.300 ± 0.030" in table

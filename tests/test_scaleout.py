@@ -53,7 +53,7 @@ def test_accelerate_config_loads(name):
 
 
 def test_train_command_refuses_missing_traces(tmp_path, capsys):
-    from distillery.cli import main
+    from flows.cli import main
 
     assert main(["train", "smoke", "--traces", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.strip() == f"--traces: no such file {tmp_path / 'nope.jsonl'}"
@@ -69,7 +69,7 @@ def test_train_command_refuses_missing_traces(tmp_path, capsys):
     ],
 )
 def test_train_command_refuses_bad_traces_before_any_work(tmp_path, capsys, content, expected):
-    from distillery.cli import main
+    from flows.cli import main
 
     bad = tmp_path / "kept.jsonl"
     bad.write_text(content)
@@ -97,7 +97,7 @@ def test_train_under_accelerate_launch_two_cpu_processes(tmp_path, mlflow_uri):
         "--main_process_port",
         str(free_port()),
         "-m",
-        "distillery.cli",
+        "flows.cli",
         "train",
         "smoke",
         "--traces",

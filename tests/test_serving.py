@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from distillery.cli import main
 from distillery.demo.assets import TEACHER_DIR
+from flows.cli import main
 
 from .conftest import REPO
 from .test_generate import free_port
@@ -262,7 +262,7 @@ class Server:
         cmd = [
             sys.executable,
             "-m",
-            "distillery.cli",
+            "flows.cli",
             "serve-model",
             *args,
             "--port",
@@ -382,7 +382,7 @@ def test_served_student_needs_its_key_and_answers_both_apis(student_server):
 def test_exit_code_is_the_servers(tmp_path):
     """Exec, not a child: vLLM's own argument error (exit 2) is the command's exit code."""
     r = subprocess.run(
-        [sys.executable, "-m", "distillery.cli", "serve-model", "demo:teacher", "--", "--no-such-vllm-flag"],
+        [sys.executable, "-m", "flows.cli", "serve-model", "demo:teacher", "--", "--no-such-vllm-flag"],
         env={**os.environ, "PYTHONPATH": str(REPO)},
         cwd=REPO,
         capture_output=True,

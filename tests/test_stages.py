@@ -10,7 +10,8 @@ import pytest
 from distillery.artifacts import MANIFEST, read_jsonl
 from distillery.checks import DistillationCheckError, check_pad_not_eos, check_same_vocab
 from distillery.config import EvaluateConfig, PruneConfig, QuantizeConfig, load_pipeline, parse_overrides
-from tasks.train import SFTParams, sft
+from distillery.methods import sft
+from distillery.training import SFTParams
 
 from .conftest import REPO
 

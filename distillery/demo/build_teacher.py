@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     from distillery.demo.profile import profile
-    from tasks.train import SFTParams, sft
+    from distillery.methods import sft
+    from distillery.training import SFTParams
 
     evals, ood = task.eval_problems(), task.ood_eval_problems()
     write_jsonl(EVAL_FILE, eval_rows(evals))

@@ -1,0 +1,386 @@
+"""The training methods, by `train.method`: the student learns from the teacher.
+
+- hard: the dataset's reference answers only (no teacher), the baseline every method is measured against;
+- sft: TRL SFTTrainer on the kept teacher traces (sequence-level KD), loss on completion tokens only;
+- logit_kd: the teacher's stored top-k distribution at every trace token (distillery.kd);
+- gkd: TRL's on-policy GKDTrainer against the live teacher;
+- dpo: SFT, then pairs of the student's own samples ranked by the verifier or the teacher, TRL DPOTrainer.
+Full fine-tuning, LoRA, or QLoRA (adapters on a bitsandbytes NF4 base) through PEFT (distillery.training). Every
+method refuses pad == eos and stops at the first non-finite loss. Adding one: a function here that ends in
+`training.finish`, a branch in `run_method`, its name in TrainConfig.method.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from distillery.artifacts import read_jsonl
+from distillery.config import Pipeline
+from distillery.demo.assets import resolve_model
+from distillery.training import (
+    SFTParams,
+    common_args,
+    finish,
+    guard_finite,
+    hard_label_records,
+    load_student,
+    student_tokenizer,
+    to_preference_record,
+    trainable_count,
+    training_records,
+)
+
+# The name each method's student goes by in the table and the registry.
+METHOD_LABELS = {
+    "hard": "student-hard",
+    "sft": "student-sft",
+    "logit_kd": "student-kd",
+    "gkd": "student-gkd",
+    "dpo": "student-dpo",
+}
+
+
+def sft(
+    model_path: str,
+    records: list[dict],
+    output_dir: Path,
+    params: SFTParams,
+    callbacks: list | None = None,
+    trust_remote_code: bool = False,
+    where: str = "train",
+) -> dict:
+    """Fine-tune `model_path` on prompt/completion `records`; save the (merged) model to `output_dir`.
+
+    Returns the training figures: final loss, steps, tokens seen, seconds, tokens/s, trainable params.
+    """
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    if not records:
+        raise ValueError(f"{where}: no training records (did the filter drop every trace?)")
+    tokenizer = student_tokenizer(model_path, None, where, trust_remote_code)
+    model = load_student(model_path, params, trust_remote_code)
+    config = SFTConfig(
+        **common_args(params, output_dir),
+        max_length=params.max_length,
+        completion_only_loss=True,
+        dataset_num_proc=None,
+        **params.extra,
+    )
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in records])
+    trainer = guard_finite(
+        SFTTrainer(
+            model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks or []
+        ),
+        where,
+    )
+    result = trainer.train()
+    return finish(
+        trainer,
+        result,
+        tokenizer,
+        output_dir,
+        trainable_count(trainer.model),
+        len(records),
+        params,
+        model_path,
+        manifest={"base": model_path, "method": "sft"},
+        where=where,
+        trust_remote_code=trust_remote_code,
+    )
+
+
+def logit_kd(
+    model_path: str,
+    teacher_path: str,
+    rows: list[dict],
+    logprobs: Path,
+    output_dir: Path,
+    params: SFTParams,
+    kd,
+    sampling_temperature: float,
+    logprobs_mode: str,
+    callbacks: list | None = None,
+    trust_remote_code: bool = False,
+) -> dict:
+    """Train `model_path` on the teacher's stored top-k distributions of the kept traces (distillery.kd)."""
+    from transformers import TrainingArguments
+
+    from distillery.checks import check_temperature_both_sides
+    from distillery.kd import build_examples, load_logprobs, make_trainer
+
+    tokenizer = student_tokenizer(model_path, teacher_path, "logit_kd", trust_remote_code)
+    check_temperature_both_sides(logprobs_mode, sampling_temperature, kd.temperature)
+    examples = build_examples(rows, load_logprobs(logprobs), tokenizer, params.max_length)
+    model = load_student(model_path, params, trust_remote_code)
+    args = TrainingArguments(**common_args(params, output_dir))
+    trainer = guard_finite(
+        make_trainer(
+            model,
+            tokenizer,
+            examples,
+            args,
+            kd.temperature,
+            kd.alpha,
+            kd.divergence,
+            kd.beta,
+            kd.tail,
+            callbacks,
+            scale_t2=kd.scale_t2,
+        ),
+        "logit_kd",
+    )
+    result = trainer.train()
+    return finish(
+        trainer,
+        result,
+        tokenizer,
+        output_dir,
+        trainable_count(model),
+        len(examples),
+        params,
+        model_path,
+        manifest={"base": model_path, "method": "logit_kd", "kd": kd.model_dump()},
+        where="logit_kd",
+        trust_remote_code=trust_remote_code,
+    )
+
+
+def gkd(
+    model_path: str,
+    teacher_path: str,
+    rows: list[dict],
+    output_dir: Path,
+    params: SFTParams,
+    g,
+    callbacks: list | None = None,
+    trust_remote_code: bool = False,
+) -> dict:
+    """On-policy distillation with TRL's GKDTrainer: a fraction lmbda of each batch is sampled by the student
+    itself and scored by the live teacher under the generalized JSD (beta)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    from distillery.checks import check_teacher_frozen
+
+    tokenizer = student_tokenizer(model_path, teacher_path, "gkd", trust_remote_code)
+    if tokenizer.chat_template is None:
+        raise ValueError(f"gkd: the student tokenizer ({model_path}) has no chat template; TRL's GKD needs one")
+    teacher = AutoModelForCausalLM.from_pretrained(
+        teacher_path, dtype=torch.bfloat16 if params.bf16 else torch.float32, trust_remote_code=trust_remote_code
+    )
+    teacher.eval().requires_grad_(False)
+    check_teacher_frozen(teacher, where=f"teacher {teacher_path}")
+    student = load_student(model_path, params, trust_remote_code)
+    data = Dataset.from_list(
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": r.get("prompt_text", r["prompt"])},
+                    {"role": "assistant", "content": r["completion"]},
+                ]
+            }
+            for r in rows
+        ]
+    )
+    args = GKDConfig(
+        **common_args(params, output_dir),
+        max_length=params.max_length,
+        lmbda=g.lmbda,
+        beta=g.beta,
+        temperature=g.temperature,
+        max_new_tokens=g.max_new_tokens,
+        seq_kd=g.seq_kd,
+    )
+    trainer = guard_finite(
+        GKDTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=data,
+            processing_class=tokenizer,
+            callbacks=callbacks or [],
+        ),
+        "gkd",
+    )
+    result = trainer.train()
+    return finish(
+        trainer,
+        result,
+        tokenizer,
+        output_dir,
+        trainable_count(trainer.model),
+        len(rows),
+        params,
+        model_path,
+        manifest={"base": model_path, "method": "gkd", "gkd": g.model_dump()},
+        where="gkd",
+        trust_remote_code=trust_remote_code,
+    )
+
+
+def dpo(
+    model_path: str,
+    teacher_path: str,
+    rows: list[dict],
+    output_dir: Path,
+    params: SFTParams,
+    d,
+    verifier,
+    chat: bool,
+    callbacks: list | None = None,
+    trust_remote_code: bool = False,
+) -> dict:
+    """Preference distillation: (SFT on the traces, then) the student samples `d.samples` answers per prompt, the
+    verifier or the teacher ranks them into chosen/rejected pairs, and TRL's DPOTrainer trains on the pairs with
+    the starting student as the reference."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from distillery.preferences import preference_pairs, sample_student
+
+    figures: dict[str, Any] = {}
+    start = model_path
+    if d.sft_first:
+        sft_dir = output_dir.parent / f"{output_dir.name}-sft"
+        sft_figs = sft(
+            model_path, training_records(rows, chat), sft_dir, params, callbacks, trust_remote_code, where="dpo (sft)"
+        )
+        figures.update({f"sft_{k}": v for k, v in sft_figs.items()})
+        start = str(sft_dir)
+    tokenizer = student_tokenizer(start, None, "dpo", trust_remote_code)  # the teacher judges text, not ids
+    prompts = list({r["prompt_id"]: r for r in rows}.values())[: d.num_prompts]
+    samples = sample_student(
+        start, [r.get("prompt_text", r["prompt"]) for r in prompts], d, params.seed, trust_remote_code
+    )
+    pairs, stats = preference_pairs(prompts, samples, d, verifier, teacher_path, trust_remote_code)
+    figures.update(stats)
+    if not pairs:
+        raise ValueError(
+            f"dpo: no preference pairs from {len(prompts)} prompts x {d.samples} samples (judge "
+            f"{d.judge}): every sample was judged alike; raise train.dpo.samples or temperature"
+        )
+    data = Dataset.from_list([to_preference_record(p, chat) for p in pairs])
+    args = DPOConfig(
+        **{**common_args(params, output_dir), "num_train_epochs": d.epochs, "learning_rate": d.learning_rate},
+        beta=d.beta,
+        max_length=params.max_length,
+        **(
+            {"loss_type": [d.loss_type, "sft"], "loss_weights": [1.0, d.sft_weight]}
+            if d.sft_weight
+            else {"loss_type": [d.loss_type]}
+        ),
+    )
+    model = load_student(start, params, trust_remote_code)
+    trainer = guard_finite(
+        DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=callbacks or []),
+        "dpo",
+    )
+    result = trainer.train()
+    last = next((h for h in reversed(trainer.state.log_history) if "rewards/accuracies" in h), {})
+    figures.update(
+        {
+            "dpo_reward_accuracy": float(last.get("rewards/accuracies", float("nan"))),
+            "dpo_reward_margin": float(last.get("rewards/margins", float("nan"))),
+        }
+    )
+    figures.update(
+        finish(
+            trainer,
+            result,
+            tokenizer,
+            output_dir,
+            trainable_count(trainer.model),
+            len(pairs),
+            params,
+            start,
+            manifest={"base": model_path, "method": "dpo", "dpo": d.model_dump()},
+            where="dpo",
+            trust_remote_code=trust_remote_code,
+        )
+    )
+    # the whole budget, SFT included, for comparisons with single-phase methods
+    for k in ("steps", "tokens_seen", "train_seconds"):
+        figures[f"total_{k}"] = figures[k] + figures.get(f"sft_{k}", 0)
+    return figures
+
+
+def run_method(
+    cfg: Pipeline, student: str, traces: str | None, generated: str | None, out: Path, callbacks: list | None = None
+) -> dict:
+    """Train `student` by the pipeline's method into `out`; returns the training figures."""
+    t, trust, chat = cfg.train, cfg.student.trust_remote_code, cfg.data.chat_template
+    params = params_from(cfg)
+    if t.method == "hard":  # the dataset's answers only; the kept traces' prompts when there are any
+        from distillery.data import load_prompts
+
+        rows = read_jsonl(Path(traces)) if traces else load_prompts(cfg.data)
+        return sft(
+            student,
+            hard_label_records(rows, t.hard_label_template, chat),
+            out,
+            params,
+            callbacks,
+            trust,
+            where="train (hard labels)",
+        )
+    rows = read_jsonl(Path(traces))
+    teacher = resolve_model(cfg.teacher.path)
+    if t.method == "logit_kd":
+        gen_dir = Path(generated or traces).parent
+        manifest = json.loads((gen_dir / "manifest.json").read_text())
+        return logit_kd(
+            student,
+            teacher,
+            rows,
+            gen_dir / "logprobs.parquet",
+            out,
+            params,
+            t.kd,
+            cfg.generate.temperature,
+            (manifest.get("logprobs") or {}).get("mode", "raw_logprobs"),
+            callbacks,
+            trust,
+        )
+    if t.method == "gkd":
+        return gkd(student, teacher, rows, out, params, t.gkd, callbacks, trust)
+    if t.method == "dpo":
+        from distillery.verify import VERIFIERS
+
+        check = VERIFIERS[cfg.filter.verifier]
+        return dpo(
+            student,
+            teacher,
+            rows,
+            out,
+            params,
+            t.dpo,
+            lambda text, ref: check(text, ref, cfg.filter),
+            chat,
+            callbacks,
+            trust,
+        )
+    return sft(student, training_records(rows, chat), out, params, callbacks, trust)
+
+
+def params_from(cfg: Pipeline) -> SFTParams:
+    t = cfg.train
+    return SFTParams(
+        epochs=t.epochs,
+        learning_rate=t.learning_rate,
+        batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        max_length=t.max_length,
+        warmup_ratio=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        lr_scheduler_type=t.lr_scheduler_type,
+        seed=t.seed,
+        logging_steps=t.logging_steps,
+        bf16=t.bf16,
+        max_steps=t.max_steps,
+        lora=t.lora.model_dump() if t.lora else None,
+    )
