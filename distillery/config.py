@@ -631,13 +631,17 @@ def set_dotted(data: dict, dotted: str, value: Any) -> None:
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """`key.sub=value` strings; the value is read as YAML (so 1e-3, true, [a, b] mean what they look like)."""
+    """`key.sub=value` strings; the value is read as YAML (so 1e-3, true, [a, b] mean what they look like), and
+    as the plain string when it is not YAML (`{prompt` is a string, not a traceback)."""
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError([f"--set {item}: expected key=value, e.g. train.learning_rate=1e-4"])
-        out[key.strip()] = yaml.safe_load(raw)
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            out[key.strip()] = raw
     return out
 
 

@@ -35,11 +35,14 @@ def _fail(lines: list[str], code: int = 2) -> int:
 
 def cmd_validate(args) -> int:
     from distillery.config import ConfigError, load_file
+    from distillery.preflight import preflight
 
     try:
         f = load_file(args.file)
     except ConfigError as e:
         return _fail(e.lines)
+    if problems := [line for name, p in f.pipelines.items() for line in preflight(p, name)]:
+        return _fail(problems)
     print(f"{args.file}: ok ({len(f.pipelines)} pipelines: {', '.join(f.pipelines)})")
     return 0
 
@@ -76,6 +79,10 @@ def cmd_run(args) -> int:
         cfg = load_pipeline(args.file, args.pipeline, parse_overrides(args.set))
     except ConfigError as e:
         return _fail(e.lines)
+    from distillery.preflight import preflight
+
+    if problems := preflight(cfg, args.pipeline):  # before Prefect, MLflow or a run folder exist
+        return _fail(problems)
     _offline_if_local(cfg)
     from flows.distill import distill
 

@@ -19,8 +19,9 @@ from prefect import flow, runtime
 
 from distillery import registry
 from distillery.concurrency import gpu_slot
-from distillery.config import Pipeline, load_pipeline, parse_overrides
+from distillery.config import ConfigError, Pipeline, load_pipeline, parse_overrides
 from distillery.demo.assets import resolve_model
+from distillery.preflight import preflight
 from distillery.results import ModelArtifact, latest_full_precision
 from distillery.runtime import RunContext
 from distillery.tracking import NullTracker, Tracker, tracking_uri
@@ -42,6 +43,8 @@ def distill(
 ) -> dict:
     """Run one pipeline of `config_file`; `overrides` are `key=value` strings like `train.epochs=1`."""
     cfg = load_pipeline(config_file, pipeline, parse_overrides(overrides))
+    if problems := preflight(cfg, pipeline):  # a deployment run too: refused before its MLflow run exists
+        raise ConfigError(problems)
     tracker, parent, ctx = open_run(cfg, pipeline, config_file, overrides, track)
     try:
         with gpu_slot(cfg.concurrency):
