@@ -519,6 +519,15 @@ class ConcurrencyConfig(Strict):
     )
 
 
+class CheckpointConfig(Strict):
+    every_steps: Annotated[int, Field(ge=0)] = Field(
+        500,
+        description="train, prune.heal and draft.distill save their whole trainer state every N optimizer steps "
+        "(0: never); a killed run started again on the same run folder resumes from the last complete one",
+    )
+    keep: Annotated[int, Field(ge=1)] = Field(2, description="how many of the latest checkpoints to keep")
+
+
 class Pipeline(Strict):
     description: str = ""
     teacher: ModelRef
@@ -532,6 +541,7 @@ class Pipeline(Strict):
     quantize: QuantizeConfig = QuantizeConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     draft: DraftConfig = DraftConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     registry: RegistryConfig | None = None
     experiment: str = Field("distillery", description="MLflow experiment name")
     log_models: bool = Field(

@@ -26,6 +26,7 @@ from distillery.training import (
     guard_finite,
     hard_label_records,
     load_student,
+    run_trainer,
     student_tokenizer,
     to_preference_record,
     trainable_count,
@@ -76,7 +77,7 @@ def sft(
         ),
         where,
     )
-    result = trainer.train()
+    result = run_trainer(trainer, where)
     return finish(
         trainer,
         result,
@@ -132,7 +133,7 @@ def logit_kd(
         ),
         "logit_kd",
     )
-    result = trainer.train()
+    result = run_trainer(trainer, "logit_kd")
     return finish(
         trainer,
         result,
@@ -207,7 +208,7 @@ def gkd(
         ),
         "gkd",
     )
-    result = trainer.train()
+    result = run_trainer(trainer, "gkd")
     return finish(
         trainer,
         result,
@@ -280,7 +281,7 @@ def dpo(
         DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=callbacks or []),
         "dpo",
     )
-    result = trainer.train()
+    result = run_trainer(trainer, "dpo")
     last = next((h for h in reversed(trainer.state.log_history) if "rewards/accuracies" in h), {})
     figures.update(
         {
@@ -383,4 +384,6 @@ def params_from(cfg: Pipeline) -> SFTParams:
         bf16=t.bf16,
         max_steps=t.max_steps,
         lora=t.lora.model_dump() if t.lora else None,
+        checkpoint_every=cfg.checkpoint.every_steps,
+        keep_checkpoints=cfg.checkpoint.keep,
     )

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distillery.artifacts import atomic_dir, save_model, write_manifest
+from distillery.artifacts import atomic_dir, atomic_write_text, save_model, write_manifest
 from distillery.checks import check_pad_not_eos
 
 
@@ -33,6 +33,12 @@ class SFTParams:
     lora: dict[str, Any] | None = None  # {r, alpha, dropout, target_modules, quantize: nf4}; None = full fine-tuning
     max_steps: int = -1
     extra: dict[str, Any] = field(default_factory=dict)  # passed to SFTConfig as is
+    checkpoint_every: int = 0  # save the trainer's whole state every N steps (0: never); see run_trainer
+    keep_checkpoints: int = 2
+
+
+COMPLETE = "distillery-complete"  # written into a checkpoint folder once the Trainer has saved all of it
+FINGERPRINT = "distillery-fingerprint.json"
 
 
 def common_args(params: SFTParams, output_dir: Path) -> dict:
@@ -54,12 +60,79 @@ def common_args(params: SFTParams, output_dir: Path) -> dict:
         logging_steps=params.logging_steps,
         bf16=params.bf16,
         use_cpu=not torch.cuda.is_available(),
-        save_strategy="no",
+        save_strategy="steps" if params.checkpoint_every else "no",
+        save_steps=params.checkpoint_every or 500,
+        save_total_limit=params.keep_checkpoints,
         report_to=[],
         include_num_input_tokens_seen="non_padding",
         logging_nan_inf_filter=False,
         disable_tqdm=False,
     )
+
+
+def with_checkpoints(params: SFTParams, checkpoint) -> SFTParams:
+    """`params` with the pipeline's `checkpoint` settings (CheckpointConfig; None: none)."""
+    from dataclasses import replace
+
+    if checkpoint is None:
+        return params
+    return replace(params, checkpoint_every=checkpoint.every_steps, keep_checkpoints=checkpoint.keep)
+
+
+def run_trainer(trainer, where: str):
+    """`trainer.train()`, resumable. With checkpoints on, the Trainer saves its whole state (weights, optimizer,
+    scheduler, RNG, step; the data order follows from the seed and step) every N steps into the hidden folder beside
+    the stage's output; a checkpoint counts once the Trainer has finished writing it (`COMPLETE`, written last, as a
+    manifest is). A run killed mid-way and started again on the same output resumes from the last complete one and
+    ends with the weights an uninterrupted run would have. A checkpoint of other settings or data is not resumed."""
+    import json
+    import shutil
+
+    from transformers import TrainerCallback
+
+    args = trainer.args
+    if args.save_strategy == "no":
+        return trainer.train()
+    folder = Path(args.output_dir)
+    fingerprint = _fingerprint(trainer)
+    if trainer.is_world_process_zero():
+        if folder.is_dir():
+            recorded = folder / FINGERPRINT
+            stale = recorded.is_file() and json.loads(recorded.read_text()) != fingerprint
+            for ckpt in folder.glob("checkpoint-*"):
+                if stale or not (ckpt / COMPLETE).is_file():  # other settings, or debris of a kill mid-save
+                    shutil.rmtree(ckpt, ignore_errors=True)
+        atomic_write_text(folder / FINGERPRINT, json.dumps(fingerprint, indent=2, sort_keys=True))
+    trainer.accelerator.wait_for_everyone()  # every process then sees the same checkpoints
+
+    class MarkComplete(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                atomic_write_text(Path(args.output_dir) / f"checkpoint-{state.global_step}" / COMPLETE, "")
+
+    trainer.add_callback(MarkComplete())
+    done = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    last = str(done[-1]) if done else None
+    if last:
+        print(f"{where}: resuming from {last}")
+    trainer.distillery_resumed_from = int(last.rsplit("-", 1)[1]) if last else 0
+    return trainer.train(resume_from_checkpoint=last)
+
+
+def _fingerprint(trainer) -> dict:
+    """What a checkpoint must match to be resumed: the training arguments that shape the run, and the data."""
+    import hashlib
+
+    args = {k: v for k, v in trainer.args.to_dict().items() if k not in ("output_dir", "logging_dir", "run_name")}
+    data = trainer.train_dataset
+    digest = hashlib.sha256(repr(data[: min(len(data), 64)]).encode()).hexdigest() if data is not None else None
+    return {"args": json_safe(args), "examples": len(data) if data is not None else None, "data_head": digest}
+
+
+def json_safe(x):
+    import json
+
+    return json.loads(json.dumps(x, default=str))
 
 
 def qlora_config(params: SFTParams):
@@ -202,6 +275,7 @@ def finish(
         "tokens_seen": tokens,
         "train_tokens_per_s": tokens / seconds if seconds else 0.0,
         "world_size": int(trainer.args.world_size),
+        "resumed_from_step": getattr(trainer, "distillery_resumed_from", 0),
     }
     # Under `accelerate launch` every process trained the same weights; one writes them, the others never touch
     # output_dir and wait until it is complete, so no process exits while the model is half written.
@@ -221,6 +295,10 @@ def finish(
             },
         )
     acc.wait_for_everyone()
+    if trainer.is_world_process_zero():  # the model is saved: its checkpoints are spent
+        import shutil
+
+        shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
     return figures
 
 

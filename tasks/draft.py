@@ -41,8 +41,10 @@ from distillery.training import (
     load_student,
     loss_curve,
     mlflow_callback,
+    run_trainer,
     student_tokenizer,
     trainable_count,
+    with_checkpoints,
 )
 
 
@@ -88,6 +90,7 @@ def distill_draft(
     d,
     callbacks: list | None = None,
     trust_remote_code: bool = False,
+    checkpoint=None,
 ) -> dict:
     """DistillSpec: on-policy distillation of the draft toward the teacher with TRL's DistillationTrainer. The draft
     samples a continuation of each prompt; the loss is the generalized JSD (`d.beta`: 0 forward KL) between the
@@ -107,12 +110,15 @@ def distill_draft(
     )
     teacher_model.eval().requires_grad_(False)
     check_teacher_frozen(teacher_model, where=f"teacher {teacher}")
-    params = SFTParams(
-        learning_rate=d.learning_rate,
-        batch_size=d.batch_size,
-        max_steps=d.steps,
-        seed=d.seed,
-        logging_steps=d.logging_steps,
+    params = with_checkpoints(
+        SFTParams(
+            learning_rate=d.learning_rate,
+            batch_size=d.batch_size,
+            max_steps=d.steps,
+            seed=d.seed,
+            logging_steps=d.logging_steps,
+        ),
+        checkpoint,
     )
     # The trainer counts its own tokens; transformers' counter cannot see the generated batches and warns each step.
     args = DistillationConfig(
@@ -134,7 +140,7 @@ def distill_draft(
         ),
         "draft.distill",
     )
-    result = trainer.train()
+    result = run_trainer(trainer, "draft.distill")
     return finish(
         trainer,
         result,
@@ -308,6 +314,7 @@ def measure_draft(
             d.distill,
             callbacks,
             cfg.student.trust_remote_code,
+            cfg.checkpoint,
         )
         student = str(distill_dir)
     made = make_draft(teacher, student, out_dir.parent / f"{out_dir.name}-model")

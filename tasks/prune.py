@@ -235,6 +235,7 @@ def heal(
     out_dir: Path,
     bf16: bool = False,
     callbacks: list | None = None,
+    checkpoint=None,
 ) -> dict:
     """Distil the unpruned model's full next-token distribution into the pruned one (forward KL, T² scaled) on
     `texts`, every real token counted. Returns the trainer's loss history and figures."""
@@ -244,7 +245,7 @@ def heal(
 
     from distillery.checks import check_teacher_frozen
     from distillery.losses import full_kd
-    from distillery.training import SFTParams, common_args, guard_finite
+    from distillery.training import SFTParams, common_args, guard_finite, run_trainer, with_checkpoints
 
     teacher.eval().requires_grad_(False)
     check_teacher_frozen(teacher, where="heal: unpruned teacher")
@@ -260,14 +261,17 @@ def heal(
 
     enc = tokenizer(texts, truncation=True, max_length=h.max_length, add_special_tokens=False)
     data = Dataset.from_dict({"input_ids": enc["input_ids"]})
-    params = SFTParams(
-        epochs=h.epochs,
-        max_steps=h.max_steps,
-        learning_rate=h.learning_rate,
-        batch_size=h.batch_size,
-        max_length=h.max_length,
-        bf16=bf16,
-        logging_steps=10,
+    params = with_checkpoints(
+        SFTParams(
+            epochs=h.epochs,
+            max_steps=h.max_steps,
+            learning_rate=h.learning_rate,
+            batch_size=h.batch_size,
+            max_length=h.max_length,
+            bf16=bf16,
+            logging_steps=10,
+        ),
+        checkpoint,
     )
     args = TrainingArguments(**common_args(params, out_dir), remove_unused_columns=False)
     trainer = guard_finite(
@@ -281,7 +285,7 @@ def heal(
         ),
         "heal",
     )
-    result = trainer.train()
+    result = run_trainer(trainer, "prune.heal")
     losses = [x["loss"] for x in trainer.state.log_history if "loss" in x]
     return {
         "heal_steps": trainer.state.global_step,
@@ -318,9 +322,10 @@ def prune(
     unhealed_dir: Path | None = None,
     bf16: bool = False,
     callbacks: list | None = None,
+    checkpoint=None,
 ) -> dict:
     """Depth and/or width pruning of `model_path` into `out_dir`; with `cfg.heal`, the unhealed model goes to
-    `unhealed_dir` and the healed one to `out_dir`."""
+    `unhealed_dir` and the healed one to `out_dir`. `checkpoint` (CheckpointConfig): the healing's checkpoints."""
     import copy
 
     import torch
@@ -370,12 +375,16 @@ def prune(
         unhealed_dir = unhealed_dir or out_dir.parent / f"{out_dir.name}-unhealed"
         save_checked(model, tok, unhealed_dir, {**manifest, "healed": False})
         heal_texts = texts[: cfg.heal.num_texts] if cfg.heal.num_texts else texts
-        healed = heal(model, original, tok, heal_texts, cfg.heal, out_dir, bf16, callbacks)
+        healed = heal(model, original, tok, heal_texts, cfg.heal, out_dir, bf16, callbacks, checkpoint)
         figures.update({k: v for k, v in healed.items() if k != "heal_history"})
         manifest.update(healed=True, heal=cfg.heal.model_dump(), loss_history=healed["heal_history"])
         result["unhealed_path"] = str(unhealed_dir)
         del original
     save_checked(model, tok, out_dir, manifest)
+    if cfg.heal:  # the healed model is saved: its checkpoints are spent
+        import shutil
+
+        shutil.rmtree(out_dir.parent / f".{out_dir.name}-trainer", ignore_errors=True)
     return result
 
 
@@ -402,6 +411,7 @@ def prune_task(cfg: Pipeline, ctx: RunContext, student: ModelArtifact, traces: T
             unhealed_dir=ctx.stage_dir("prune-unhealed"),
             bf16=cfg.train.bf16,
             callbacks=[mlflow_callback(run)],
+            checkpoint=cfg.checkpoint,
         )
         run.log_metrics(result["figures"])
         run.log_metrics({f"importance.layer_{i}": v for i, v in enumerate(result["importance"])})
