@@ -15,6 +15,7 @@ class RunContext:
     parent_run_id: str
     experiment: str
     tracking_uri: str  # "none" turns tracking off
+    reuse: bool = True  # take a stage another run finished with the same key (distillery.stagecache)
 
     def tracker(self) -> Tracker | NullTracker:
         return NullTracker() if self.tracking_uri == "none" else Tracker(self.experiment, self.tracking_uri)

@@ -158,15 +158,26 @@ class Tracker:
     def end(self, run: StageRun, ok: bool = True) -> None:
         self.client.set_terminated(run.run_id, "FINISHED" if ok else "FAILED")
 
+    def finish(self, run: StageRun, exc: BaseException | None = None) -> None:
+        """End `run` after `exc` (None: it completed): FINISHED, FAILED, or KILLED for Ctrl-C and SIGTERM, with tag
+        distillery.end_reason saying why (distillery.lifecycle)."""
+        from distillery.lifecycle import END_REASON, end_state
+
+        status, reason = end_state(exc)
+        tags = {END_REASON: reason}
+        if status == "FAILED":
+            tags["distillery.error"] = f"{type(exc).__name__}: {exc}"[:5000]
+        run.set_tags(tags)
+        self.client.set_terminated(run.run_id, status)
+
     @contextmanager
     def stage(self, name: str, parent_id: str | None, tags: dict[str, str] | None = None) -> Iterator[StageRun]:
-        """A child run that ends FAILED (and re-raises) when the stage raises."""
+        """A child run that ends FAILED, or KILLED on Ctrl-C and SIGTERM (and re-raises), when the stage raises."""
         run = self.start(name, parent_id, {"distillery.stage": name, **(tags or {})})
         try:
             yield run
         except BaseException as e:
-            run.set_tags({"distillery.error": f"{type(e).__name__}: {e}"[:5000]})
-            self.end(run, ok=False)
+            self.finish(run, e)
             raise
         self.end(run, ok=True)
 
@@ -231,6 +242,9 @@ class NullTracker:
         return NullRun()
 
     def end(self, *a, **k) -> None:
+        return None
+
+    def finish(self, *a, **k) -> None:
         return None
 
     @contextmanager

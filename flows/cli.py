@@ -92,9 +92,16 @@ def cmd_run(args) -> int:
             overrides=args.set,
             config_file=str(Path(args.file).resolve()),
             track=not args.no_track,
+            resume=args.resume,
+            fresh=args.fresh,
         )
-    except KeyboardInterrupt:
-        return _fail(["distillery: interrupted"], 130)
+    except ConfigError as e:  # --resume of a folder that is not a run of this pipeline, or still running
+        return _fail(e.lines)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (distillery.lifecycle.Interrupted): 128 + the signal
+        signum = getattr(e, "signum", 2)
+        return _fail(
+            [f"distillery: pipeline {args.pipeline} {'interrupted' if signum == 2 else 'terminated'}"], 128 + signum
+        )
     except Exception as e:  # the traceback is in Prefect's log above; end with one line saying what failed
         return _fail([f"distillery: pipeline {args.pipeline} failed: {type(e).__name__}: {e}".splitlines()[0]], 1)
     # logs went to stderr; the answer goes to stdout
@@ -367,6 +374,17 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         default=[],
         help="override a field, e.g. --set train.epochs=1 (repeatable)",
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="RUN_DIR",
+        help="continue an interrupted run in its own folder and MLflow run (default: the latest run of the pipeline): "
+        "finished stages are reused, training resumes from its last checkpoint",
+    )
+    p.add_argument(
+        "--fresh", action="store_true", help="run every stage, reusing none that another run finished identically"
     )
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     p.set_defaults(fn=cmd_run)

@@ -12,19 +12,23 @@ moves (distillery/registry.py).
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 from prefect import flow, runtime
 
 from distillery import registry
+from distillery.artifacts import atomic_write_text
 from distillery.concurrency import gpu_slot
 from distillery.config import ConfigError, Pipeline, load_pipeline, parse_overrides
 from distillery.demo.assets import resolve_model
+from distillery.lifecycle import PROCESS_TAG, process_gone, reap, stop_on_signals, this_process
 from distillery.preflight import preflight
 from distillery.results import ModelArtifact, latest_full_precision
 from distillery.runtime import RunContext
-from distillery.tracking import NullTracker, Tracker, tracking_uri
+from distillery.stagecache import lookup, record, stage_key
+from distillery.tracking import NullTracker, StageRun, Tracker, tracking_uri
 from tasks.draft import draft_task
 from tasks.evaluate import evaluate_task
 from tasks.filter import filter_task
@@ -34,54 +38,71 @@ from tasks.quantize import quantize_task
 from tasks.report import report_task
 from tasks.train import train_task
 
+RUN_RECORD = "run.json"  # in each run folder: which pipeline and MLflow parent run it belongs to
 DEFAULT_FILE = str(Path(__file__).resolve().parents[1] / "pipelines.yaml")
 
 
 @flow(name="distill", log_prints=True)
 def distill(
-    pipeline: str = "demo", overrides: list[str] | None = None, config_file: str = DEFAULT_FILE, track: bool = True
+    pipeline: str = "demo",
+    overrides: list[str] | None = None,
+    config_file: str = DEFAULT_FILE,
+    track: bool = True,
+    resume: str | None = None,
+    fresh: bool = False,
 ) -> dict:
-    """Run one pipeline of `config_file`; `overrides` are `key=value` strings like `train.epochs=1`."""
+    """Run one pipeline of `config_file`; `overrides` are `key=value` strings like `train.epochs=1`. `resume`: a run
+    folder, or "latest", to continue in (its folder and MLflow parent run); `fresh`: run every stage, reusing none."""
     cfg = load_pipeline(config_file, pipeline, parse_overrides(overrides))
     if problems := preflight(cfg, pipeline):  # a deployment run too: refused before its MLflow run exists
         raise ConfigError(problems)
-    tracker, parent, ctx = open_run(cfg, pipeline, config_file, overrides, track)
-    try:
-        with gpu_slot(cfg.concurrency):
-            result = run_stages(cfg, ctx, tracker)
-    except BaseException:
-        tracker.end(parent, ok=False)
-        raise
-    tracker.end(parent, ok=True)
+    with stop_on_signals():  # SIGTERM ends the run KILLED, as Ctrl-C does
+        tracker, parent, ctx = open_run(cfg, pipeline, config_file, overrides, track, resume, reuse=not fresh)
+        try:
+            with gpu_slot(cfg.concurrency):
+                result = run_stages(cfg, ctx, tracker)
+        except BaseException as e:
+            tracker.finish(parent, e)
+            raise
+        tracker.finish(parent)
     return {**result, "mlflow_run_id": ctx.parent_run_id, "run_dir": ctx.run_dir}
 
 
 def run_stages(cfg: Pipeline, ctx: RunContext, tracker) -> dict:
-    """The stages the pipeline lists, in order; each hands the next typed results (distillery.results)."""
+    """The stages the pipeline lists, in order; each hands the next typed results (distillery.results). A stage a
+    run already finished with the same settings, inputs and code is reused, not run (distillery.stagecache)."""
     stages = cfg.stages
     teacher = ModelArtifact(label="teacher", path=resolve_model(cfg.teacher.path), stage="reference")
     student = ModelArtifact(label="student", path=resolve_model(cfg.student.path, seed=cfg.train.seed), stage="init")
     models: list[ModelArtifact] = []  # every model a stage makes, in order
     traces = kept = None
 
+    def once(stage: str, inputs: list, run):
+        return reuse_or_run(stage, cfg, ctx, tracker, inputs, run)
+
     if "generate" in stages:
-        traces = generate_task(cfg, ctx)
+        traces = once("generate", [teacher], lambda: generate_task(cfg, ctx))
     if "filter" in stages:
-        kept = filter_task(cfg, ctx, traces)
+        kept = once("filter", [traces], lambda: filter_task(cfg, ctx, traces))
     if "train" in stages:
-        models.append(train_task(cfg, ctx, kept, student, generated=traces))
+        models.append(
+            once("train", [kept, student, traces, teacher], lambda: train_task(cfg, ctx, kept, student, traces))
+        )
     if "prune" in stages:
-        models += prune_task(cfg, ctx, latest_full_precision(models, "latest", student), kept)
+        start = latest_full_precision(models, "latest", student)
+        models += once("prune", [start, kept], lambda: prune_task(cfg, ctx, start, kept))
     if "quantize" in stages:
-        models += quantize_task(cfg, ctx, latest_full_precision(models, cfg.quantize.source, student))
+        source = latest_full_precision(models, cfg.quantize.source, student)
+        models += once("quantize", [source], lambda: quantize_task(cfg, ctx, source))
     evals = None
     if "evaluate" in stages:
-        untrained = [student] if cfg.evaluate.include_untrained else []
-        evals = evaluate_task(cfg, ctx, [teacher, *untrained, *models], kept.heldout if kept else None)
+        todo = [teacher, *([student] if cfg.evaluate.include_untrained else []), *models]
+        heldout = kept.heldout if kept else None
+        evals = once("evaluate", [todo, kept], lambda: evaluate_task(cfg, ctx, todo, heldout))
     draft = None
     draft_source = latest_full_precision(models, cfg.draft.source, student)
     if "draft" in stages:
-        draft = draft_task(cfg, ctx, teacher, draft_source)
+        draft = once("draft", [teacher, draft_source], lambda: draft_task(cfg, ctx, teacher, draft_source))
     gate = None
     if cfg.registry and models:
         gate = registry.register_run(tracker, ctx, cfg.registry, models, evals, logged=cfg.log_models)
@@ -91,28 +112,125 @@ def run_stages(cfg: Pipeline, ctx: RunContext, tracker) -> dict:
     return {"models": models, "table": table, "gate": gate}
 
 
-def open_run(cfg: Pipeline, pipeline: str, config_file: str, overrides: list[str] | None, track: bool):
+def reuse_or_run(stage: str, cfg: Pipeline, ctx: RunContext, tracker, inputs: list, run):
+    """`run()`, recorded under its stage key; or, when a run already finished this stage with the same key, that
+    result, with a child run (tags distillery.reused_from_*) saying where it came from."""
+    key = stage_key(stage, cfg, inputs)
+    found = lookup(cfg.output_dir, stage, key) if ctx.reuse else None
+    if found is None:
+        result = run()
+        record(cfg.output_dir, stage, key, result, ctx.run_dir, ctx.parent_run_id)
+        return result
+    result, doc = found
+    where = "this run, before it was interrupted" if doc["parent_run_id"] == ctx.parent_run_id else doc["run_dir"]
+    print(f"{stage}: reused from {where}: same settings, inputs and code (key {key[:12]})")
+    if doc["parent_run_id"] != ctx.parent_run_id:  # a resumed run has this stage's child already
+        tags = {
+            "distillery.reused_from_dir": doc["run_dir"],
+            "distillery.reused_from_parent": doc["parent_run_id"],
+            "distillery.stage_key": key,
+        }
+        with tracker.stage(stage, ctx.parent_run_id, tags=tags) as child:
+            child.log_metrics(figures_of(result))
+    return result
+
+
+def figures_of(result) -> dict:
+    """A stage result's figures as MLflow metrics: a model's by name, each model's `<figure>.<label>`."""
+    if isinstance(result, dict):
+        return {f"{k}.{label}": v for label, e in result.items() for k, v in e.figures.items()}
+    if isinstance(result, list):
+        return {f"{k}.{m.label}": v for m in result for k, v in m.figures.items()}
+    return dict(result.figures)
+
+
+def open_run(
+    cfg: Pipeline,
+    pipeline: str,
+    config_file: str,
+    overrides: list[str] | None,
+    track: bool,
+    resume: str | None = None,
+    reuse: bool = True,
+):
+    """The run's MLflow parent and folder: new ones, or with `resume` (a run folder, "latest") or a Prefect retry of
+    a crashed flow run (the same flow run id), the interrupted run's own, reopened."""
     tracker = Tracker(cfg.experiment) if track else NullTracker()
     flow_run_id = runtime.flow_run.id or ""
-    parent = tracker.start(
-        pipeline,
-        tags={
-            "distillery.pipeline": pipeline,
-            "prefect.flow_run_id": flow_run_id,
-            "distillery.config_file": config_file,
-            "mlflow.note.content": cfg.description,
-        },
-    )
-    run_dir = Path(cfg.output_dir).resolve() / pipeline / f"{time.strftime('%Y%m%d-%H%M%S')}-{parent.run_id[:8]}"
+    tags = {
+        "distillery.pipeline": pipeline,
+        "prefect.flow_run_id": flow_run_id,
+        "distillery.config_file": config_file,
+        "mlflow.note.content": cfg.description,
+        PROCESS_TAG: this_process(),
+    }
+    previous = resumable(cfg, pipeline, resume, flow_run_id, tracker)
+    if previous is None:
+        parent = tracker.start(pipeline, tags=tags)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(cfg.output_dir).resolve() / pipeline / f"{stamp}-{parent.run_id[:8]}"
+    else:
+        run_dir, parent_id = previous
+        parent = StageRun(tracker.client, parent_id) if track else tracker.start(pipeline)
+    if track:  # runs of this pipeline whose process died (kill -9, a lost machine) end FAILED, not RUNNING for good
+        for dead in reap(tracker.client, tracker.experiment_id, pipeline, by=parent.run_id):
+            print(f"pipeline {pipeline}: run {dead} had died without ending; marked FAILED")
     run_dir.mkdir(parents=True, exist_ok=True)
-    parent.log_params({"overrides": " ".join(overrides or []), **cfg.model_dump()})
-    parent.log_text(cfg.model_dump_json(indent=2), "pipeline.json")
+    if previous is None:
+        parent.log_params({"overrides": " ".join(overrides or []), **cfg.model_dump()})
+        parent.log_text(cfg.model_dump_json(indent=2), "pipeline.json")
+    elif track:
+        tracker.client.update_run(parent.run_id, status="RUNNING")
+        resumes = int(tracker.client.get_run(parent.run_id).data.tags.get("distillery.resumes", "0")) + 1
+        parent.set_tags({**tags, "distillery.resumes": resumes, "distillery.end_reason": "resumed"})
+        print(f"pipeline {pipeline}: resuming {run_dir} (MLflow run {parent.run_id}, resume {resumes})")
+    parent.set_tags({"distillery.run_dir": str(run_dir)})
+    atomic_write_text(
+        run_dir / RUN_RECORD,
+        json.dumps({"pipeline": pipeline, "parent_run_id": parent.run_id, "flow_run_id": flow_run_id}, indent=2),
+    )
     ctx = RunContext(
         pipeline=pipeline,
         run_dir=str(run_dir),
         parent_run_id=parent.run_id,
         experiment=cfg.experiment,
         tracking_uri=tracking_uri() if track else "none",
+        reuse=reuse,
     )
     print(f"pipeline {pipeline}: artifacts in {run_dir}; MLflow run {parent.run_id} at {ctx.tracking_uri}")
     return tracker, parent, ctx
+
+
+def resumable(cfg: Pipeline, pipeline: str, resume: str | None, flow_run_id: str, tracker) -> tuple[Path, str] | None:
+    """(run folder, MLflow parent run id) of the run to continue, or None for a new run."""
+    if resume is None and flow_run_id and not isinstance(tracker, NullTracker):
+        same = tracker.client.search_runs(
+            [tracker.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'", max_results=20
+        )
+        parents = [r for r in same if "mlflow.parentRunId" not in r.data.tags and "distillery.run_dir" in r.data.tags]
+        if parents:  # `prefect flow-run retry`: the flow run is the one that crashed
+            return Path(parents[0].data.tags["distillery.run_dir"]), parents[0].info.run_id
+    if resume is None:
+        return None
+    if resume == "latest":
+        done = sorted(
+            (Path(cfg.output_dir).resolve() / pipeline).glob(f"*/{RUN_RECORD}"), key=lambda p: p.stat().st_mtime
+        )
+        if not done:
+            raise ConfigError([f"--resume latest: no run of pipeline {pipeline} under {cfg.output_dir}/{pipeline}"])
+        folder = done[-1].parent
+    else:
+        folder = Path(resume).resolve()
+    try:
+        rec = json.loads((folder / RUN_RECORD).read_text())
+    except (OSError, ValueError):
+        raise ConfigError([f"--resume {resume}: {folder} is not a run folder (no readable {RUN_RECORD})"]) from None
+    if rec.get("pipeline") != pipeline:
+        raise ConfigError(
+            [f"--resume {resume}: {folder} is a run of pipeline {rec.get('pipeline')!r}, not {pipeline!r}"]
+        )
+    if not isinstance(tracker, NullTracker):
+        tags = tracker.client.get_run(rec["parent_run_id"]).data.tags
+        if tags.get(PROCESS_TAG) and process_gone(tags[PROCESS_TAG]) is False:
+            raise ConfigError([f"--resume {resume}: run {rec['parent_run_id']} is still running ({tags[PROCESS_TAG]})"])
+    return folder, rec["parent_run_id"]

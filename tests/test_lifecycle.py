@@ -1,0 +1,100 @@
+"""No zombie runs: signals end a run KILLED with a reason, and a run whose process died is found and ended FAILED
+by the next run of its pipeline (with a real MLflow store; the end-to-end kills are in test_e2e)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+
+import pytest
+
+from distillery.lifecycle import (
+    END_REASON,
+    PROCESS_TAG,
+    Interrupted,
+    _boot_id,
+    _start_time,
+    end_state,
+    process_gone,
+    reap,
+    stop_on_signals,
+    this_process,
+)
+
+
+def dead_process() -> str:
+    p = subprocess.Popen(["sleep", "30"])
+    record = f"{socket.gethostname()}|{_boot_id()}|{p.pid}|{_start_time(p.pid)}"
+    assert process_gone(record) is False  # alive
+    p.kill()
+    p.wait()
+    return record
+
+
+def test_a_process_is_known_by_pid_and_start_time():
+    assert process_gone(this_process()) is False
+    assert process_gone(dead_process()) is True
+    host, boot, pid, started = this_process().split("|")
+    assert process_gone(f"{host}|{boot}|{pid}|{int(started) + 1}") is True  # the pid reused by another process
+    assert process_gone(f"{host}|not-this-boot|{pid}|{started}") is True  # the machine rebooted
+    assert process_gone(f"elsewhere|{boot}|{pid}|{started}") is None  # another machine's run: cannot tell
+    assert process_gone("") is None and process_gone("a|b|c|d") is None
+
+
+def test_sigterm_raises_interrupted_in_the_body_and_the_handlers_come_back():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted) as e, stop_on_signals():
+        os.kill(os.getpid(), signal.SIGTERM)
+        signal.pause()  # the handler raises before this returns
+    assert e.value.signum == signal.SIGTERM and isinstance(e.value, KeyboardInterrupt)
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert end_state(e.value) == ("KILLED", "stopped by SIGTERM")
+    assert end_state(KeyboardInterrupt()) == ("KILLED", "interrupted (Ctrl-C)")
+    assert end_state(ValueError("bad\nsecond line")) == ("FAILED", "ValueError: bad")
+    assert end_state(None) == ("FINISHED", "completed")
+
+
+def test_a_stage_stopped_by_a_signal_ends_killed_and_says_why(mlflow_uri):
+    from distillery.tracking import Tracker
+
+    tracker = Tracker("lifecycle-test")
+    parent = tracker.start("demo")
+    with pytest.raises(Interrupted), tracker.stage("train", parent.run_id):
+        raise Interrupted(signal.SIGTERM)
+    tracker.finish(parent, Interrupted(signal.SIGTERM))
+    runs = {r.info.run_name: r for r in tracker.client.search_runs([tracker.experiment_id])}
+    assert {n: (r.info.status, r.data.tags[END_REASON]) for n, r in runs.items()} == {
+        "demo": ("KILLED", "stopped by SIGTERM"),
+        "train": ("KILLED", "stopped by SIGTERM"),
+    }
+
+
+def test_the_next_run_reaps_runs_whose_process_died_and_leaves_the_living(mlflow_uri):
+    from distillery.tracking import Tracker
+
+    tracker = Tracker("lifecycle-test")
+    c = tracker.client
+
+    def parent(pipeline: str, process: str):
+        return tracker.start(pipeline, tags={"distillery.pipeline": pipeline, PROCESS_TAG: process})
+
+    dead = parent("demo", dead_process())
+    dead_child = tracker.start("train", dead.run_id, {"distillery.pipeline": "demo"})
+    done_child = tracker.start("generate", dead.run_id, {"distillery.pipeline": "demo"})
+    tracker.end(done_child)
+    alive = parent("demo", this_process())
+    other_machine = parent("demo", f"elsewhere|x|{os.getpid()}|1")
+    other_pipeline = parent("smoke", dead_process())
+
+    assert reap(c, tracker.experiment_id, "demo", by="new-run") == [dead.run_id]
+    status = {r.info.run_id: r.info.status for r in c.search_runs([tracker.experiment_id])}
+    assert status[dead.run_id] == status[dead_child.run_id] == "FAILED"
+    assert status[done_child.run_id] == "FINISHED"  # what had ended stays as it ended
+    assert status[alive.run_id] == status[other_machine.run_id] == status[other_pipeline.run_id] == "RUNNING"
+    reason = c.get_run(dead_child.run_id).data.tags[END_REASON]
+    assert reason.startswith("its process (") and reason.endswith(
+        f"on {socket.gethostname()}) died; found by run new-run"
+    )
+    assert reap(c, tracker.experiment_id, "demo", by="later") == []  # once
