@@ -68,18 +68,34 @@ def run_worker(module: str, spec: dict[str, Any], kv_cache_gib: float = 1.0, tim
         bufsize=1,
     )
     assert proc.stdout is not None
-    for line in proc.stdout:
-        sys.stdout.write(line)
-        tail.append(line.rstrip())
-    rc = proc.wait(timeout=timeout)
+    try:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            tail.append(line.rstrip())
+        rc = proc.wait(timeout=timeout)
+    except BaseException:  # interrupted (Ctrl-C, SIGTERM) or timed out: the worker must not outlive the stage
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     result_file = Path(spec["result_file"])
     try:
         if rc != 0 or not result_file.exists():
             last = "\n".join(tail)
-            raise RuntimeError(f"{module} worker failed (exit {rc}); last output:\n{last}")
+            raise RuntimeError(f"{module} worker failed ({exit_description(rc)}); last output:\n{last}")
         return json.loads(result_file.read_text())
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def exit_description(rc: int) -> str:
+    """A child's exit status in words: a SIGKILL nobody sent is most often the kernel's OOM killer."""
+    if rc >= 0:
+        return f"exit {rc}"
+    import signal
+
+    name = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
+    return f"killed by {name}" + (": out of memory? (the kernel's OOM killer sends SIGKILL)" if -rc == 9 else "")
 
 
 def derive_seed(seed: int, *parts: str) -> int:

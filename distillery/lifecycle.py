@@ -30,6 +30,34 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(f"stopped by {signal.Signals(signum).name}")
 
 
+def mark_stage(exc: BaseException, stage: str) -> None:
+    """Remember on the exception which stage raised it (the innermost), for the one line that reports it."""
+    if getattr(exc, "distillery_stage", None) is None:
+        try:
+            exc.distillery_stage = stage
+        except (AttributeError, TypeError):  # an exception type without a __dict__
+            pass
+
+
+def cause(exc: BaseException) -> str:
+    """What went wrong, in the words an operator acts on: out of disk, out of memory, else the error's first line."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"out of disk space{f' writing {exc.filename}' if exc.filename else ''} (free some, then --resume)"
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        device = "GPU " if type(exc).__name__ == "OutOfMemoryError" else ""
+        return f"out of {device}memory ({type(exc).__name__}); lower the batch size or max_length, then --resume"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def describe_failure(exc: BaseException) -> str:
+    """`failed in stage <stage>: <cause>` (or without the stage when it failed outside one)."""
+    stage = getattr(exc, "distillery_stage", None)
+    return f"failed in stage {stage}: {cause(exc)}" if stage else f"failed: {cause(exc)}"
+
+
 def end_state(exc: BaseException | None) -> tuple[str, str]:
     """The MLflow status and the reason a run ends with, after `exc` (None: it completed)."""
     if exc is None:
@@ -38,7 +66,7 @@ def end_state(exc: BaseException | None) -> tuple[str, str]:
         return "KILLED", f"stopped by {signal.Signals(exc.signum).name}"
     if isinstance(exc, KeyboardInterrupt):
         return "KILLED", "interrupted (Ctrl-C)"
-    return "FAILED", f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+    return "FAILED", cause(exc)[:500]
 
 
 @contextmanager

@@ -173,10 +173,13 @@ class Tracker:
     @contextmanager
     def stage(self, name: str, parent_id: str | None, tags: dict[str, str] | None = None) -> Iterator[StageRun]:
         """A child run that ends FAILED, or KILLED on Ctrl-C and SIGTERM (and re-raises), when the stage raises."""
+        from distillery.lifecycle import mark_stage
+
         run = self.start(name, parent_id, {"distillery.stage": name, **(tags or {})})
         try:
             yield run
         except BaseException as e:
+            mark_stage(e, name)
             self.finish(run, e)
             raise
         self.end(run, ok=True)
@@ -248,8 +251,14 @@ class NullTracker:
         return None
 
     @contextmanager
-    def stage(self, *a, **k) -> Iterator[StageRun]:
-        yield NullRun()
+    def stage(self, name: str = "", *a, **k) -> Iterator[StageRun]:
+        from distillery.lifecycle import mark_stage
+
+        try:
+            yield NullRun()
+        except BaseException as e:
+            mark_stage(e, name)
+            raise
 
     def register(self, *a, **k) -> str:
         return "0"

@@ -103,7 +103,9 @@ def cmd_run(args) -> int:
             [f"distillery: pipeline {args.pipeline} {'interrupted' if signum == 2 else 'terminated'}"], 128 + signum
         )
     except Exception as e:  # the traceback is in Prefect's log above; end with one line saying what failed
-        return _fail([f"distillery: pipeline {args.pipeline} failed: {type(e).__name__}: {e}".splitlines()[0]], 1)
+        from distillery.lifecycle import describe_failure
+
+        return _fail([f"distillery: pipeline {args.pipeline} {describe_failure(e)}"], 1)
     # logs went to stderr; the answer goes to stdout
     if result.get("table"):
         print(f"\n{args.pipeline}: {result['run_dir']}  (MLflow run {result['mlflow_run_id']})\n")

@@ -98,3 +98,51 @@ def test_the_next_run_reaps_runs_whose_process_died_and_leaves_the_living(mlflow
         f"on {socket.gethostname()}) died; found by run new-run"
     )
     assert reap(c, tracker.experiment_id, "demo", by="later") == []  # once
+
+
+def test_a_fault_is_one_line_naming_the_stage_and_the_cause(mlflow_uri):
+    import errno
+
+    from distillery.engines import exit_description
+    from distillery.lifecycle import describe_failure
+    from distillery.tracking import NullTracker, Tracker
+
+    tracker = Tracker("lifecycle-test")
+    full = OSError(errno.ENOSPC, "No space left on device", "/runs/demo/x/train/model.safetensors")
+    with pytest.raises(OSError) as e, tracker.stage("train", None):
+        raise full
+    assert describe_failure(e.value) == (
+        "failed in stage train: out of disk space writing /runs/demo/x/train/model.safetensors"
+        " (free some, then --resume)"
+    )
+    (run,) = tracker.client.search_runs([tracker.experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags[END_REASON].startswith("out of disk space writing")
+    with pytest.raises(MemoryError) as e, NullTracker().stage("evaluate"):  # tracking off: still named
+        raise MemoryError()
+    assert describe_failure(e.value).startswith("failed in stage evaluate: out of memory (MemoryError)")
+    assert describe_failure(ValueError("x\ny")) == "failed: ValueError: x"
+    assert exit_description(-9).startswith("killed by SIGKILL: out of memory?") and exit_description(3) == "exit 3"
+
+
+def test_a_full_disk_in_a_stage_fails_the_run_in_one_line_and_leaves_nothing_half_written(
+    tmp_path, monkeypatch, capsys
+):
+    import errno
+
+    import tasks.generate
+    from flows.cli import main
+
+    from .conftest import REPO
+
+    def full_disk(cfg, out_dir, **kw):
+        out_dir.mkdir(parents=True)
+        raise OSError(errno.ENOSPC, "No space left on device", str(out_dir / "traces.jsonl"))
+
+    monkeypatch.setattr(tasks.generate, "generate", full_disk)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert main(["run", "smoke", "--file", str(REPO / "pipelines.yaml")]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("distillery: pipeline smoke failed in stage generate: out of disk space writing ")
+    (run_dir,) = (tmp_path / "runs" / "smoke").iterdir()
+    assert not (run_dir / "generate" / "traces.jsonl").exists() and not list((tmp_path / "runs").glob(".stages/*"))
