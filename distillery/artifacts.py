@@ -18,8 +18,12 @@ MANIFEST = "manifest.json"
 
 
 @contextmanager
-def atomic_dir(dest: Path) -> Iterator[Path]:
-    """Yield a temp folder; on success it replaces `dest` in one rename, on error it is removed."""
+def atomic_dir(dest: Path, keep_existing: bool = False) -> Iterator[Path]:
+    """Yield a temp folder; on success it replaces `dest` in one rename, on error it is removed.
+
+    `keep_existing`, for caches that two runs may fill at once with the same content: a complete `dest` (with its
+    manifest) that another process finished first is kept and this copy dropped, so a reader never sees the
+    folder vanish under it and neither writer fails."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
@@ -29,6 +33,16 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if keep_existing:
+        if not (dest / MANIFEST).exists():
+            shutil.rmtree(dest, ignore_errors=True)  # debris of a writer that died; a complete one is never removed
+            try:
+                os.rename(tmp, dest)  # fails when another writer's folder got there first
+                return
+            except OSError:
+                pass
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)

@@ -210,7 +210,7 @@ def run_shard(cfg: Pipeline, tid: str, shard: list[dict], dest: Path, engine) ->
             if g.logprobs and "top_ids" in o:
                 lp_rows.append({"prompt_id": p["id"], "sample": i, **{c: o[c] for c in LOGPROB_COLUMNS}})
     tokens = sum(r["num_tokens"] for r in rows)
-    with atomic_dir(dest) as tmp:
+    with atomic_dir(dest, keep_existing=True) as tmp:  # two runs may make the same shard at once
         write_jsonl(tmp / "traces.jsonl", rows)
         if lp_rows:
             write_logprobs(tmp / "logprobs.parquet", lp_rows)

@@ -146,3 +146,32 @@ def test_a_full_disk_in_a_stage_fails_the_run_in_one_line_and_leaves_nothing_hal
     assert last.startswith("distillery: pipeline smoke failed in stage generate: out of disk space writing ")
     (run_dir,) = (tmp_path / "runs" / "smoke").iterdir()
     assert not (run_dir / "generate" / "traces.jsonl").exists() and not list((tmp_path / "runs").glob(".stages/*"))
+
+
+def test_two_writers_of_one_cache_entry_at_once_leave_one_complete_copy(tmp_path):
+    import threading
+
+    from distillery.artifacts import atomic_dir, read_manifest, write_manifest
+
+    dest = tmp_path / "cache" / "shard-0"
+    ready = threading.Barrier(8)
+    errors = []
+
+    def write(i: int):
+        try:
+            with atomic_dir(dest, keep_existing=True) as tmp:
+                (tmp / "traces.jsonl").write_text(f"writer {i}\n")
+                write_manifest(tmp, {"writer": i})
+                ready.wait()  # every writer has its copy ready: now they all move it into place at once
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    winner = read_manifest(dest)["writer"]
+    assert (dest / "traces.jsonl").read_text() == f"writer {winner}\n"  # one writer's whole copy, not a mix
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["shard-0"]  # no temp copy left behind
