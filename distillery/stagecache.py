@@ -83,7 +83,19 @@ def fingerprint(x: Any) -> Any:
     if getattr(x, "content_hash", None):
         return x.content_hash
     path = Path(x.path)
-    return content_hash(path) if path.exists() else x.path
+    return _folder_hash(str(path.resolve()), _stat_signature(path)) if path.exists() else x.path
+
+
+def _stat_signature(path: Path) -> tuple:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+
+
+@cache
+def _folder_hash(path: str, signature: tuple) -> str:
+    """A local model's content hash, once per process while its files are unchanged (a 7B teacher is hashed once,
+    not once per stage)."""
+    return content_hash(path)
 
 
 def encode(x: Any) -> Any:
