@@ -58,13 +58,19 @@ def kill_mid_way(tiny_student, out):
     return trainer_dir
 
 
-def test_a_killed_training_resumes_to_the_same_weights(uninterrupted, tiny_student, gold_records, tmp_path):
+def test_a_killed_training_resumes_to_the_same_weights_and_not_from_other_settings(
+    uninterrupted, tiny_student, gold_records, tmp_path
+):
+    import shutil
+
     import torch
 
     whole, whole_figs = uninterrupted
     out = tmp_path / "resumed"
     trainer_dir = kill_mid_way(tiny_student, out)
     assert sorted(p.name for p in trainer_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]  # keep 2
+    changed = tmp_path / "changed"  # the same checkpoints, to be continued with another learning rate
+    shutil.copytree(trainer_dir, changed.parent / f".{changed.name}-trainer")
     # debris: a checkpoint the kill interrupted while it was being written is never resumed from
     (trainer_dir / "checkpoint-6").mkdir()
     (trainer_dir / "checkpoint-6" / "model.safetensors").write_bytes(b"half")
@@ -75,19 +81,13 @@ def test_a_killed_training_resumes_to_the_same_weights(uninterrupted, tiny_stude
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # optimizer, schedule, RNG, data order
 
     def losses(folder):
-        return [
-            (h["step"], h["loss"])
-            for h in json.loads((folder / "manifest.json").read_text())["loss_history"]
-            if "loss" in h
-        ]
+        history = json.loads((folder / "manifest.json").read_text())["loss_history"]
+        return [(h["step"], h["loss"]) for h in history if "loss" in h]
 
     assert losses(out) == losses(whole) and len(losses(out)) == 6  # one loss curve: steps 1-4 from the checkpoint
     assert not trainer_dir.exists()  # the model is saved: the checkpoints are removed
 
-
-def test_a_checkpoint_of_other_settings_is_not_resumed(tiny_student, gold_records, tmp_path):
-    out = tmp_path / "changed"
-    trainer_dir = kill_mid_way(tiny_student, out)
-    assert json.loads((trainer_dir / FINGERPRINT).read_text())["args"]["learning_rate"] == 3e-3
-    figures = sft(str(tiny_student), gold_records, out, SFTParams(**{**PARAMS, "learning_rate": 1e-3}))
-    assert figures["resumed_from_step"] == 0 and figures["steps"] == 6  # trained from the start
+    fingerprint = changed.parent / f".{changed.name}-trainer" / FINGERPRINT
+    assert json.loads(fingerprint.read_text())["args"]["learning_rate"] == 3e-3
+    figures = sft(str(tiny_student), gold_records, changed, SFTParams(**{**PARAMS, "learning_rate": 1e-3}))
+    assert figures["resumed_from_step"] == 0 and figures["steps"] == 6  # other settings: trained from the start
