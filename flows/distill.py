@@ -122,9 +122,10 @@ def reuse_or_run(stage: str, cfg: Pipeline, ctx: RunContext, tracker, inputs: li
         record(cfg.output_dir, stage, key, result, ctx.run_dir, ctx.parent_run_id)
         return result
     result, doc = found
-    where = "this run, before it was interrupted" if doc["parent_run_id"] == ctx.parent_run_id else doc["run_dir"]
+    resumed = doc["run_dir"] == ctx.run_dir  # this run finished it before it was interrupted
+    where = "this run, before it was interrupted" if resumed else doc["run_dir"]
     print(f"{stage}: reused from {where}: same settings, inputs and code (key {key[:12]})")
-    if doc["parent_run_id"] != ctx.parent_run_id:  # a resumed run has this stage's child already
+    if not resumed:  # a resumed run has this stage's child run already
         tags = {
             "distillery.reused_from_dir": doc["run_dir"],
             "distillery.reused_from_parent": doc["parent_run_id"],
