@@ -27,7 +27,15 @@ from distillery.lifecycle import END_REASON
 from .conftest import REPO
 
 BIN = Path(sys.executable).parent
-SETS = ("--set", "train.max_steps=40", "--set", "checkpoint.every_steps=10")  # long enough to be stopped mid-way
+QUICK = {  # small data and evaluation; a training long enough to be stopped mid-way
+    "data.num_prompts": 16,
+    "train.max_steps": 120,
+    "checkpoint.every_steps": 10,
+    "evaluate.limit": 4,
+    "evaluate.throughput_prompts": 2,
+    "evaluate.throughput_new_tokens": 8,
+}
+SETS = tuple(x for k, v in QUICK.items() for x in ("--set", f"{k}={v}"))
 FLOW_STATES = """
 import json
 from prefect.client.orchestration import get_client
@@ -139,7 +147,7 @@ def test_killed_runs_end_killed_or_reaped_and_resume_without_redoing_finished_st
     assert parent.info.status == "FINISHED" and parent.data.tags["distillery.resumes"] == "1"
     assert (folder / "summary.md").is_file() and children(work, a)["evaluate"].info.status == "FINISHED"
     train_manifest = json.loads((folder / "train" / "manifest.json").read_text())
-    assert train_manifest["figures"]["steps"] == 40 and train_manifest["figures"]["resumed_from_step"] >= 10
+    assert train_manifest["figures"]["steps"] == 120 and train_manifest["figures"]["resumed_from_step"] >= 10
 
     # C: a new run of the same pipeline reuses every stage
     t0 = time.monotonic()
