@@ -47,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.monotonic()
     log = (work / "killed.log").open("w")
-    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     wait_for_stage(env, proc, a.kill_at)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its children at once, as a lost machine loses them
     proc.wait()
     killed_after = time.monotonic() - t0
     print(f"killed when {a.kill_at} started, after {killed_after:.0f} s", flush=True)
