@@ -36,9 +36,12 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+LOCAL_PREFIXES = ("/", "./", "../", "~")  # how a local path is told from a hub id
+
+
 def _check_local_path(value: str, info: ValidationInfo, what: str) -> str:
     """Paths start with '/', './', '../' or '~' and must exist; anything else of the form org/name is a hub id."""
-    if value.startswith(("/", "./", "../", "~")):
+    if value.startswith(LOCAL_PREFIXES):
         base = Path((info.context or {}).get("base_dir", "."))
         path = (base / Path(value).expanduser()).resolve()
         if not path.exists():
@@ -60,7 +63,7 @@ class ModelRef(Strict):
             if v not in DEMO_REFS:
                 raise ValueError(f"unknown demo model {v!r}; expected one of {', '.join(DEMO_REFS)}")
             return v
-        if not v.startswith(("/", "./", "../", "~")) and not HUB_ID.match(v):
+        if not v.startswith(LOCAL_PREFIXES) and not HUB_ID.match(v):
             raise ValueError(f"model path {v!r}: local paths start with / ./ ../ or ~; hub ids look like org/name")
         return _check_local_path(v, info, "model")
 

@@ -15,7 +15,7 @@ import re
 import string
 from pathlib import Path
 
-from distillery.config import DataConfig, Pipeline
+from distillery.config import LOCAL_PREFIXES, DataConfig, Pipeline
 
 EVALS = Path(__file__).resolve().parents[1] / "evals"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -33,38 +33,47 @@ def preflight(cfg: Pipeline, name: str) -> list[str]:
     return problems
 
 
-def data_problems(d: DataConfig, max_lines: int | None = None) -> list[str]:
+def data_problems(d: DataConfig) -> list[str]:
     """The first problem of the data's prompts, as `field: where: what`; [] when they are usable."""
     if problem := template_problem(d.prompt_template):
         return [f"prompt_template: {problem}"]
     if d.source != "jsonl":
         return []  # demo: built in; hub: the id's form is checked by the config, its rows need the network
-    path, count = Path(d.path), 0
+    fields = {"prompt_field": d.prompt_field, "answer_field": d.answer_field}
+    found = jsonl_problem(Path(d.path), fields, nonempty="prompt_field", what="prompts")
+    return [f"{found[0]}: {found[1]}"] if found else []
+
+
+def jsonl_problem(
+    path: Path, fields: dict[str, str], nonempty: str | None = None, what: str = "rows"
+) -> tuple[str, str] | None:
+    """The first line of a jsonl file that is not UTF-8 JSON object text with every one of `fields` (role -> field
+    name), or whose `nonempty` field is blank, or a file with no rows: (the role it concerns, or "path"; what is
+    wrong, naming file and line). None when every line is usable."""
     if path.is_dir():
-        return [f"path: {path} is a folder, not a jsonl file"]
+        return "path", f"{path} is a folder, not a jsonl file"
+    count = 0
     with path.open("rb") as f:
         for i, raw in enumerate(f, 1):
-            if max_lines and i > max_lines:
-                break
             try:
                 line = raw.decode()
             except UnicodeDecodeError as e:
-                return [f"path: {path} line {i}: not UTF-8 text ({e.reason} at byte {e.start})"]
+                return "path", f"{path} line {i}: not UTF-8 text ({e.reason} at byte {e.start})"
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                return [f"path: {path} line {i}: not JSON ({e.msg} at column {e.colno})"]
+                return "path", f"{path} line {i}: not JSON ({e.msg} at column {e.colno})"
             if not isinstance(row, dict):
-                return [f"path: {path} line {i}: not a JSON object but {type(row).__name__}"]
-            for key, value in (("prompt_field", d.prompt_field), ("answer_field", d.answer_field)):
-                if value not in row:
-                    return [f"{key}: {path} line {i}: no field {value!r} (fields: {', '.join(row) or 'none'})"]
-            if not str(row[d.prompt_field]).strip():
-                return [f"prompt_field: {path} line {i}: field {d.prompt_field!r} is empty"]
+                return "path", f"{path} line {i}: not a JSON object but {type(row).__name__}"
+            for role, name in fields.items():
+                if name not in row:
+                    return role, f"{path} line {i}: no field {name!r} (fields: {', '.join(row) or 'none'})"
+            if nonempty and not str(row[fields[nonempty]]).strip():
+                return nonempty, f"{path} line {i}: field {fields[nonempty]!r} is empty"
             count += 1
-    return [] if count else [f"path: {path}: no prompts (the file has no JSON lines)"]
+    return None if count else ("path", f"{path}: no {what} (the file has no JSON lines)")
 
 
 def template_problem(template: str) -> str | None:
@@ -80,7 +89,7 @@ def template_problem(template: str) -> str | None:
 
 def model_problems(ref: str) -> list[str]:
     """A local model folder that from_pretrained would fail on: missing config, weights or tokenizer."""
-    if ref.startswith("demo:") or not ref.startswith(("/", "./", "../", "~")):
+    if ref.startswith("demo:") or not ref.startswith(LOCAL_PREFIXES):
         return []  # demo models are built on demand; hub ids are checked for their form by the config
     path = Path(ref).expanduser()
     if not path.is_dir():

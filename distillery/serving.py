@@ -38,7 +38,7 @@ class ServeError(ValueError):
 
 def resolve_model(ref: str, what: str = "model") -> str:
     """A `demo:` reference, a model folder, a run folder (its final student) or a hub id, as vLLM's --model."""
-    from distillery.config import DEMO_REFS, HUB_ID
+    from distillery.config import DEMO_REFS, HUB_ID, LOCAL_PREFIXES
 
     if ref.startswith("demo:"):
         if ref not in DEMO_REFS:
@@ -57,7 +57,7 @@ def resolve_model(ref: str, what: str = "model") -> str:
     if path.exists():
         raise ServeError(f"{what}: {ref} is a file, not a model folder")
     # org/name is a hub id for vLLM to fetch, unless `org` is a local folder: then it is a mistyped path.
-    if not ref.startswith(("/", "./", "../", "~")) and HUB_ID.match(ref) and not Path(ref.split("/")[0]).is_dir():
+    if not ref.startswith(LOCAL_PREFIXES) and HUB_ID.match(ref) and not Path(ref.split("/")[0]).is_dir():
         return ref
     raise ServeError(f"{what}: folder does not exist: {ref}")
 

@@ -41,13 +41,18 @@ COMPLETE = "distillery-complete"  # written into a checkpoint folder once the Tr
 FINGERPRINT = "distillery-fingerprint.json"
 
 
+def trainer_dir(output_dir: Path) -> Path:
+    """The Trainer's own folder for a stage output: hidden beside it, where its checkpoints go."""
+    return output_dir.parent / f".{output_dir.name}-trainer"
+
+
 def common_args(params: SFTParams, output_dir: Path) -> dict:
     """TrainingArguments every method shares. Transformers' default `logging_nan_inf_filter` would replace a NaN
     loss in the logs by the running mean and hide it; it is off, and `guard_finite` stops at the first one."""
     import torch
 
     return dict(
-        output_dir=str(output_dir.parent / f".{output_dir.name}-trainer"),
+        output_dir=str(trainer_dir(output_dir)),
         num_train_epochs=params.epochs,
         max_steps=params.max_steps,
         learning_rate=params.learning_rate,

@@ -113,26 +113,6 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _traces_problem(path: Path, fields: tuple[str, ...]) -> str | None:
-    """The first line of a traces file that is not a JSON object with `fields`, named; None when all are."""
-    import json
-
-    count = 0
-    with path.open() as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                return f"{path} line {i}: not JSON ({e.msg})"
-            missing = [k for k in fields if not isinstance(row, dict) or k not in row]
-            if missing:
-                return f"{path} line {i}: no field {missing[0]!r}"
-            count += 1
-    return None if count else f"{path}: no traces"
-
-
 def cmd_train(args) -> int:
     """The train stage alone, without Prefect: what `accelerate launch` runs on every process. Process 0 logs one
     MLflow run (top level, not a pipeline's child) unless --no-track."""
@@ -145,10 +125,11 @@ def cmd_train(args) -> int:
     traces = Path(args.traces)
     if not traces.is_file():
         return _fail([f"--traces: no such file {traces}"])
-    if problem := _traces_problem(
-        traces, ("prompt", "answer") if cfg.train.method == "hard" else ("prompt", "completion")
-    ):
-        return _fail([f"--traces: {problem}"])
+    from distillery.preflight import jsonl_problem
+
+    needed = ("prompt", "answer") if cfg.train.method == "hard" else ("prompt", "completion")
+    if problem := jsonl_problem(traces, {k: k for k in needed}, what="traces"):
+        return _fail([f"--traces: {problem[1]}"])
     out = Path(args.out).resolve()
     if out.exists() and not out.is_dir():
         return _fail([f"--out: {out} exists and is not a folder"])

@@ -384,7 +384,9 @@ def prune(
     if cfg.heal:  # the healed model is saved: its checkpoints are spent
         import shutil
 
-        shutil.rmtree(out_dir.parent / f".{out_dir.name}-trainer", ignore_errors=True)
+        from distillery.training import trainer_dir
+
+        shutil.rmtree(trainer_dir(out_dir), ignore_errors=True)
     return result
 
 

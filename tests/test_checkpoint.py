@@ -12,6 +12,7 @@ import pytest
 
 from distillery.methods import sft
 from distillery.training import COMPLETE, FINGERPRINT, SFTParams
+from distillery.training import trainer_dir as checkpoints_of
 
 from .conftest import REPO
 
@@ -53,7 +54,7 @@ def uninterrupted(tiny_student, gold_records, tmp_path_factory):
 def kill_mid_way(tiny_student, out):
     r = subprocess.run([sys.executable, "-c", KILLED, str(tiny_student), str(out)], cwd=REPO, capture_output=True)
     assert r.returncode == -9, r.stderr.decode()[-2000:]
-    trainer_dir = out.parent / f".{out.name}-trainer"
+    trainer_dir = checkpoints_of(out)
     assert not out.exists() and (trainer_dir / "checkpoint-4" / COMPLETE).is_file()
     return trainer_dir
 
@@ -70,7 +71,7 @@ def test_a_killed_training_resumes_to_the_same_weights_and_not_from_other_settin
     trainer_dir = kill_mid_way(tiny_student, out)
     assert sorted(p.name for p in trainer_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]  # keep 2
     changed = tmp_path / "changed"  # the same checkpoints, to be continued with another learning rate
-    shutil.copytree(trainer_dir, changed.parent / f".{changed.name}-trainer")
+    shutil.copytree(trainer_dir, checkpoints_of(changed))
     # debris: a checkpoint the kill interrupted while it was being written is never resumed from
     (trainer_dir / "checkpoint-6").mkdir()
     (trainer_dir / "checkpoint-6" / "model.safetensors").write_bytes(b"half")
@@ -87,7 +88,7 @@ def test_a_killed_training_resumes_to_the_same_weights_and_not_from_other_settin
     assert losses(out) == losses(whole) and len(losses(out)) == 6  # one loss curve: steps 1-4 from the checkpoint
     assert not trainer_dir.exists()  # the model is saved: the checkpoints are removed
 
-    fingerprint = changed.parent / f".{changed.name}-trainer" / FINGERPRINT
+    fingerprint = checkpoints_of(changed) / FINGERPRINT
     assert json.loads(fingerprint.read_text())["args"]["learning_rate"] == 3e-3
     figures = sft(str(tiny_student), gold_records, changed, SFTParams(**{**PARAMS, "learning_rate": 1e-3}))
     assert figures["resumed_from_step"] == 0 and figures["steps"] == 6  # other settings: trained from the start
