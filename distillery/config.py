@@ -526,7 +526,8 @@ class CheckpointConfig(Strict):
     every_steps: Annotated[int, Field(ge=0)] = Field(
         500,
         description="train, prune.heal and draft.distill save their whole trainer state every N optimizer steps "
-        "(0: never); a killed run started again on the same run folder resumes from the last complete one",
+        "(rounded up to a multiple of the stage's logging_steps; 0: never); a killed run started again on the same "
+        "run folder resumes from the last complete one",
     )
     keep: Annotated[int, Field(ge=1)] = Field(2, description="how many of the latest checkpoints to keep")
 

@@ -39,15 +39,33 @@ def mark_stage(exc: BaseException, stage: str) -> None:
             pass
 
 
+# How a full disk reads where no OSError carries it: safetensors' Rust writer ("os error 28"), PyTorch's zip writer
+# (torch.save of a checkpoint's optimizer state) and quota errors.
+DISK_FULL = ("No space left on device", "os error 28", "Disk quota exceeded", "PytorchStreamWriter failed writing")
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception and those it was raised from or while handling."""
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
+
+
 def cause(exc: BaseException) -> str:
     """What went wrong, in the words an operator acts on: out of disk, out of memory, else the error's first line."""
     import errno
 
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"out of disk space{f' writing {exc.filename}' if exc.filename else ''} (free some, then --resume)"
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        device = "GPU " if type(exc).__name__ == "OutOfMemoryError" else ""
-        return f"out of {device}memory ({type(exc).__name__}); lower the batch size or max_length, then --resume"
+    chain = _chain(exc)
+    for e in chain:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"out of disk space{f' writing {e.filename}' if e.filename else ''} (free some, then --resume)"
+    if any(m in str(e) for e in chain for m in DISK_FULL):
+        return "out of disk space (free some, then --resume)"
+    if oom := next((e for e in chain if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"), None):
+        device = "GPU " if type(oom).__name__ == "OutOfMemoryError" else ""
+        return f"out of {device}memory ({type(oom).__name__}); lower the batch size or max_length, then --resume"
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 

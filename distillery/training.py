@@ -66,13 +66,21 @@ def common_args(params: SFTParams, output_dir: Path) -> dict:
         bf16=params.bf16,
         use_cpu=not torch.cuda.is_available(),
         save_strategy="steps" if params.checkpoint_every else "no",
-        save_steps=params.checkpoint_every or 500,
+        save_steps=save_steps(params),
         save_total_limit=params.keep_checkpoints,
         report_to=[],
         include_num_input_tokens_seen="non_padding",
         logging_nan_inf_filter=False,
         disable_tqdm=False,
     )
+
+
+def save_steps(params: SFTParams) -> int:
+    """`checkpoint_every`, rounded up to a multiple of `logging_steps`. A resumed Trainer starts its running loss at the
+    checkpoint, so a checkpoint inside a logging window would make the loss logged for that window (and a stage's
+    final_loss) differ from an uninterrupted run's; on a window's edge, every logged loss is the same."""
+    every = params.checkpoint_every or 500
+    return -(-every // params.logging_steps) * params.logging_steps
 
 
 def with_checkpoints(params: SFTParams, checkpoint) -> SFTParams:

@@ -304,6 +304,35 @@ def evaluate_task(
     return results
 
 
+def evaluation_key(cfg: Pipeline, model: ModelArtifact, trust: bool, heldout: list[dict] | None) -> str:
+    """What decides one model's figures: the model's content, the evaluate settings, the throughput prompts' source
+    and the held-out traces."""
+    import hashlib
+
+    from distillery.stagecache import code_version, fingerprint
+
+    doc = {
+        "model": fingerprint(model),
+        "evaluate": cfg.evaluate.model_dump(mode="json"),
+        "data": cfg.data.model_dump(mode="json"),
+        "engine": engine_settings(cfg),
+        "trust": trust,
+        "heldout": hashlib.sha256(json.dumps(heldout or [], sort_keys=True).encode()).hexdigest(),
+        "code": code_version(),
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def finished_evaluation(path: Path, key: str) -> dict | None:
+    """A model's evaluation written earlier in this run folder with the same key (a run killed mid-evaluate resumes
+    after the models it had finished), or None."""
+    try:
+        res = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return res if isinstance(res, dict) and res.get("key") == key and "figures" in res else None
+
+
 def _evaluate_all(
     cfg: Pipeline,
     models: list[ModelArtifact],
@@ -316,13 +345,21 @@ def _evaluate_all(
 ) -> None:
     for i, m in enumerate(models):
         label = m.label
-        print(f"evaluate [{i + 1}/{len(models)}] {label}: {m.path}")
         trust = cfg.teacher.trust_remote_code if m.stage == "reference" else cfg.student.trust_remote_code
-        # a bnb checkpoint packs its weights, so it counts fewer elements: the quantize stage's count is the model's
-        params = m.params if m.stage == "quantize" else None
-        res = evaluate_model(m.path, cfg.evaluate, include, prompts, params, trust, heldout, engine_settings(cfg))
-        results[label] = Evaluation(label, m.path, res["figures"], {k: v for k, v in res.items() if k != "figures"})
-        atomic_write_text(out_dir / f"{label}.json", json.dumps(res, indent=2))
+        key = evaluation_key(cfg, m, trust, heldout)
+        res = finished_evaluation(out_dir / f"{label}.json", key)
+        if res is not None:  # this run measured it before it was interrupted
+            print(f"evaluate [{i + 1}/{len(models)}] {label}: reused from this run, before it was interrupted")
+        else:
+            print(f"evaluate [{i + 1}/{len(models)}] {label}: {m.path}")
+            # a bnb checkpoint packs its weights, so it counts fewer elements: the quantize stage's count is the model's
+            params = m.params if m.stage == "quantize" else None
+            res = evaluate_model(m.path, cfg.evaluate, include, prompts, params, trust, heldout, engine_settings(cfg))
+            res["key"] = key
+            atomic_write_text(out_dir / f"{label}.json", json.dumps(res, indent=2))
+        results[label] = Evaluation(
+            label, m.path, res["figures"], {k: v for k, v in res.items() if k not in ("figures", "key")}
+        )
         run.log_metrics({f"{k}.{label}": v for k, v in res["figures"].items() if v is not None})
         run.log_dict(res, f"results/{label}.json")
 

@@ -92,3 +92,14 @@ def test_a_killed_training_resumes_to_the_same_weights_and_not_from_other_settin
     assert json.loads(fingerprint.read_text())["args"]["learning_rate"] == 3e-3
     figures = sft(str(tiny_student), gold_records, changed, SFTParams(**{**PARAMS, "learning_rate": 1e-3}))
     assert figures["resumed_from_step"] == 0 and figures["steps"] == 6  # other settings: trained from the start
+
+
+def test_checkpoints_fall_on_logging_boundaries():
+    """A resumed Trainer restarts its running loss at the checkpoint: saving on a logging window's edge keeps every
+    logged loss equal to an uninterrupted run's."""
+    from distillery.training import SFTParams, save_steps
+
+    def every(n: int, logging: int) -> int:
+        return save_steps(SFTParams(checkpoint_every=n, logging_steps=logging))
+
+    assert (every(5, 10), every(10, 10), every(25, 10), every(7, 1), every(0, 10)) == (10, 10, 30, 7, 500)

@@ -104,7 +104,7 @@ def test_a_fault_is_one_line_naming_the_stage_and_the_cause(mlflow_uri):
     import errno
 
     from distillery.engines import exit_description
-    from distillery.lifecycle import describe_failure
+    from distillery.lifecycle import cause, describe_failure
     from distillery.tracking import NullTracker, Tracker
 
     tracker = Tracker("lifecycle-test")
@@ -121,6 +121,22 @@ def test_a_fault_is_one_line_naming_the_stage_and_the_cause(mlflow_uri):
         raise MemoryError()
     assert describe_failure(e.value).startswith("failed in stage evaluate: out of memory (MemoryError)")
     assert describe_failure(ValueError("x\ny")) == "failed: ValueError: x"
+
+    # what libraries raise on a full disk without an OSError: safetensors' Rust writer, PyTorch's zip writer, and an
+    # error raised while handling one
+    class SafetensorError(Exception):
+        pass
+
+    rust = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    torch_writer = RuntimeError(
+        "[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0\n"
+        "PytorchStreamWriter failed writing file data/0: file write failed"
+    )
+    wrapped = RuntimeError("saving the checkpoint failed")
+    wrapped.__cause__ = OSError(errno.ENOSPC, "No space left on device", "/runs/x/optimizer.pt")
+    for exc in (rust, torch_writer, wrapped):
+        assert cause(exc).startswith("out of disk space"), exc
+    assert cause(wrapped) == "out of disk space writing /runs/x/optimizer.pt (free some, then --resume)"
     assert exit_description(-9).startswith("killed by SIGKILL: out of memory?") and exit_description(3) == "exit 3"
 
 
