@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from distillery.concurrency import LEASE_TAG, release_lease
+
 END_REASON = "distillery.end_reason"
 PROCESS_TAG = "distillery.process"
 
@@ -171,6 +173,8 @@ def reap(client, experiment_id: str, pipeline: str, by: str) -> list[str]:
             client.set_tag(r.info.run_id, END_REASON, reason)
             client.set_terminated(r.info.run_id, "FAILED")
         crash_flow_run(tags.get("prefect.flow_run_id"), reason)
+        if (lease := tags.get(LEASE_TAG)) and release_lease(lease):
+            print(f"released run {run.info.run_id}'s concurrency slot (lease {lease[:8]})")
         reaped.append(run.info.run_id)
     return reaped
 

@@ -20,7 +20,7 @@ from prefect import flow, runtime
 
 from distillery import registry
 from distillery.artifacts import atomic_write_text
-from distillery.concurrency import gpu_slot
+from distillery.concurrency import LEASE_TAG, gpu_slot
 from distillery.config import ConfigError, Pipeline, load_pipeline, parse_overrides
 from distillery.demo.assets import resolve_model
 from distillery.lifecycle import PROCESS_TAG, process_gone, reap, stop_on_signals, this_process
@@ -59,7 +59,7 @@ def distill(
     with stop_on_signals():  # SIGTERM ends the run KILLED, as Ctrl-C does
         tracker, parent, ctx = open_run(cfg, pipeline, config_file, overrides, track, resume, reuse=not fresh)
         try:
-            with gpu_slot(cfg.concurrency):
+            with gpu_slot(cfg.concurrency, on_lease=lambda lease: parent.set_tags({LEASE_TAG: lease})):
                 result = run_stages(cfg, ctx, tracker)
         except BaseException as e:
             tracker.finish(parent, e)

@@ -4,11 +4,14 @@ inactive); the global concurrency limit keeps two runs' stages from overlapping.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -86,6 +89,14 @@ def server(tmp_path_factory):
                             }
                         ),
                         "cron-off": tiny(schedule={"cron": "* * * * *", "active": False}),
+                        "resumable": tiny(
+                            output_dir=str(tmp / "runs"),
+                            stages=["generate", "filter", "train"],
+                            generate={"backend": "transformers", "n": 1, "temperature": 0.8, "max_tokens": 96},
+                            filter={"verifier": "regex", "max_tokens": 96, "decontam_ngram": 32},
+                            train={"max_steps": 120, "batch_size": 4, "max_length": 96},
+                            checkpoint={"every_steps": 10, "keep": 2},
+                        ),
                     },
                 }
             )
@@ -251,3 +262,71 @@ def test_concurrency_limit_serialises_two_runs(server):
     # both flow runs were up at once: the second was running, holding no slot, while the first's stages ran
     assert second_flow_start < first_end, f"the runs never overlapped in time, nothing was tested: {spans}"
     assert limit.limit == 1 and limit.active_slots == 0  # both slots given back
+
+
+def flow_run_processes(flow_run_id: str) -> list[int]:
+    """The pids running a flow run: the worker starts each with PREFECT__FLOW_RUN_ID in its environment."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode() in env:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_retry_of_a_crashed_deployment_run_continues_it(server):
+    """`prefect flow-run retry` of a deployment run whose process was killed mid-training: the worker runs the same
+    flow run again, which continues the crashed run in its own folder and MLflow parent run (reaped FAILED first, its
+    concurrency slot released rather than left to expire), reuses generate and filter, and resumes training from its
+    last checkpoint."""
+    env, api = server["env"], server["api"]
+    r = distillery(env, "deploy", "--work-pool", "local", "--pipelines", "resumable", "--file", str(server["config"]))
+    assert r.returncode == 0, r.stdout + r.stderr
+    prefect(env, "deployment", "run", "distill/resumable")
+    deadline = time.time() + 600
+    ckpts = []
+    while not ckpts:  # killed once training has a checkpoint: mid-way through
+        assert time.time() < deadline, (server["logs"] / "worker.log").read_text()[-5000:]
+        ckpts = list((server["tmp"] / "runs" / "resumable").glob("*/.train-trainer/checkpoint-*/distillery-complete"))
+        time.sleep(0.2)
+    (fr,) = flow_runs(api, "resumable")
+    pids = flow_run_processes(str(fr.id))
+    assert pids, "no process runs the flow run"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+
+    def state() -> str:
+        with client(api) as c:
+            return c.read_flow_run(fr.id).state.type.value
+
+    while state() not in TERMINAL:  # the worker sees its process die
+        assert time.time() < deadline
+        time.sleep(1)
+    assert state() == "CRASHED"
+    _, runs = mlflow_runs(env["MLFLOW_TRACKING_URI"])
+    (parent,) = [r for r in runs if r.data.tags.get("prefect.flow_run_id") == str(fr.id)]
+    assert parent.info.status == "RUNNING"  # nothing could end it
+
+    assert "scheduled for retry" in prefect(env, "flow-run", "retry", str(fr.id))
+    while state() not in TERMINAL or state() == "CRASHED":
+        assert time.time() < deadline, (server["logs"] / "worker.log").read_text()[-5000:]
+        time.sleep(2)
+    worker_log = (server["logs"] / "worker.log").read_text()
+    assert state() == "COMPLETED", worker_log[-6000:]
+    _, runs = mlflow_runs(env["MLFLOW_TRACKING_URI"])
+    parents = [r for r in runs if r.data.tags.get("prefect.flow_run_id") == str(fr.id)]
+    assert [p.info.run_id for p in parents] == [parent.info.run_id]  # the same parent run, continued
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.tags["distillery.resumes"] == "1"
+    folder = Path(parent.data.tags["distillery.run_dir"])
+    for stage in ("generate", "filter"):
+        assert f"{stage}: reused from this run, before it was interrupted" in worker_log
+    assert f"train: resuming from {folder}/.train-trainer/checkpoint-" in worker_log
+    assert f"released run {parent.info.run_id}'s concurrency slot" in worker_log
+    manifest = json.loads((folder / "train" / "manifest.json").read_text())
+    assert manifest["figures"]["steps"] == 120 and manifest["figures"]["resumed_from_step"] >= 10
+    with client(api) as c:
+        assert c.read_global_concurrency_limit_by_name("test-gpu").active_slots == 0

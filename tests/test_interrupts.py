@@ -10,7 +10,8 @@ Each resume reaps the killed run (FAILED, its Prefect flow run CRASHED), reuses 
 (asserted from the stage records and the run's output) and continues the killed stage from what it had (shards,
 checkpoints, measured models). At the end: the parent FINISHED, no MLflow run RUNNING, no Prefect flow run running,
 and every stage's key, every model's content hash and every figure but timings equal an uninterrupted run's. A new run
-of the pipeline then reuses all seven stages from that folder.
+of the pipeline then reuses all seven stages from that folder; one with a changed quantize setting redoes quantize
+and evaluate only.
 """
 
 from __future__ import annotations
@@ -289,6 +290,15 @@ def test_killed_at_every_boundary_and_mid_stage_resumes_to_an_uninterrupted_runs
     assert {n: r.data.tags.get("distillery.reused_from_parent") for n, r in kids.items()} == dict.fromkeys(
         STAGES, parent_id
     )
+
+    # a changed quantize setting: quantize and what measures its model run again, nothing upstream (nor the draft,
+    # which starts from the trained student)
+    out = w.finish("--set", "quantize.double_quant=false")
+    redone = {"quantize", "evaluate"}
+    for stage in STAGES:
+        assert (f"{stage}: reused from {run}" in out) == (stage not in redone), stage
+    made = {s: len(list((w.root / "runs" / ".stages").glob(f"{s}-*.json"))) for s in STAGES}
+    assert made == {s: 2 if s in redone else 1 for s in STAGES}  # a new key each: a new model, its new figures
 
 
 @pytest.mark.slow
