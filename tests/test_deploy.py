@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from .conftest import REPO
-from .test_e2e import BIN, free_port, mlflow_runs, wait_for
+from .test_e2e import BIN, mlflow_runs, prefect_server, stop
 
 pytestmark = pytest.mark.slow
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -39,76 +39,60 @@ def tiny(**extra) -> dict:
 def server(tmp_path_factory):
     """One server, two process pools (`local` with a worker, `idle` with none), a pipelines file of tiny ones."""
     tmp = tmp_path_factory.mktemp("deploy")
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
     env = {
         **os.environ,
         "PREFECT_HOME": str(tmp / "prefect"),
-        "PREFECT_API_URL": api,
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
         "PREFECT_LOCAL_STORAGE_PATH": str(tmp / "prefect" / "storage"),
         "PREFECT_WORKER_QUERY_SECONDS": "2",
     }
-    server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
-    server_env["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = "5"  # scheduled runs within seconds, not a minute
+    # scheduled runs within seconds, not a minute
+    server_env = {**env, "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5"}
     logs = tmp / "logs"
     logs.mkdir()
-    procs = [
-        subprocess.Popen(
-            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=server_env,
-            stdout=(logs / "server.log").open("w"),
-            stderr=subprocess.STDOUT,
-        )
-    ]
-    try:
-        wait_for(f"{api}/health", 180)
-        for pool in ("local", "idle"):
-            prefect(env, "work-pool", "create", pool, "--type", "process")
-        procs.append(
-            subprocess.Popen(
+    worker = None
+    with prefect_server(server_env, logs / "server.log", timeout=180) as api:
+        env["PREFECT_API_URL"] = api
+        try:
+            for pool in ("local", "idle"):
+                prefect(env, "work-pool", "create", pool, "--type", "process")
+            worker = subprocess.Popen(
                 [str(BIN / "prefect"), "worker", "start", "--pool", "local"],
                 cwd=tmp,
                 env=env,
                 stdout=(logs / "worker.log").open("w"),
                 stderr=subprocess.STDOUT,
             )
-        )
-        config = tmp / "pipelines.yaml"
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    "concurrency": {"limit_name": "test-gpu", "slots": 1},
-                    "pipelines": {
-                        "tiny": tiny(output_dir=str(tmp / "runs")),
-                        "cron-on": tiny(
-                            schedule={
-                                "cron": "* * * * *",
-                                "timezone": "Europe/Berlin",
-                                "overrides": ["data.num_prompts=2"],
-                            }
-                        ),
-                        "cron-off": tiny(schedule={"cron": "* * * * *", "active": False}),
-                        "resumable": tiny(
-                            output_dir=str(tmp / "runs"),
-                            stages=["generate", "filter", "train"],
-                            generate={"backend": "transformers", "n": 1, "temperature": 0.8, "max_tokens": 96},
-                            filter={"verifier": "regex", "max_tokens": 96, "decontam_ngram": 32},
-                            train={"max_steps": 120, "batch_size": 4, "max_length": 96},
-                            checkpoint={"every_steps": 10, "keep": 2},
-                        ),
-                    },
-                }
+            config = tmp / "pipelines.yaml"
+            config.write_text(
+                yaml.safe_dump(
+                    {
+                        "concurrency": {"limit_name": "test-gpu", "slots": 1},
+                        "pipelines": {
+                            "tiny": tiny(output_dir=str(tmp / "runs")),
+                            "cron-on": tiny(
+                                schedule={
+                                    "cron": "* * * * *",
+                                    "timezone": "Europe/Berlin",
+                                    "overrides": ["data.num_prompts=2"],
+                                }
+                            ),
+                            "cron-off": tiny(schedule={"cron": "* * * * *", "active": False}),
+                            "resumable": tiny(
+                                output_dir=str(tmp / "runs"),
+                                stages=["generate", "filter", "train"],
+                                generate={"backend": "transformers", "n": 1, "temperature": 0.8, "max_tokens": 96},
+                                filter={"verifier": "regex", "max_tokens": 96, "decontam_ngram": 32},
+                                train={"max_steps": 120, "batch_size": 4, "max_length": 96},
+                                checkpoint={"every_steps": 10, "keep": 2},
+                            ),
+                        },
+                    }
+                )
             )
-        )
-        yield {"env": env, "api": api, "tmp": tmp, "logs": logs, "config": config}
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            yield {"env": env, "api": api, "tmp": tmp, "logs": logs, "config": config}
+        finally:
+            stop(worker)
 
 
 def prefect(env: dict, *args: str, timeout: float = 120) -> str:

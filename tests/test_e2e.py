@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -189,66 +191,81 @@ def wait_for(url: str, seconds: float) -> None:
     raise TimeoutError(url)
 
 
-@pytest.mark.slow
-def test_deployment_triggered_through_prefect_server(tmp_path):
+@contextmanager
+def prefect_server(env: dict, log: Path, timeout: float = 120) -> Iterator[str]:
+    """A real `prefect server start` on a free 127.0.0.1 port, with `env` (its PREFECT_API_URL, if any, dropped) and
+    its output in `log`; yields its API URL once healthy, and stops it on exit."""
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
+    server = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env={k: v for k, v in env.items() if k != "PREFECT_API_URL"},
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(f"{api}/health", timeout)
+        yield api
+    finally:
+        stop(server)
+
+
+def stop(*procs: subprocess.Popen | None) -> None:
+    """Terminate each process still running; kill the ones that do not end within 30 s."""
+    for p in procs:
+        if p is not None and p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@pytest.mark.slow
+def test_deployment_triggered_through_prefect_server(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {
         **os.environ,
         "PREFECT_HOME": str(tmp_path / "prefect"),
-        "PREFECT_API_URL": api,
         "MLFLOW_TRACKING_URI": uri,
         "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "prefect" / "storage"),
     }
-    server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
     logs = tmp_path / "logs"
     logs.mkdir()
-    server = subprocess.Popen(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=server_env,
-        stdout=(logs / "server.log").open("w"),
-        stderr=subprocess.STDOUT,
-    )
     serve = None
-    try:
-        wait_for(f"{api}/health", 120)
-        serve = subprocess.Popen(
-            [str(BIN / "distillery"), "serve", "--pipelines", "smoke", "--file", str(REPO / "pipelines.yaml")],
-            cwd=tmp_path,
-            env=env,
-            stdout=(logs / "serve.log").open("w"),
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            ls = subprocess.run([str(BIN / "prefect"), "deployment", "ls"], env=env, capture_output=True, text=True)
-            if "distill/smoke" in ls.stdout:
-                break
-            assert serve.poll() is None, (logs / "serve.log").read_text()[-3000:]
-            time.sleep(2)
-        else:
-            raise AssertionError("deployment never registered: " + (logs / "serve.log").read_text()[-3000:])
-        run = subprocess.run(
-            [str(BIN / "prefect"), "deployment", "run", "distill/smoke", "--watch", "--watch-timeout", "600"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=700,
-        )
-        serve_log = (logs / "serve.log").read_text()
-        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + serve_log[-5000:]
-        assert "Completed" in run.stdout + run.stderr
-        _, runs = mlflow_runs(uri)
-        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-        assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-        assert parents[0].data.tags["distillery.pipeline"] == "smoke"
-        assert "accuracy.student-sft" in parents[0].data.metrics
-    finally:
-        for p in (serve, server):
-            if p is not None:
-                p.terminate()
-                try:
-                    p.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+    with prefect_server(env, logs / "server.log") as api:
+        env["PREFECT_API_URL"] = api
+        try:
+            serve = subprocess.Popen(
+                [str(BIN / "distillery"), "serve", "--pipelines", "smoke", "--file", str(REPO / "pipelines.yaml")],
+                cwd=tmp_path,
+                env=env,
+                stdout=(logs / "serve.log").open("w"),
+                stderr=subprocess.STDOUT,
+            )
+            deadline = time.time() + 180
+            while time.time() < deadline:
+                ls = subprocess.run([str(BIN / "prefect"), "deployment", "ls"], env=env, capture_output=True, text=True)
+                if "distill/smoke" in ls.stdout:
+                    break
+                assert serve.poll() is None, (logs / "serve.log").read_text()[-3000:]
+                time.sleep(2)
+            else:
+                raise AssertionError("deployment never registered: " + (logs / "serve.log").read_text()[-3000:])
+            run = subprocess.run(
+                [str(BIN / "prefect"), "deployment", "run", "distill/smoke", "--watch", "--watch-timeout", "600"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=700,
+            )
+            serve_log = (logs / "serve.log").read_text()
+            assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + serve_log[-5000:]
+            assert "Completed" in run.stdout + run.stderr
+            _, runs = mlflow_runs(uri)
+            parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+            assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+            assert parents[0].data.tags["distillery.pipeline"] == "smoke"
+            assert "accuracy.student-sft" in parents[0].data.metrics
+        finally:
+            stop(serve)

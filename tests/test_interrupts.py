@@ -29,7 +29,7 @@ import pytest
 from distillery.lifecycle import END_REASON
 
 from .conftest import REPO
-from .test_e2e import free_port, wait_for
+from .test_e2e import prefect_server
 
 BIN = Path(sys.executable).parent
 PIPELINE = "smoke-all"
@@ -50,25 +50,8 @@ def prefect_api(tmp_path_factory):
     """One Prefect server for every run of the sequence, as a deployment would have: a killed run's process group
     does not take it down, so the next run finds the dead flow run there."""
     home = tmp_path_factory.mktemp("prefect")
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home)}
-    env.pop("PREFECT_API_URL", None)
-    server = subprocess.Popen(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=(home / "server.log").open("w"),
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for(f"{api}/health", 120)
+    with prefect_server({**os.environ, "PREFECT_HOME": str(home)}, home / "server.log") as api:
         yield api, home
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 class Work:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import REPO
-from .test_e2e import BIN, free_port, wait_for
+from .test_e2e import BIN, free_port, stop, wait_for
 
 
 def test_experiment_created_once_when_two_trackers_race(mlflow_uri):
@@ -178,10 +178,4 @@ def test_two_runs_at_once_share_one_tracking_server(tmp_path):
         assert sorted(int(v.version) for v in versions) == [1, 2]
         assert {v.run_id for v in versions} <= {r.info.run_id for r in runs}
     finally:
-        for p in [*procs, server]:
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        stop(*procs, server)
