@@ -73,3 +73,55 @@ def check_temperature_both_sides(
         f"{kd_temperature} would temper the teacher and the student differently. Regenerate with "
         "generate.logprobs_mode: raw_logprobs"
     )
+
+
+def check_template_keeps_turn(tokenizer, where: str) -> None:
+    """A chat template may rewrite the assistant turn it renders: DeepSeek-R1-Distill's keeps only what follows
+    `</think>`. Trained through it, a student would learn the answers without their reasoning."""
+    turn = "<think>\nstep one\n</think>\n\nthe answer"
+    messages = [{"role": "user", "content": "question"}, {"role": "assistant", "content": turn}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    if turn not in rendered:
+        raise DistillationCheckError(
+            f"{where}: the chat template does not render the assistant turn as given (a <think> trace comes out "
+            f"as {rendered[-60:]!r}); the student would be trained without the reasoning. Give the student a "
+            "template that keeps the whole turn (tokenizer_config.json chat_template)"
+        )
+
+
+ROUND_TRIP_PROBE = "Hello world,\n  x = 1 + 2  # 你好, café\n\\boxed{3}"
+
+
+def check_round_trip(tokenizer, where: str) -> None:
+    """Decoding what was encoded gives the text back. transformers 5 loads some published byte-level BPE
+    tokenizers as SentencePiece ones (DeepSeek's, labelled LlamaTokenizerFast: huggingface/transformers#45488),
+    which drop every space and non-Latin character without an error."""
+    ids = tokenizer(ROUND_TRIP_PROBE, add_special_tokens=False)["input_ids"]
+    back = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    if back != ROUND_TRIP_PROBE:
+        raise DistillationCheckError(
+            f"{where}: the tokenizer ({type(tokenizer).__name__}) does not round-trip text: {ROUND_TRIP_PROBE!r} "
+            f"comes back as {back!r}. Its tokenizer_config.json tokenizer_class may not match its tokenizer.json "
+            "(e.g. LlamaTokenizerFast on a byte-level BPE); set it to PreTrainedTokenizerFast"
+        )
+
+
+def check_shared_bpe(teacher_tok, student_tok, where: str) -> dict[str, tuple[int | None, int | None]]:
+    """Teacher and student split text into the same ids (the base vocabulary below the added tokens is one), so a
+    draft's proposals are the teacher's tokens. Returns the added tokens they do not share, as {token: (teacher id,
+    student id)}: R1-Distill and Qwen2.5 share Qwen's 151,643 BPE ids and differ in their chat tokens."""
+    t_added, s_added = teacher_tok.get_added_vocab(), student_tok.get_added_vocab()
+    t = {k: v for k, v in teacher_tok.get_vocab().items() if k not in t_added}
+    s = {k: v for k, v in student_tok.get_vocab().items() if k not in s_added}
+    if t != s:
+        only_t = sorted(set(t) - set(s))[:3]
+        moved = sorted(k for k in set(t) & set(s) if t[k] != s[k])[:3]
+        raise DistillationCheckError(
+            f"{where}: teacher and student split text differently (base vocabularies {len(t)} vs {len(s)} tokens; "
+            f"teacher-only {only_t}; other ids {moved}); a draft must share the teacher's tokenizer"
+        )
+    return {
+        k: (t_added.get(k), s_added.get(k))
+        for k in sorted(set(t_added) | set(s_added))
+        if t_added.get(k) != s_added.get(k)
+    }

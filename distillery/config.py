@@ -22,6 +22,8 @@ STAGES = ("generate", "filter", "train", "prune", "quantize", "evaluate", "draft
 Stage = Literal["generate", "filter", "train", "prune", "quantize", "evaluate", "draft"]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DEMO_REFS = ("demo:teacher", "demo:student", *(f"demo:student-{size}" for size in STUDENT_SIZES))
+REHEARSAL_REFS = ("rehearsal:teacher", "rehearsal:student")  # distillery/rehearsal.py: real vocabularies, built here
+BUILTIN_PREFIXES = ("demo:", "rehearsal:")  # models the project builds itself, on first use
 
 
 class ConfigError(ValueError):
@@ -59,9 +61,9 @@ class ModelRef(Strict):
     @field_validator("path")
     @classmethod
     def _path(cls, v: str, info: ValidationInfo) -> str:
-        if v.startswith("demo:"):
-            if v not in DEMO_REFS:
-                raise ValueError(f"unknown demo model {v!r}; expected one of {', '.join(DEMO_REFS)}")
+        if v.startswith(BUILTIN_PREFIXES):
+            if v not in DEMO_REFS + REHEARSAL_REFS:
+                raise ValueError(f"unknown demo model {v!r}; expected one of {', '.join(DEMO_REFS + REHEARSAL_REFS)}")
             return v
         if not v.startswith(LOCAL_PREFIXES) and not HUB_ID.match(v):
             raise ValueError(f"model path {v!r}: local paths start with / ./ ../ or ~; hub ids look like org/name")
@@ -370,6 +372,11 @@ class EvaluateConfig(Strict):
     throughput_prompts: Annotated[int, Field(gt=0)] = 16
     throughput_new_tokens: Annotated[int, Field(gt=0)] = 64
     metric: str = Field("exact_match", description="the lm-eval metric reported as accuracy")
+    chat_template: bool | None = Field(
+        None,
+        description="wrap each task prompt in each model's own chat template (lm-eval apply_chat_template), as the "
+        "models are served; default: data.chat_template",
+    )
     ood_task: str | None = Field(
         None,
         description="which of `tasks` is out of distribution (e.g. longer chains "
@@ -571,6 +578,8 @@ class Pipeline(Strict):
 
     @model_validator(mode="after")
     def _sources(self) -> Pipeline:
+        if self.evaluate.chat_template is None:  # chat models are evaluated as they are trained and served
+            self.evaluate = self.evaluate.model_copy(update={"chat_template": self.data.chat_template})
         for name in ("quantize", "draft"):
             src = getattr(self, name).source
             if name in self.stages and src != "latest" and src not in self.stages:

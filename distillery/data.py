@@ -47,6 +47,20 @@ def _pick(record: dict, cfg: DataConfig, where: str) -> dict:
     return {"prompt": str(record[cfg.prompt_field]), "answer": str(record[cfg.answer_field])}
 
 
+_PROBE = "DISTILLERY_PROBE_7f3a"
+
+
+def template_prefill(tokenizer) -> str:
+    """What the chat template's generation prompt already puts inside the assistant turn: `<think>\\n` for
+    DeepSeek-R1-Distill, nothing for Qwen2.5. The teacher's completion continues it, so a trace re-rendered in
+    another model's template must carry it, or the student learns reasoning that never opens its `<think>`."""
+    user = [{"role": "user", "content": _PROBE}]
+    gen = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": _PROBE}], tokenize=False)
+    head = full[: full.rindex(_PROBE)]  # the conversation up to where the assistant's content starts
+    return gen[len(head) :] if gen.startswith(head) else ""
+
+
 def render_prompt(tokenizer, prompt: str, cfg: DataConfig) -> str:
     """The exact text the teacher sees: the chat template when the pipeline asks for it, else the prompt."""
     if not cfg.chat_template:

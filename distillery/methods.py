@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from distillery.artifacts import read_jsonl
+from distillery.checks import check_template_keeps_turn
 from distillery.config import Pipeline
 from distillery.demo.assets import resolve_model
 from distillery.training import (
     SFTParams,
+    assistant_turn,
     common_args,
     finish,
     guard_finite,
@@ -62,6 +64,8 @@ def sft(
     if not records:
         raise ValueError(f"{where}: no training records (did the filter drop every trace?)")
     tokenizer = student_tokenizer(model_path, None, where, trust_remote_code)
+    if not isinstance(records[0]["prompt"], str):  # conversational: TRL renders them with the student's template
+        check_template_keeps_turn(tokenizer, where=f"{where}: student tokenizer {model_path}")
     model = load_student(model_path, params, trust_remote_code)
     config = SFTConfig(
         **common_args(params, output_dir),
@@ -158,6 +162,7 @@ def gkd(
     g,
     callbacks: list | None = None,
     trust_remote_code: bool = False,
+    chat: bool = False,
 ) -> dict:
     """On-policy distillation with TRL's GKDTrainer: a fraction lmbda of each batch is sampled by the student
     itself and scored by the live teacher under the generalized JSD (beta)."""
@@ -171,6 +176,7 @@ def gkd(
     tokenizer = student_tokenizer(model_path, teacher_path, "gkd", trust_remote_code)
     if tokenizer.chat_template is None:
         raise ValueError(f"gkd: the student tokenizer ({model_path}) has no chat template; TRL's GKD needs one")
+    check_template_keeps_turn(tokenizer, where=f"gkd: student tokenizer {model_path}")
     teacher = AutoModelForCausalLM.from_pretrained(
         teacher_path, dtype=torch.bfloat16 if params.bf16 else torch.float32, trust_remote_code=trust_remote_code
     )
@@ -181,8 +187,8 @@ def gkd(
         [
             {
                 "messages": [
-                    {"role": "user", "content": r.get("prompt_text", r["prompt"])},
-                    {"role": "assistant", "content": r["completion"]},
+                    {"role": "user", "content": r["prompt"] if chat else r.get("prompt_text", r["prompt"])},
+                    {"role": "assistant", "content": assistant_turn(r) if chat else r["completion"]},
                 ]
             }
             for r in rows
@@ -348,7 +354,7 @@ def run_method(
             trust,
         )
     if t.method == "gkd":
-        return gkd(student, teacher, rows, out, params, t.gkd, callbacks, trust)
+        return gkd(student, teacher, rows, out, params, t.gkd, callbacks, trust, chat)
     if t.method == "dpo":
         from distillery.verify import VERIFIERS
 

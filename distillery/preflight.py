@@ -15,7 +15,7 @@ import re
 import string
 from pathlib import Path
 
-from distillery.config import LOCAL_PREFIXES, DataConfig, Pipeline
+from distillery.config import BUILTIN_PREFIXES, LOCAL_PREFIXES, DataConfig, Pipeline
 
 EVALS = Path(__file__).resolve().parents[1] / "evals"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -89,7 +89,7 @@ def template_problem(template: str) -> str | None:
 
 def model_problems(ref: str) -> list[str]:
     """A local model folder that from_pretrained would fail on: missing config, weights or tokenizer."""
-    if ref.startswith("demo:") or not ref.startswith(LOCAL_PREFIXES):
+    if ref.startswith(BUILTIN_PREFIXES) or not ref.startswith(LOCAL_PREFIXES):
         return []  # demo models are built on demand; hub ids are checked for their form by the config
     path = Path(ref).expanduser()
     if not path.is_dir():

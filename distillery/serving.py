@@ -38,11 +38,12 @@ class ServeError(ValueError):
 
 def resolve_model(ref: str, what: str = "model") -> str:
     """A `demo:` reference, a model folder, a run folder (its final student) or a hub id, as vLLM's --model."""
-    from distillery.config import DEMO_REFS, HUB_ID, LOCAL_PREFIXES
+    from distillery.config import BUILTIN_PREFIXES, DEMO_REFS, HUB_ID, LOCAL_PREFIXES, REHEARSAL_REFS
 
-    if ref.startswith("demo:"):
-        if ref not in DEMO_REFS:
-            raise ServeError(f"{what}: unknown demo model {ref!r}; expected one of {', '.join(DEMO_REFS)}")
+    if ref.startswith(BUILTIN_PREFIXES):
+        known = DEMO_REFS + REHEARSAL_REFS
+        if ref not in known:
+            raise ServeError(f"{what}: unknown demo model {ref!r}; expected one of {', '.join(known)}")
         from distillery.demo import assets
 
         return assets.resolve_model(ref)

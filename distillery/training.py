@@ -323,10 +323,11 @@ def student_tokenizer(model_path: str, teacher_path: str | None, where: str, tru
     """The student's tokenizer, refused when pad == eos or (with a teacher) when the vocabularies differ."""
     from transformers import AutoTokenizer
 
-    from distillery.checks import check_same_vocab
+    from distillery.checks import check_round_trip, check_same_vocab
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     check_pad_not_eos(tokenizer, where=f"student tokenizer {model_path}")
+    check_round_trip(tokenizer, where=f"student tokenizer {model_path}")
     if teacher_path:
         check_same_vocab(
             AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=trust_remote_code),
@@ -336,14 +337,22 @@ def student_tokenizer(model_path: str, teacher_path: str | None, where: str, tru
     return tokenizer
 
 
+def assistant_turn(row: dict) -> str:
+    """The teacher's whole assistant turn: the part its chat template prefilled (R1-Distill's `<think>\\n`)
+    and the completion that continues it."""
+    return row.get("assistant_prefill", "") + row["completion"]
+
+
 def training_records(rows: list[dict], chat: bool) -> list[dict]:
     """Prompt/completion pairs for TRL. Chat pipelines use conversational form so TRL applies the student's
-    own template; plain pipelines train on the exact prompt text the teacher saw."""
+    own template (the trace leaves the teacher's: its prompt is the raw question, its turn what the teacher's
+    template prefilled plus what the teacher wrote); plain pipelines train on the exact prompt text the teacher
+    saw."""
     if chat:
         return [
             {
                 "prompt": [{"role": "user", "content": r["prompt"]}],
-                "completion": [{"role": "assistant", "content": r["completion"]}],
+                "completion": [{"role": "assistant", "content": assistant_turn(r)}],
             }
             for r in rows
         ]

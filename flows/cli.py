@@ -61,10 +61,12 @@ def cmd_list(args) -> int:
 
 def _offline_if_local(cfg) -> None:
     """Nothing in the pipeline needs the hub: say so, so no library waits on a network that is not there."""
+    from distillery.config import BUILTIN_PREFIXES
+
     evals = Path(__file__).resolve().parents[1] / "evals"
     needs_hub = (
         cfg.data.source == "hub"
-        or any(not ref.startswith(("demo:", "/")) for ref in (cfg.teacher.path, cfg.student.path))
+        or any(not ref.startswith((*BUILTIN_PREFIXES, "/")) for ref in (cfg.teacher.path, cfg.student.path))
         or any(not (evals / t).is_dir() for t in cfg.evaluate.tasks)
     )
     if not needs_hub:

@@ -3,15 +3,15 @@
     distillery run demo --set draft.num_speculative_tokens=2
 
 The draft artifact (`draft-model/`, registered with alias `draft`) is the student with the teacher's vocabulary:
-refused when the tokenizers differ, the embedding padded when only its size does. Then two engine runs on the
-same prompts, greedy: the teacher alone, then the teacher with the student as its
-draft model (`speculative_config={"method": "draft_model", ...}`). Reported: draft acceptance rate (accepted /
-proposed draft tokens), acceptance per position, mean accepted length (tokens per teacher step), teacher
-tokens/s with and without the draft and their ratio, and whether the outputs are identical (greedy
-speculative decoding must not change them). The vLLM runs are greedy: the CPU build of vLLM garbles sampled
-speculative output (see ../shared/STACK.md). Sampled acceptance comes from transformers' assisted generation,
-which runs speculative sampling (Leviathan et al. 2023, algorithm 1) when `do_sample` is on, at
-`draft.sample_temperature` (default 1.0; null skips it), batch size 1.
+refused unless the two split text alike (chat tokens may differ: see make_draft), the embedding padded to the
+teacher's size. Then two engine runs on the same prompts, greedy: the teacher alone, then the teacher with the
+student as its draft model (`speculative_config={"method": "draft_model", ...}`). Reported: draft acceptance rate
+(accepted / proposed draft tokens), acceptance per position, mean accepted length (tokens per teacher step), teacher
+tokens/s with and without the draft and their ratio, and whether the outputs are identical (greedy speculative
+decoding must not change them). The vLLM runs are greedy: the CPU build of vLLM garbles sampled speculative output
+(see ../shared/STACK.md). Sampled acceptance comes from transformers' assisted generation, which runs speculative
+sampling (Leviathan et al. 2023, algorithm 1) when `do_sample` is on, at `draft.sample_temperature` (default 1.0;
+null skips it), batch size 1.
 
 `draft.distill` (off by default) first aligns the student to the teacher, DistillSpec-style (Zhou et al. 2023):
 the draft samples its own continuations of training prompts and learns the teacher's full next-token
@@ -29,7 +29,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from distillery.artifacts import atomic_dir, content_hash, read_jsonl, stored_params, write_manifest
-from distillery.checks import check_same_vocab
+from distillery.checks import check_shared_bpe
 from distillery.config import Pipeline
 from distillery.results import ModelArtifact
 from distillery.runtime import RunContext
@@ -257,21 +257,27 @@ def pad_vocab(model, size: int) -> None:
 
 
 def make_draft(teacher: str, student: str, dest: Path) -> dict:
-    """The draft artifact: the student, refused unless its tokenizer is the teacher's (same tokens, same ids), with
-    its embedding padded to the teacher's size when only the size differs (vLLM requires equal sizes)."""
+    """The draft artifact: the student with the teacher's tokenizer, its embedding padded to the teacher's size when
+    that differs (vLLM requires equal sizes). Refused unless the two split text into the same ids. Chat tokens may
+    differ (R1-Distill's teacher, a Qwen2.5 student): the draft speaks in the teacher's ids, and the student's
+    end-of-turn row moves to the teacher's eos id, so the draft proposes the teacher's stop where it would stop."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from distillery.artifacts import save_model
 
-    tok = AutoTokenizer.from_pretrained(student)
-    check_same_vocab(AutoTokenizer.from_pretrained(teacher), tok, where="draft: teacher vs draft tokenizer")
+    tok, teacher_tok = AutoTokenizer.from_pretrained(student), AutoTokenizer.from_pretrained(teacher)
+    differ = check_shared_bpe(teacher_tok, tok, where="draft: teacher vs draft tokenizer")
     tv, dv = AutoConfig.from_pretrained(teacher).vocab_size, AutoConfig.from_pretrained(student).vocab_size
     model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
     if tv != dv:
         pad_vocab(model, tv)
+    moved = None
+    if differ and tok.eos_token_id != teacher_tok.eos_token_id:
+        moved = [tok.eos_token_id, teacher_tok.eos_token_id]
+        move_row(model, *moved)
     with atomic_dir(dest) as tmp:
-        save_model(model, tok, tmp)
+        save_model(model, teacher_tok if differ else tok, tmp)
         write_manifest(
             tmp,
             {
@@ -281,9 +287,20 @@ def make_draft(teacher: str, student: str, dest: Path) -> dict:
                 "base": student,
                 "vocab_size": tv,
                 "padded_from": dv if tv != dv else None,
+                "chat_tokens_differ": sorted(differ),
+                "eos_row_moved": moved,
             },
         )
-    return {"path": str(dest), "padded_from": dv if tv != dv else None}
+    return {"path": str(dest), "padded_from": dv if tv != dv else None, "chat_tokens_differ": len(differ)}
+
+
+def move_row(model, src: int, dst: int) -> None:
+    """Give token `dst` the student's input and output rows of token `src` (tied embeddings move once)."""
+    import torch
+
+    with torch.no_grad():
+        for emb in {id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings())}.values():
+            emb.weight[dst] = emb.weight[src]
 
 
 def measure_draft(

@@ -196,6 +196,7 @@ def run_lm_eval(
         fewshot_random_seed=cfg.seed,
         bootstrap_iters=1000,
         log_samples=True,
+        apply_chat_template=bool(cfg.chat_template),
     )
     eval_seconds = time.perf_counter() - start
     per_task, samples = {}, {}

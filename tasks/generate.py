@@ -31,8 +31,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from distillery.artifacts import MANIFEST, atomic_dir, content_hash, read_jsonl, write_jsonl, write_manifest
-from distillery.config import GenerateConfig, Pipeline
-from distillery.data import load_prompts, render_prompt
+from distillery.checks import check_round_trip
+from distillery.config import BUILTIN_PREFIXES, GenerateConfig, Pipeline
+from distillery.data import load_prompts, render_prompt, template_prefill
 from distillery.demo.assets import resolve_model
 from distillery.engines import HFEngine, OpenAIEngine, VLLMEngine, derive_seed
 from distillery.results import Traces
@@ -56,7 +57,7 @@ def sampling_dict(g: GenerateConfig) -> dict:
 def teacher_id(cfg: Pipeline, resolved: str) -> str:
     if cfg.generate.backend == "openai":
         return f"{cfg.generate.openai.base_url}#{cfg.generate.openai.model}"
-    return cfg.teacher.path if not cfg.teacher.path.startswith("demo:") else f"{cfg.teacher.path}@{resolved}"
+    return cfg.teacher.path if not cfg.teacher.path.startswith(BUILTIN_PREFIXES) else f"{cfg.teacher.path}@{resolved}"
 
 
 def shard_key(cfg: Pipeline, tid: str, shard: list[dict]) -> str:
@@ -93,10 +94,17 @@ def prepare_prompts(cfg: Pipeline, teacher: str) -> list[dict]:
             teacher, revision=cfg.teacher.revision, trust_remote_code=cfg.teacher.trust_remote_code
         )
     )
+    # what the prompt already opens of the assistant turn (R1-Distill's `<think>\n`): chat pipelines train the
+    # student on prefill + completion in its own template
+    prefill = template_prefill(tok) if tok is not None and cfg.data.chat_template else ""
+    if tok is not None:
+        check_round_trip(tok, where=f"generate: teacher tokenizer {teacher}")
     for p in prompts:
         text = p["prompt"] if tok is None else render_prompt(tok, p["prompt"], cfg.data)
+        p["assistant_prefill"] = prefill
         if cfg.generate.think_prefill and not text.rstrip().endswith("<think>"):
             text += "<think>\n"
+            p["assistant_prefill"] += "<think>\n"
         p["prompt_text"] = text
     return prompts
 
@@ -196,6 +204,7 @@ def run_shard(cfg: Pipeline, tid: str, shard: list[dict], dest: Path, engine) ->
                     "prompt_id": p["id"],
                     "prompt": p["prompt"],
                     "prompt_text": p["prompt_text"],
+                    "assistant_prefill": p.get("assistant_prefill", ""),
                     "answer": p["answer"],
                     "sample": i,
                     "completion": o["text"],

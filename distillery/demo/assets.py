@@ -139,6 +139,10 @@ def demo_student(seed: int = 0, size: str = "") -> Path:
 
 def resolve_model(ref: str, seed: int = 0) -> str:
     """Turn a model reference from pipelines.yaml into something `from_pretrained` and vLLM accept."""
+    if ref.startswith("rehearsal:"):
+        from distillery.rehearsal import model_dir
+
+        return str(model_dir(ref.removeprefix("rehearsal:"), seed))
     if ref == "demo:teacher":
         if not (TEACHER_DIR / "config.json").exists():
             raise FileNotFoundError(
