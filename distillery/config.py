@@ -424,6 +424,11 @@ class DraftConfig(Strict):
         "sampling) at this temperature; null skips it",
     )
     sample_prompts: Annotated[int, Field(gt=0)] = Field(16, description="prompts for the sampled measurement")
+    max_num_seqs: Annotated[int, Field(gt=0)] | None = Field(
+        None,
+        description="the most sequences vLLM decodes at once in the draft runs; 1 measures the latency-bound "
+        "decoding drafts are for (default: vLLM's)",
+    )
 
 
 MODEL_STAGES = ("train", "prune", "quantize")

@@ -201,28 +201,22 @@ def rehearsal_run(tmp_path_factory):
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     from .conftest import REPO
 
+    # bench/gpu_check.py at toy sizes runs `distillery run r1-rehearsal` as it is, then its own measurements: one run
+    # serves the rehearsal's test and keeps the GPU check from rotting
     work = tmp_path_factory.mktemp("r1")
-    uri = f"sqlite:///{work / 'mlflow.db'}"
     proc = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "distillery"),
-            "run",
-            "r1-rehearsal",
-            "--file",
-            str(REPO / "pipelines.yaml"),
-        ],  # noqa: E501
+        [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--sizes", "tiny", "--out", str(work)],
         cwd=work,
-        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+        env=dict(os.environ),
         capture_output=True,
         text=True,
         timeout=1800,
     )
     (work / "run.log").write_text(proc.stdout + proc.stderr)
-    return work, uri, proc
+    return work, f"sqlite:///{work / 'mlflow.db'}", proc
 
 
 @pytest.mark.slow
@@ -310,3 +304,22 @@ def test_shipped_problems_are_what_the_generator_writes_and_the_pipeline_asks():
     # every gold trace passes the pipeline's own verifier, as the prefilled teacher would write it
     for p in rehearsal.problems(64, seed=0):
         assert VERIFIERS[cfg.filter.verifier]("<think>\n" + p["trace"], p["answer"], cfg.filter)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_gpu_check_runs_at_toy_sizes_and_reports_every_figure(rehearsal_run):
+    import json
+
+    work, _, proc = rehearsal_run
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    figures = json.loads((work / "gpu_check.json").read_text())
+    assert figures["sizes"] == "tiny" and figures["prompts"] == 32
+    for key in ("vllm_tokens_per_s", "transformers_tokens_per_s", "train_tokens_per_s", "nf4_memory_bytes"):
+        assert figures[key] > 0, key
+    assert figures["vllm_over_transformers"] == figures["vllm_tokens_per_s"] / figures["transformers_tokens_per_s"]
+    assert 0 < figures["mfu_vs_measured_peak"] < 1
+    assert figures["nf4_memory_bytes"] < figures["nf4_full_precision_bytes"] and figures["nf4_peak_bytes"] > 0
+    assert figures["draft_tokens_per_step"] >= 1 and figures["draft_outputs_identical"] == 1.0
+    for line in ("generation, teacher", "LoRA training, student", "NF4 student", "tokens per teacher step"):
+        assert line in proc.stdout
