@@ -13,7 +13,6 @@ COPY flows /app/flows
 COPY tasks /app/tasks
 COPY serving /app/serving
 COPY evals /app/evals
-COPY data /app/data
 
 FROM python:3.11.11-slim-bookworm AS base
 

@@ -72,7 +72,10 @@ class ModelRef(Strict):
 
 class DataConfig(Strict):
     source: Literal["demo", "jsonl", "hub"] = "demo"
-    path: str | None = Field(None, description="jsonl file (source=jsonl) or hub dataset id (source=hub)")
+    path: str | None = Field(
+        None,
+        description="jsonl file (source=jsonl; rehearsal:problems is the shipped one) or hub dataset id (source=hub)",
+    )
     config_name: str | None = None
     split: str = "train"
     prompt_field: str = "prompt"
@@ -92,6 +95,10 @@ class DataConfig(Strict):
     @field_validator("path")
     @classmethod
     def _exists(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v == "rehearsal:problems":  # shipped with the package, wherever the pipelines file lives
+            from distillery.demo.assets import REHEARSAL_PROBLEMS
+
+            return str(REHEARSAL_PROBLEMS)
         return None if v is None else _check_local_path(v, info, "data")
 
 

@@ -427,7 +427,7 @@ def model_dir(role: str, seed: int = 0) -> Path:
 
 # r1-distill's prompt_template (pipelines.yaml); the teacher is trained on prompts rendered exactly so.
 PROMPT_TEMPLATE = "{prompt}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
-DATA_FILE = Path(__file__).resolve().parents[1] / "data" / "r1-rehearsal" / "problems.jsonl"
+DATA_FILE = Path(__file__).parent / "demo" / "assets" / "r1-rehearsal-problems.jsonl"  # data.path rehearsal:problems
 EVAL_FILE = Path(__file__).resolve().parents[1] / "evals" / "r1_rehearsal" / "test.jsonl"
 # What `teach` learns (the decoder body and the rows of the tokens it uses, bf16, ~6 MB), committed: the 152k-row
 # matrices around it are the seeded random init, rebuilt on each machine.
@@ -600,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="python -m distillery.rehearsal",
-        description="Rebuild the r1 rehearsal's shipped files: the problems (data/r1-rehearsal, evals/r1_rehearsal) "
+        description="Rebuild the r1 rehearsal's shipped files: the problems (rehearsal:problems, evals/r1_rehearsal) "
         "and the teacher's taught weights (distillery/demo/assets/rehearsal-teacher.safetensors), then print what "
         "the teacher gets right on its prompts.",
     )

@@ -12,6 +12,8 @@ from pathlib import Path
 
 ASSETS = Path(__file__).parent / "assets"
 TEACHER_DIR = ASSETS / "teacher"
+# The r1 rehearsal's maths problems (distillery/rehearsal.py writes them); pipelines name them `rehearsal:problems`.
+REHEARSAL_PROBLEMS = ASSETS / "r1-rehearsal-problems.jsonl"
 # The model's vocab (embedding rows); the tokenizer has fewer tokens (the tiny corpus runs out of merges), and
 # padding the embedding to a multiple of 32 suits bitsandbytes' CPU 4-bit kernel and vLLM alike.
 VOCAB_SIZE = 512
