@@ -310,11 +310,14 @@ def test_shipped_problems_are_what_the_generator_writes_and_the_pipeline_asks():
 @pytest.mark.vllm
 def test_gpu_check_runs_at_toy_sizes_and_reports_every_figure(rehearsal_run):
     import json
+    from pathlib import Path
 
     work, _, proc = rehearsal_run
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     figures = json.loads((work / "gpu_check.json").read_text())
-    assert figures["sizes"] == "tiny" and figures["prompts"] == 32
+    traces = [json.loads(line) for line in (Path(figures["run_dir"]) / "generate" / "traces.jsonl").open()]
+    # the same prompts as vLLM's (32 problems, two of them alike)
+    assert figures["sizes"] == "tiny" and figures["prompts"] == len({r["prompt_text"] for r in traces}) == 31
     for key in ("vllm_tokens_per_s", "transformers_tokens_per_s", "train_tokens_per_s", "nf4_memory_bytes"):
         assert figures[key] > 0, key
     assert figures["vllm_over_transformers"] == figures["vllm_tokens_per_s"] / figures["transformers_tokens_per_s"]
