@@ -18,12 +18,16 @@ def check_pad_not_eos(tokenizer, where: str) -> None:
         )
 
 
+def _differences(t: dict[str, int], s: dict[str, int]) -> tuple[list[str], list[str]]:
+    """Up to three teacher-only tokens, and up to three tokens the two give other ids."""
+    return sorted(set(t) - set(s))[:3], sorted(k for k in set(t) & set(s) if t[k] != s[k])[:3]
+
+
 def check_same_vocab(teacher_tok, student_tok, where: str) -> None:
     """Same tokens with the same ids, not merely the same size."""
     t, s = teacher_tok.get_vocab(), student_tok.get_vocab()
     if t != s:
-        only_t = sorted(set(t) - set(s))[:3]
-        moved = sorted(k for k in set(t) & set(s) if t[k] != s[k])[:3]
+        only_t, moved = _differences(t, s)
         raise DistillationCheckError(
             f"{where}: teacher and student vocabularies differ (sizes {len(t)} vs {len(s)}; "
             f"teacher-only tokens {only_t}; tokens with other ids {moved})"
@@ -114,8 +118,7 @@ def check_shared_bpe(teacher_tok, student_tok, where: str) -> dict[str, tuple[in
     t = {k: v for k, v in teacher_tok.get_vocab().items() if k not in t_added}
     s = {k: v for k, v in student_tok.get_vocab().items() if k not in s_added}
     if t != s:
-        only_t = sorted(set(t) - set(s))[:3]
-        moved = sorted(k for k in set(t) & set(s) if t[k] != s[k])[:3]
+        only_t, moved = _differences(t, s)
         raise DistillationCheckError(
             f"{where}: teacher and student split text differently (base vocabularies {len(t)} vs {len(s)} tokens; "
             f"teacher-only {only_t}; other ids {moved}); a draft must share the teacher's tokenizer"
