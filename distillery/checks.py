@@ -34,6 +34,20 @@ def check_same_vocab(teacher_tok, student_tok, where: str) -> None:
         )
 
 
+def check_same_template(teacher_path: str, student_tok, where: str, trust_remote_code: bool = False) -> None:
+    """Training on the teacher's rendered prompts (logit KD's token-exact examples) teaches the student the
+    teacher's chat format: refused unless the student's template is the teacher's."""
+    from transformers import AutoTokenizer
+
+    teacher_tok = AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=trust_remote_code)
+    if teacher_tok.chat_template != student_tok.chat_template:
+        raise DistillationCheckError(
+            f"{where}: teacher and student chat templates differ; logit KD trains on the teacher's rendered prompts "
+            "and would teach the student a format it will not be served with. Use a student with the teacher's "
+            "template, or train.method sft (which re-renders each trace in the student's template)"
+        )
+
+
 def check_teacher_frozen(teacher, where: str = "teacher") -> None:
     """A teacher in train mode samples dropout noise into its targets; one with grads wastes memory and can be
     updated by mistake."""

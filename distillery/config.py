@@ -22,7 +22,11 @@ STAGES = ("generate", "filter", "train", "prune", "quantize", "evaluate", "draft
 Stage = Literal["generate", "filter", "train", "prune", "quantize", "evaluate", "draft"]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DEMO_REFS = ("demo:teacher", "demo:student", *(f"demo:student-{size}" for size in STUDENT_SIZES))
-REHEARSAL_REFS = ("rehearsal:teacher", "rehearsal:student")  # distillery/rehearsal.py: real vocabularies, built here
+REHEARSAL_REFS = (
+    "rehearsal:teacher",
+    "rehearsal:student",
+    "rehearsal:student-r1",
+)  # distillery/rehearsal.py: real vocabularies, built here
 BUILTIN_PREFIXES = ("demo:", "rehearsal:")  # models the project builds itself, on first use
 
 
@@ -57,6 +61,11 @@ class ModelRef(Strict):
     revision: str | None = Field(None, description="hub revision (commit, tag, branch); recorded for lineage")
     trust_remote_code: bool = Field(False, description="run the model repo's own Python code; off by default")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    pad_token: str | None = Field(
+        None,
+        description="student: the token to pad with, for tokenizers that pad with eos (DeepSeek-R1-Distill's), "
+        "which training refuses: e.g. '<|fim_pad|>'; saved with the trained student",
+    )
 
     @field_validator("path")
     @classmethod
@@ -237,6 +246,12 @@ class KDConfig(Strict):
         True,
         description="multiply the soft loss by T² (Hinton et al.): without it the soft "
         "gradient shrinks as 1/T² at large T (bench/temperature.py); false only to measure that",
+    )
+    chunk_size: Annotated[int, Field(ge=0)] | None = Field(
+        None,
+        description="positions whose output-layer logits are built at once (losses.chunked_kd_ce: the same loss "
+        "and gradient in less memory); 0 builds the whole batch's; default 1024 for a student with 32k+ "
+        "vocabulary rows, else 0",
     )
 
 
@@ -601,6 +616,8 @@ class Pipeline(Strict):
                 f"stages: train.method {self.train.method!r} learns from the teacher's traces and needs "
                 "stage 'filter' (only method 'hard' trains on the dataset's answers alone)"
             )
+        if self.teacher.pad_token is not None:
+            raise ValueError("teacher.pad_token: only the student is trained and padded; set student.pad_token")
         if "{answer}" not in self.train.hard_label_template:
             raise ValueError("train.hard_label_template: must contain {answer}")
         if "train" in self.stages and self.train.method == "logit_kd" and self.generate.logprobs == 0:

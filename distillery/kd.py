@@ -85,24 +85,49 @@ def make_trainer(
     tail: str,
     callbacks: list | None = None,
     scale_t2: bool = True,
+    chunk_size: int = 0,
 ):
     """A transformers Trainer whose loss is the top-k logit distillation loss (T²-scaled unless `scale_t2` is
-    off, which only the temperature experiment wants: the soft term's gradient then shrinks as 1/T²)."""
+    off, which only the temperature experiment wants: the soft term's gradient then shrinks as 1/T²).
+
+    chunk_size > 0: the model returns its last hidden states (logits for one position only) and the loss projects
+    them through the output layer chunk_size positions at a time (losses.chunked_kd_ce): the same loss and gradient
+    without [batch, length, vocabulary] logits, which at Qwen's 151,936 rows are most of a step's memory."""
     from datasets import Dataset
     from transformers import Trainer
 
-    from distillery.losses import hard_ce, mixed, topk_kd
+    from distillery.losses import chunked_kd_ce, hard_ce, mixed, topk_kd
 
     class LogitKDTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels, top_ids, top_lp = inputs.pop("labels"), inputs.pop("top_ids"), inputs.pop("top_logprobs")
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-            logits = outputs.logits[:, :-1]  # position i-1 predicts token i
-            lab, ids, lps = labels[:, 1:], top_ids[:, 1:], top_lp[:, 1:]
-            kd = topk_kd(logits, ids, lps, temperature, divergence, beta, labels=lab, tail=tail)
+            lab, ids, lps = labels[:, 1:], top_ids[:, 1:], top_lp[:, 1:]  # position i-1 predicts token i
+            batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+            if chunk_size > 0:
+                # through the (DDP/PEFT-wrapped) model's own forward, so its hooks run; its last hidden state is
+                # the final norm's output, what the output layer reads
+                outputs = model(**batch, output_hidden_states=True, logits_to_keep=1)
+                hidden = outputs.hidden_states[-1][:, :-1]
+                head = self.accelerator.unwrap_model(model).get_output_embeddings()
+                kd, ce = chunked_kd_ce(
+                    hidden.reshape(-1, hidden.shape[-1]),
+                    head,
+                    lab.reshape(-1),
+                    top_ids=ids.reshape(-1, ids.shape[-1]),
+                    top_logprobs=lps.reshape(-1, lps.shape[-1]),
+                    temperature=temperature,
+                    kind=divergence,
+                    beta=beta,
+                    tail=tail,
+                    chunk_size=chunk_size,
+                )
+            else:
+                outputs = model(**batch)
+                logits = outputs.logits[:, :-1]
+                kd = topk_kd(logits, ids, lps, temperature, divergence, beta, labels=lab, tail=tail)
+                ce = hard_ce(logits, lab)
             if not scale_t2:
                 kd = kd / (temperature * temperature)
-            ce = hard_ce(logits, lab)
             loss = mixed(kd, ce, alpha)  # raises on NaN/inf: training stops, the stage's run ends FAILED
             self._kd_parts = {"kd_loss": kd.item(), "ce_loss": ce.item()}
             return (loss, outputs) if return_outputs else loss

@@ -96,6 +96,26 @@ def full_kd(
     return (t * t) * _masked_mean(divergence(logp, logq, kind, beta), labels)
 
 
+# A log-probability that is exactly 0 in probability at any temperature, yet finite: (NEG - NEG) = 0 where -inf
+# would give NaN in the divergence's value and gradient.
+NEG = -1e9
+
+
+def _fold_beyond(rows: int, top_ids: torch.Tensor, top_logprobs: torch.Tensor):
+    """Teacher ids at or past the student's output rows (R1-Distill-Qwen-7B has 152,064 rows, a 1.5B student on the
+    same tokenizer 151,936; the rows past the tokenizer are padding no text maps to) cannot be gathered from the
+    student. They leave the top-k with probability 0 on both sides, so their teacher mass joins the tail: exact
+    for tail="bucket", whose outcomes are then the student's kept ids and one bucket for everything else."""
+    valid = top_ids < rows
+    if bool(valid.all()):
+        return top_ids, top_logprobs, None
+    return top_ids.masked_fill(~valid, 0), _drop(_f(top_logprobs), valid), valid
+
+
+def _drop(logp: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    return logp if valid is None else logp.masked_fill(~valid, NEG)
+
+
 def topk_kd(
     student_logits: torch.Tensor,
     top_ids: torch.Tensor,
@@ -123,9 +143,10 @@ def topk_kd(
     tempering of the restricted teacher).
     """
     t = float(temperature)
+    top_ids, top_logprobs, valid = _fold_beyond(student_logits.shape[-1], top_ids, top_logprobs)
     if tail == "renormalize":
         z = _f(student_logits) / t
-        s_top = z.gather(-1, top_ids) - torch.logsumexp(z, dim=-1, keepdim=True)
+        s_top = _drop(z.gather(-1, top_ids) - torch.logsumexp(z, dim=-1, keepdim=True), valid)
         t_top = _f(top_logprobs) / t
         logp = t_top - torch.logsumexp(t_top, -1, keepdim=True)
         logq = s_top - torch.logsumexp(s_top, -1, keepdim=True)
@@ -138,6 +159,7 @@ def topk_kd(
 
         z = _f(student_logits)
         s_top = z.gather(-1, top_ids) - torch.logsumexp(z, dim=-1, keepdim=True)  # student log q on the top-k ids
+        s_top = _drop(s_top, valid)
         logp, logq = coarse(_f(top_logprobs)), coarse(s_top)
     else:
         raise ValueError(f"unknown tail handling {tail!r}")
@@ -179,6 +201,32 @@ def chunked_kd_from_hidden(
     hidden [N, H] (positions already aligned with labels [N]); each chunk's logits are built, reduced to a sum of
     per-position divergences, and dropped; activation checkpointing recomputes them in backward.
     """
+    kd, _ = chunked_kd_ce(
+        hidden, lm_head, labels, teacher_logits, top_ids, top_logprobs, temperature, kind, beta, tail, chunk_size
+    )
+    return kd
+
+
+def chunked_kd_ce(
+    hidden: torch.Tensor,
+    lm_head: torch.nn.Module,
+    labels: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
+    top_ids: torch.Tensor | None = None,
+    top_logprobs: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    kind: Divergence = "forward_kl",
+    beta: float = 0.5,
+    tail: str = "bucket",
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T²-scaled KD, cross-entropy on the labels), each the mean over the counted positions: exactly
+    full_kd/topk_kd and hard_ce of `lm_head(hidden)`, chunk_size positions' logits at a time (at a 151,936-token
+    vocabulary, [N, V] fp32 logits and their gradient are 1.2 MB per position).
+
+    hidden [N, H] and labels [N] are already aligned (position i's hidden state predicts labels[i]); teacher_logits
+    [N, V], or top_ids / top_logprobs [N, k].
+    """
     from torch.utils.checkpoint import checkpoint
 
     keep = labels != IGNORE
@@ -187,22 +235,17 @@ def chunked_kd_from_hidden(
     idx = keep.nonzero(as_tuple=True)[0]
     t = float(temperature)
 
-    def chunk_sum(h, tl, ti, tlp):
+    def chunk_sums(h, lab, tl, ti, tlp):
         z = _f(lm_head(h))
         if tl is not None:
-            per = divergence(F.log_softmax(_f(tl) / t, -1), F.log_softmax(z / t, -1), kind, beta)
-            return per.sum()
-        per_mean = topk_kd(z, ti, tlp, t, kind, beta, labels=None, tail=tail) / (t * t)
-        return per_mean * h.shape[0]
+            kd = divergence(F.log_softmax(_f(tl) / t, -1), F.log_softmax(z / t, -1), kind, beta).sum()
+        else:
+            kd = topk_kd(z, ti, tlp, t, kind, beta, labels=None, tail=tail) / (t * t) * h.shape[0]
+        return torch.stack([kd, F.cross_entropy(z, lab, reduction="sum")])
 
-    total = hidden.new_zeros((), dtype=_f(hidden).dtype)
+    total = hidden.new_zeros(2, dtype=_f(hidden).dtype)
     for start in range(0, idx.numel(), chunk_size):
         sel = idx[start : start + chunk_size]
-        args = (
-            hidden[sel],
-            None if teacher_logits is None else teacher_logits[sel],
-            None if top_ids is None else top_ids[sel],
-            None if top_logprobs is None else top_logprobs[sel],
-        )
-        total = total + checkpoint(chunk_sum, *args, use_reentrant=False)
-    return (t * t) * total / idx.numel()
+        args = [None if x is None else x[sel] for x in (hidden, labels, teacher_logits, top_ids, top_logprobs)]
+        total = total + checkpoint(chunk_sums, *args, use_reentrant=False)
+    return (t * t) * total[0] / idx.numel(), total[1] / idx.numel()

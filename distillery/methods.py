@@ -63,7 +63,7 @@ def sft(
 
     if not records:
         raise ValueError(f"{where}: no training records (did the filter drop every trace?)")
-    tokenizer = student_tokenizer(model_path, None, where, trust_remote_code)
+    tokenizer = student_tokenizer(model_path, None, where, trust_remote_code, params.pad_token)
     if not isinstance(records[0]["prompt"], str):  # conversational: TRL renders them with the student's template
         check_template_keeps_turn(tokenizer, where=f"{where}: student tokenizer {model_path}")
     model = load_student(model_path, params, trust_remote_code)
@@ -109,17 +109,24 @@ def logit_kd(
     logprobs_mode: str,
     callbacks: list | None = None,
     trust_remote_code: bool = False,
+    chat: bool = False,
 ) -> dict:
     """Train `model_path` on the teacher's stored top-k distributions of the kept traces (distillery.kd)."""
     from transformers import TrainingArguments
 
-    from distillery.checks import check_temperature_both_sides
+    from distillery.checks import check_same_template, check_temperature_both_sides
     from distillery.kd import build_examples, load_logprobs, make_trainer
 
-    tokenizer = student_tokenizer(model_path, teacher_path, "logit_kd", trust_remote_code)
+    tokenizer = student_tokenizer(model_path, teacher_path, "logit_kd", trust_remote_code, params.pad_token)
     check_temperature_both_sides(logprobs_mode, sampling_temperature, kd.temperature)
+    if chat:  # the examples are the teacher's rendered prompts: the student must be served the same format
+        check_same_template(teacher_path, tokenizer, "logit_kd", trust_remote_code)
+    if not logprobs.is_file():
+        raise FileNotFoundError(f"logit_kd: no stored teacher logprobs at {logprobs} (set generate.logprobs: k > 0)")
     examples = build_examples(rows, load_logprobs(logprobs), tokenizer, params.max_length)
     model = load_student(model_path, params, trust_remote_code)
+    rows_out = model.get_output_embeddings().weight.shape[0]
+    chunk = kd.chunk_size if kd.chunk_size is not None else (1024 if rows_out >= 32_000 else 0)
     args = TrainingArguments(**common_args(params, output_dir))
     trainer = guard_finite(
         make_trainer(
@@ -134,10 +141,12 @@ def logit_kd(
             kd.tail,
             callbacks,
             scale_t2=kd.scale_t2,
+            chunk_size=chunk,
         ),
         "logit_kd",
     )
     result = run_trainer(trainer, "logit_kd")
+    folded = sum(i >= rows_out for ex in examples for pos in ex["top_ids"] for i in pos)
     return finish(
         trainer,
         result,
@@ -147,7 +156,14 @@ def logit_kd(
         len(examples),
         params,
         model_path,
-        manifest={"base": model_path, "method": "logit_kd", "kd": kd.model_dump()},
+        manifest={
+            "base": model_path,
+            "method": "logit_kd",
+            "kd": {**kd.model_dump(), "chunk_size": chunk},
+            # teacher top-k ids past the student's output rows (padding rows of a larger teacher embedding), whose
+            # mass went to the tail (losses.topk_kd)
+            "teacher_ids_past_student_rows": folded,
+        },
         where="logit_kd",
         trust_remote_code=trust_remote_code,
     )
@@ -173,7 +189,7 @@ def gkd(
 
     from distillery.checks import check_teacher_frozen
 
-    tokenizer = student_tokenizer(model_path, teacher_path, "gkd", trust_remote_code)
+    tokenizer = student_tokenizer(model_path, teacher_path, "gkd", trust_remote_code, params.pad_token)
     if tokenizer.chat_template is None:
         raise ValueError(f"gkd: the student tokenizer ({model_path}) has no chat template; TRL's GKD needs one")
     check_template_keeps_turn(tokenizer, where=f"gkd: student tokenizer {model_path}")
@@ -259,7 +275,9 @@ def dpo(
         )
         figures.update({f"sft_{k}": v for k, v in sft_figs.items()})
         start = str(sft_dir)
-    tokenizer = student_tokenizer(start, None, "dpo", trust_remote_code)  # the teacher judges text, not ids
+    tokenizer = student_tokenizer(
+        start, None, "dpo", trust_remote_code, params.pad_token
+    )  # the teacher judges text, not ids
     prompts = list({r["prompt_id"]: r for r in rows}.values())[: d.num_prompts]
     samples = sample_student(
         start, [r.get("prompt_text", r["prompt"]) for r in prompts], d, params.seed, trust_remote_code
@@ -338,7 +356,7 @@ def run_method(
     rows = read_jsonl(Path(traces))
     teacher = resolve_model(cfg.teacher.path)
     if t.method == "logit_kd":
-        gen_dir = Path(generated or traces).parent
+        gen_dir = generated_dir(Path(traces), generated)
         manifest = json.loads((gen_dir / "manifest.json").read_text())
         return logit_kd(
             student,
@@ -352,6 +370,7 @@ def run_method(
             (manifest.get("logprobs") or {}).get("mode", "raw_logprobs"),
             callbacks,
             trust,
+            chat,
         )
     if t.method == "gkd":
         return gkd(student, teacher, rows, out, params, t.gkd, callbacks, trust, chat)
@@ -374,6 +393,19 @@ def run_method(
     return sft(student, training_records(rows, chat), out, params, callbacks, trust)
 
 
+def generated_dir(traces: Path, generated: str | None) -> Path:
+    """The generate stage's folder, which holds the teacher's logprobs: given, or the one the filter's manifest
+    names as its source (kept traces given alone, as `distillery train --traces .../filter/kept.jsonl`), or the
+    traces' own folder (generated traces given directly)."""
+    if generated:
+        return Path(generated).parent
+    manifest = traces.parent / "manifest.json"
+    source = json.loads(manifest.read_text()).get("source") if manifest.is_file() else None
+    if source and Path(source).parent.joinpath("logprobs.parquet").is_file():
+        return Path(source).parent
+    return traces.parent
+
+
 def params_from(cfg: Pipeline) -> SFTParams:
     t = cfg.train
     return SFTParams(
@@ -392,4 +424,5 @@ def params_from(cfg: Pipeline) -> SFTParams:
         lora=t.lora.model_dump() if t.lora else None,
         checkpoint_every=cfg.checkpoint.every_steps,
         keep_checkpoints=cfg.checkpoint.keep,
+        pad_token=cfg.student.pad_token,
     )

@@ -11,7 +11,8 @@ where Qwen2.5 splits it into three BPE pieces.
 
 Model references: `rehearsal:teacher` (R1-Distill-Qwen-7B's tokenizer and embedding rows, 152,064) and
 `rehearsal:student` (Qwen2.5-1.5B-Instruct's, 151,936; tied embeddings, as published), both few and narrow layers
-so the r1 pipeline can be rehearsed on 2 cores. `build_models(sizes="real")` gives the published widths and depths
+so the r1 pipeline can be rehearsed on 2 cores; and `rehearsal:student-r1` (DeepSeek-R1-Distill-Qwen-1.5B's: R1's
+tokenizer, 151,936 rows), the same-tokenizer student that logit KD from the 7B teacher needs. `build_models(sizes="real")` gives the published widths and depths
 for the GPU check.
 """
 
@@ -294,6 +295,19 @@ REAL = {
         max_position_embeddings=32768,
         rope_theta=1000000.0,
     ),
+    # DeepSeek-R1-Distill-Qwen-1.5B: Qwen2.5-Math-1.5B's body (untied, rope 10k) on R1's tokenizer, the same
+    # vocabulary as the 7B teacher with 128 fewer embedding rows: the pair for logit KD at 151k
+    "student-r1": dict(
+        vocab_size=151_936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        max_position_embeddings=131072,
+        rope_theta=10000.0,
+    ),
 }
 TINY = {
     "teacher": {
@@ -302,14 +316,21 @@ TINY = {
             hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2
         ),
     },
-    "student": {
-        **REAL["student"],
-        **dict(
-            hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1
-        ),
+    **{
+        role: {
+            **REAL[role],
+            **dict(
+                hidden_size=128,
+                intermediate_size=256,
+                num_hidden_layers=4,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+            ),
+        }
+        for role in ("student", "student-r1")
     },
 }
-TOKENIZER_OF = {"teacher": "r1-distill", "student": "qwen2.5"}
+TOKENIZER_OF = {"teacher": "r1-distill", "student": "qwen2.5", "student-r1": "r1-distill"}
 REFS = tuple(f"rehearsal:{role}" for role in TINY)
 VERSION = "v1"
 

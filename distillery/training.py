@@ -35,6 +35,7 @@ class SFTParams:
     extra: dict[str, Any] = field(default_factory=dict)  # passed to SFTConfig as is
     checkpoint_every: int = 0  # save the trainer's whole state every N steps (0: never); see run_trainer
     keep_checkpoints: int = 2
+    pad_token: str | None = None  # the student's pad when its tokenizer pads with eos (student.pad_token)
 
 
 COMPLETE = "distillery-complete"  # written into a checkpoint folder once the Trainer has saved all of it
@@ -294,6 +295,10 @@ def finish(
     # output_dir and wait until it is complete, so no process exits while the model is half written.
     if trainer.is_world_process_zero():
         model, merge = merged_model(trainer.model, params, base_path, trust_remote_code)
+        if params.pad_token is not None:  # the saved config pads as the saved tokenizer does
+            model.config.pad_token_id = tokenizer.pad_token_id
+            if model.generation_config is not None:
+                model.generation_config.pad_token_id = tokenizer.pad_token_id
         with atomic_dir(output_dir) as tmp:
             save_model(model, tokenizer, tmp, state_dict=state_dict)
         figures.update(params=int(model.num_parameters()), **merge)
@@ -319,13 +324,23 @@ def trainable_count(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def student_tokenizer(model_path: str, teacher_path: str | None, where: str, trust_remote_code: bool = False):
-    """The student's tokenizer, refused when pad == eos or (with a teacher) when the vocabularies differ."""
+def student_tokenizer(
+    model_path: str, teacher_path: str | None, where: str, trust_remote_code: bool = False, pad_token: str | None = None
+):
+    """The student's tokenizer, refused when pad == eos or (with a teacher) when the vocabularies differ.
+    `pad_token` (student.pad_token) replaces the pad: one token of the vocabulary, never eos."""
     from transformers import AutoTokenizer
 
-    from distillery.checks import check_round_trip, check_same_vocab
+    from distillery.checks import DistillationCheckError, check_round_trip, check_same_vocab
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    if pad_token is not None:
+        if pad_token not in tokenizer.get_vocab():
+            raise DistillationCheckError(
+                f"student.pad_token: {pad_token!r} is not one token of {model_path}'s vocabulary; name one that is "
+                "(Qwen-family tokenizers have '<|fim_pad|>')"
+            )
+        tokenizer.pad_token = pad_token
     check_pad_not_eos(tokenizer, where=f"student tokenizer {model_path}")
     check_round_trip(tokenizer, where=f"student tokenizer {model_path}")
     if teacher_path:

@@ -45,3 +45,44 @@ def test_temperature_applied_to_one_side_is_refused():
     check_temperature_both_sides("processed_logprobs", 1.0, 1.0)
     with pytest.raises(DistillationCheckError, match="temper the teacher and the student differently"):
         check_temperature_both_sides("processed_logprobs", 0.7, 2.0)
+
+
+def test_logit_kd_refuses_a_student_served_in_another_chat_format(tmp_path):
+    """Logit KD trains on the teacher's rendered prompts, token for token: a student whose chat template differs
+    would learn a format it is never served with."""
+    from transformers import AutoTokenizer
+
+    from distillery.checks import check_same_template
+
+    from .conftest import chat_teacher
+
+    teacher = chat_teacher(tmp_path / "t", "{% for m in messages %}<t>{{ m['content'] }}{% endfor %}")
+    same = AutoTokenizer.from_pretrained(teacher)
+    check_same_template(str(teacher), same, "logit_kd")
+    other = AutoTokenizer.from_pretrained(
+        chat_teacher(tmp_path / "s", "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    )
+    with pytest.raises(DistillationCheckError, match="chat templates differ"):
+        check_same_template(str(teacher), other, "logit_kd")
+
+
+def test_student_pad_token_replaces_an_eos_pad_and_must_be_one_token(tmp_path):
+    """R1-Distill's tokenizers pad with eos, which training refuses; student.pad_token names another token."""
+    from transformers import AutoTokenizer
+
+    from distillery.demo.assets import TEACHER_DIR
+    from distillery.training import student_tokenizer
+
+    folder = tmp_path / "padeos"
+    tok = AutoTokenizer.from_pretrained(TEACHER_DIR)
+    tok.pad_token = tok.eos_token
+    tok.save_pretrained(folder)
+    with pytest.raises(DistillationCheckError, match="pad token equals eos"):
+        student_tokenizer(str(folder), None, "train")
+    unk = tok.convert_ids_to_tokens(0)
+    fixed = student_tokenizer(str(folder), None, "train", pad_token=unk)
+    assert fixed.pad_token == unk and fixed.pad_token_id != fixed.eos_token_id
+    with pytest.raises(DistillationCheckError, match="student.pad_token: '<nope>' is not one token"):
+        student_tokenizer(str(folder), None, "train", pad_token="<nope>")
+    with pytest.raises(DistillationCheckError, match="pad token equals eos"):  # naming eos itself fixes nothing
+        student_tokenizer(str(folder), None, "train", pad_token=tok.eos_token)

@@ -60,7 +60,7 @@ def _train(examples, student, tmp_path, steps=40, **kw):
         learning_rate=3e-3,
         use_cpu=True,
         report_to=[],
-        logging_steps=min(10, steps),
+        logging_steps=1 if steps <= 3 else 10,
         save_strategy="no",
         disable_tqdm=True,
     )
@@ -93,6 +93,20 @@ def test_without_t2_the_soft_term_is_divided_by_t_squared(greedy_traces, tokeniz
         trainer = _train(examples, tiny_student, tmp_path, steps=1, temperature=4.0, scale_t2=scale)
         first[scale] = next(h["kd_loss"] for h in trainer.state.log_history if "kd_loss" in h)
     assert first[False] == pytest.approx(first[True] / 16, rel=1e-4)
+
+
+def test_chunked_training_is_the_whole_batch_training(greedy_traces, tokenizer, tiny_student, tmp_path):
+    """kd.chunk_size > 0 (the default at 32k+ vocabularies) builds the output layer's logits a few positions at a
+    time from the model's last hidden states: the same losses, step after step, as the whole batch's logits."""
+    rows, lps = greedy_traces
+    examples = build_examples(rows, lps, tokenizer, max_length=256)[:16]
+    curves = {}
+    for chunk in (0, 37):
+        trainer = _train(examples, tiny_student, tmp_path, steps=3, alpha=0.5, chunk_size=chunk)
+        curves[chunk] = [(h["kd_loss"], h["ce_loss"]) for h in trainer.state.log_history if "loss" in h]
+    assert len(curves[0]) == 3
+    for whole, chunked in zip(curves[0], curves[37], strict=True):
+        assert chunked == pytest.approx(whole, rel=1e-4)
 
 
 def test_nan_teacher_logprobs_stop_training(greedy_traces, tokenizer, tiny_student, tmp_path):
@@ -209,3 +223,19 @@ def test_a_models_own_rescored_topk_are_its_distribution_at_the_traces_tokens(gr
             assert float(loss) == pytest.approx(0.0, abs=1e-4)
     with pytest.raises(ValueError, match="empty prompt"):
         topk_logprobs(model, [[]], [[5]], k=2, pad_id=tokenizer.pad_token_id)
+
+
+def test_kept_traces_alone_lead_to_the_teachers_logprobs(tmp_path):
+    """`distillery train --traces run/filter/kept.jsonl` with logit_kd: the logprobs are in the generate folder the
+    filter's manifest names as its source."""
+    import json
+
+    from distillery.methods import generated_dir
+
+    gen, filt = tmp_path / "generate", tmp_path / "filter"
+    gen.mkdir(), filt.mkdir()
+    (gen / "logprobs.parquet").write_bytes(b"")
+    (filt / "manifest.json").write_text(json.dumps({"source": str(gen / "traces.jsonl")}))
+    assert generated_dir(filt / "kept.jsonl", None) == gen
+    assert generated_dir(filt / "kept.jsonl", str(tmp_path / "elsewhere" / "traces.jsonl")) == tmp_path / "elsewhere"
+    assert generated_dir(gen / "traces.jsonl", None) == gen  # generated traces given directly

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from distillery.losses import chunked_kd_from_hidden, divergence, full_kd, hard_ce, mixed, topk_kd
+from distillery.losses import chunked_kd_ce, chunked_kd_from_hidden, divergence, full_kd, hard_ce, mixed, topk_kd
 
 P = torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64)
 Q = torch.tensor([0.9, 0.05, 0.05], dtype=torch.float64)
@@ -163,6 +163,65 @@ def test_chunked_loss_equals_the_naive_one_with_its_gradients():
         hidden, head, None, labels, 2.0, chunk_size=8, top_ids=top.indices, top_logprobs=top.values
     )
     assert chunked_k.item() == pytest.approx(naive_k.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+def test_chunked_kd_and_ce_are_the_naive_ones_with_their_gradients(tail):
+    """What the logit-KD trainer computes with kd.chunk_size > 0: top-k KD and cross-entropy from hidden states,
+    a few positions' logits at a time, equal in value and gradient to both losses on the whole logits."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 300, bias=False)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    top = torch.log_softmax(torch.randn(37, 300) * 2, -1).topk(8)
+    labels = top.indices[:, 0].clone()
+    labels[:9] = -100
+    logits = head(hidden)
+    for kind in ("forward_kl", "reverse_kl", "jsd"):
+        naive_kd = topk_kd(logits, top.indices, top.values, 2.0, kind, 0.3, labels=labels, tail=tail)
+        naive = naive_kd + hard_ce(logits, labels)
+        g_naive = torch.autograd.grad(naive, [hidden, head.weight], retain_graph=True)
+        for chunk in (5, 28, 4096):
+            kd, ce = chunked_kd_ce(
+                hidden, head, labels, None, top.indices, top.values, 2.0, kind, 0.3, tail, chunk_size=chunk
+            )
+            assert kd.item() == pytest.approx(naive_kd.item(), rel=1e-5, abs=1e-7)
+            assert ce.item() == pytest.approx(hard_ce(logits, labels).item(), rel=1e-6)
+            g = torch.autograd.grad(kd + ce, [hidden, head.weight])
+            assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g, g_naive, strict=True))
+    with pytest.raises(ValueError, match="every position is masked"):
+        chunked_kd_ce(hidden, head, torch.full((37,), -100), None, top.indices, top.values)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_teacher_ids_past_the_students_rows_join_the_tail(kind):
+    """A teacher with more embedding rows than the student (R1-Distill-Qwen-7B: 152,064; a 1.5B student on the
+    same tokenizer: 151,936) can put padding-row ids in its top-k. They cannot be gathered from the student, so
+    they leave the top-k and their mass joins the bucket: the loss is exactly the one over the student's ids with
+    the teacher's tail mass including theirs, finite in value and gradient."""
+    torch.manual_seed(2)
+    rows, k = 50, 6
+    teacher = torch.log_softmax(torch.randn(10, rows + 4) * 3, -1)  # 4 rows the student lacks
+    teacher[:, rows:] += 4  # ... that often make the top-k
+    teacher = torch.log_softmax(teacher, -1)
+    top = teacher.topk(k)
+    assert (top.indices >= rows).any()
+    student = torch.randn(10, rows, requires_grad=True)
+    loss = topk_kd(student, top.indices, top.values, 2.0, kind, tail="bucket")
+    (grad,) = torch.autograd.grad(loss, student)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    # the closed form: per position, the student's ids among the top-k and one bucket, at T=1, then tempered alike
+    q = torch.log_softmax(student.detach(), -1)
+    expected = []
+    for i in range(10):
+        keep = top.indices[i] < rows
+        t_top, s_top = top.values[i][keep], q[i][top.indices[i][keep]]
+        t_c = torch.cat([t_top, torch.log1p(-t_top.exp().sum()).view(1)])
+        s_c = torch.cat([s_top, torch.log1p(-s_top.exp().sum()).view(1)])
+        expected.append(divergence(torch.log_softmax(t_c / 2, -1), torch.log_softmax(s_c / 2, -1), kind))
+    assert loss.item() == pytest.approx(4 * torch.stack(expected).mean().item(), rel=1e-5)
+    # renormalize: the same positions, restricted to the student's ids among the top-k
+    renorm = topk_kd(student, top.indices, top.values, 2.0, kind, tail="renormalize")
+    assert torch.isfinite(renorm) and torch.isfinite(torch.autograd.grad(renorm, student)[0]).all()
 
 
 def test_mix_and_nan_refusal():

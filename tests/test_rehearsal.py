@@ -143,7 +143,7 @@ def test_rehearsal_models_have_the_published_vocabularies():
     from distillery.demo.assets import resolve_model
 
     shapes = {}
-    for role, vocab, tied in (("teacher", 152_064, False), ("student", 151_936, True)):
+    for role, vocab, tied in (("teacher", 152_064, False), ("student", 151_936, True), ("student-r1", 151_936, False)):
         path = resolve_model(f"rehearsal:{role}")
         cfg = AutoConfig.from_pretrained(path)
         tok = AutoTokenizer.from_pretrained(path)
@@ -153,7 +153,7 @@ def test_rehearsal_models_have_the_published_vocabularies():
         # embedding rows beyond the tokenizer, as published. transformers 5 reads both folders with Qwen2Tokenizer
         # (config.json says qwen2), which adds its default unk <|endoftext|> to R1-Distill's as a 151,666th token
         assert type(tok).__name__ == "Qwen2Tokenizer"
-        assert len(tok) == (151_666 if role == "teacher" else 151_665) < vocab
+        assert len(tok) == (151_665 if role == "student" else 151_666) < vocab
         check_round_trip(tok, where=role)
         assert tok.chat_template == rehearsal.TOKENIZERS[rehearsal.TOKENIZER_OF[role]].chat_template
         model = AutoModelForCausalLM.from_pretrained(path)
@@ -161,7 +161,7 @@ def test_rehearsal_models_have_the_published_vocabularies():
             logits = model(**tok(["\\boxed{42}"], return_tensors="pt")).logits
         assert logits.shape[-1] == vocab and torch.isfinite(logits).all()
         shapes[role] = sum(p.numel() for p in model.parameters())
-    assert shapes["teacher"] > shapes["student"]
+    assert shapes["teacher"] > shapes["student-r1"] > shapes["student"]  # untied: a second 151,936-row matrix
 
 
 class _Tok:
@@ -169,15 +169,17 @@ class _Tok:
 
 
 def test_real_sizes_are_the_published_parameter_counts():
-    """The GPU check builds the published shapes; their parameter counts match the model cards (7.6B, 1.5B)."""
+    """The GPU check builds the published shapes; their parameter counts match the model cards (7.6B, 1.5B, and
+    R1-Distill-Qwen-1.5B's 1.78B: the 1.5B body with an untied output layer)."""
     import torch
     from transformers import Qwen2ForCausalLM
 
-    with torch.device("meta"):
-        teacher = Qwen2ForCausalLM(rehearsal.qwen2_config("teacher", _Tok(), "real"))
-        student = Qwen2ForCausalLM(rehearsal.qwen2_config("student", _Tok(), "real"))
-    assert round(sum(p.numel() for p in teacher.parameters()) / 1e9, 2) == 7.62
-    assert round(sum(p.numel() for p in student.parameters()) / 1e9, 2) == 1.54
+    counts = {}
+    for role in rehearsal.REAL:
+        with torch.device("meta"):
+            model = Qwen2ForCausalLM(rehearsal.qwen2_config(role, _Tok(), "real"))
+        counts[role] = round(sum(p.numel() for p in model.parameters()) / 1e9, 2)
+    assert counts == {"teacher": 7.62, "student": 1.54, "student-r1": 1.78}
 
 
 def test_r1s_published_tokenizer_class_breaks_without_its_config_and_the_check_says_so(tmp_path):
@@ -326,3 +328,60 @@ def test_gpu_check_runs_at_toy_sizes_and_reports_every_figure(rehearsal_run):
     assert figures["draft_tokens_per_step"] >= 1 and figures["draft_outputs_identical"] == 1.0
     for line in ("generation, teacher", "LoRA training, student", "NF4 student", "tokens per teacher step"):
         assert line in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_logit_kd_at_151k_on_the_rehearsals_traces(rehearsal_run, tmp_path):
+    """Logit KD at Qwen's vocabulary: `distillery train` on r1-rehearsal's kept traces, whose teacher top-20
+    logprobs the generate stage stored, into R1-Distill-Qwen-1.5B's shape (R1's tokenizer, 151,936 rows against
+    the teacher's 152,064), LoRA, through the chunked loss. R1's tokenizer pads with eos: refused until
+    student.pad_token names another token."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoConfig, AutoTokenizer
+
+    from distillery.demo.assets import resolve_model
+    from distillery.training import student_tokenizer
+
+    from .conftest import REPO
+
+    work, _, proc = rehearsal_run
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    (run_dir,) = (work / "runs" / "r1-rehearsal").glob("2*")
+    student = resolve_model("rehearsal:student-r1")
+    with pytest.raises(DistillationCheckError, match="pad token equals eos"):
+        student_tokenizer(student, resolve_model("rehearsal:teacher"), "logit_kd")
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "kd"
+    sets = ["train.method=logit_kd", "student.path=rehearsal:student-r1", "student.pad_token=<|fim_pad|>"]
+    sets += ["train.max_steps=3", "train.batch_size=4"]
+    res = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "train", "r1-rehearsal", "--file", str(REPO / "pipelines.yaml")]
+        + ["--traces", str(run_dir / "filter" / "kept.jsonl"), "--out", str(out)]
+        + [a for s in sets for a in ("--set", s)],
+        cwd=tmp_path,
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    # the logprobs were found through the filter's manifest; the loss was chunked, as the default at 151k rows
+    assert manifest["method"] == "logit_kd" and manifest["kd"]["chunk_size"] == 1024
+    assert manifest["figures"]["steps"] == 3 and manifest["teacher_ids_past_student_rows"] >= 0
+    kd_losses = [h["kd_loss"] for h in manifest["loss_history"] if "kd_loss" in h]
+    assert kd_losses and all(0 < x < 1e3 for x in kd_losses)
+    cfg, tok = AutoConfig.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    assert cfg.vocab_size == 151_936 and cfg.tie_word_embeddings is False  # merged LoRA, plain weights
+    assert tok.pad_token == "<|fim_pad|>" != tok.eos_token and cfg.pad_token_id == tok.pad_token_id
+    assert tok.chat_template == rehearsal.TOKENIZERS["r1-distill"].chat_template
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("distillery").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["method"] == "logit_kd"
