@@ -24,6 +24,7 @@ from distillery.concurrency import LEASE_TAG, gpu_slot
 from distillery.config import ConfigError, Pipeline, load_pipeline, parse_overrides
 from distillery.demo.assets import resolve_model
 from distillery.lifecycle import PROCESS_TAG, process_gone, reap, stop_on_signals, this_process
+from distillery.prefect_ui import flow_run_name, link_mlflow_run, publish_report
 from distillery.preflight import preflight
 from distillery.results import ModelArtifact, latest_full_precision
 from distillery.runtime import RunContext
@@ -42,7 +43,7 @@ RUN_RECORD = "run.json"  # in each run folder: which pipeline and MLflow parent 
 DEFAULT_FILE = str(Path(__file__).resolve().parents[1] / "pipelines.yaml")
 
 
-@flow(name="distill", log_prints=True)
+@flow(name="distill", log_prints=True, flow_run_name=flow_run_name)
 def distill(
     pipeline: str = "demo",
     overrides: list[str] | None = None,
@@ -58,6 +59,8 @@ def distill(
         raise ConfigError(problems)
     with stop_on_signals():  # SIGTERM ends the run KILLED, as Ctrl-C does
         tracker, parent, ctx = open_run(cfg, pipeline, config_file, overrides, track, resume, reuse=not fresh)
+        if track:
+            link_mlflow_run(pipeline, ctx.tracking_uri, tracker.experiment_id, parent.run_id)
         try:
             with gpu_slot(cfg.concurrency, on_lease=lambda lease: parent.set_tags({LEASE_TAG: lease})):
                 result = run_stages(cfg, ctx, tracker)
@@ -109,6 +112,8 @@ def run_stages(cfg: Pipeline, ctx: RunContext, tracker) -> dict:
     if cfg.registry and draft:
         registry.register_draft(tracker, ctx, cfg.registry, draft, draft_source.label)
     table = report_task(ctx, evals, draft, draft_source.label) if evals else None
+    if table:
+        publish_report(ctx.pipeline, table, ctx.run_dir)
     return {"models": models, "table": table, "gate": gate}
 
 

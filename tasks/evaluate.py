@@ -344,6 +344,9 @@ def _evaluate_all(
     results: dict[str, Evaluation],
     heldout: list[dict] | None,
 ) -> None:
+    from distillery.prefect_ui import Progress
+
+    bar = Progress("evaluate: models", len(models), every=0)
     for i, m in enumerate(models):
         label = m.label
         trust = cfg.teacher.trust_remote_code if m.stage == "reference" else cfg.student.trust_remote_code
@@ -363,6 +366,7 @@ def _evaluate_all(
         )
         run.log_metrics({f"{k}.{label}": v for k, v in res["figures"].items() if v is not None})
         run.log_dict(res, f"results/{label}.json")
+        bar.update(i + 1)
 
 
 if __name__ == "__main__":

@@ -235,8 +235,11 @@ def run_shard(cfg: Pipeline, tid: str, shard: list[dict], dest: Path, engine) ->
     return {**manifest, "cached": False}
 
 
-def generate(cfg: Pipeline, out_dir: Path, shard_runner: Callable = run_shard) -> dict:
-    """Generate (or reuse) every shard, then merge them into `out_dir`. Returns {path, figures}."""
+def generate(
+    cfg: Pipeline, out_dir: Path, shard_runner: Callable = run_shard, on_shard: Callable[[int, int], None] | None = None
+) -> dict:
+    """Generate (or reuse) every shard, then merge them into `out_dir`. Returns {path, figures}. `on_shard(done,
+    total)` after each shard."""
     teacher = resolve_model(cfg.teacher.path) if cfg.generate.backend != "openai" else cfg.teacher.path
     tid = teacher_id(cfg, teacher)
     prompts = prepare_prompts(cfg, teacher)
@@ -246,7 +249,11 @@ def generate(cfg: Pipeline, out_dir: Path, shard_runner: Callable = run_shard) -
     dests = [root / shard_key(cfg, tid, s) for s in shards]
     engine = LazyEngine(lambda: make_engine(cfg, teacher))
     try:
-        manifests = [shard_runner(cfg, tid, s, d, engine) for s, d in zip(shards, dests, strict=True)]
+        manifests = []
+        for s, d in zip(shards, dests, strict=True):
+            manifests.append(shard_runner(cfg, tid, s, d, engine))
+            if on_shard:
+                on_shard(len(manifests), len(shards))
     finally:
         engine.close()
     rows = [r for d in dests for r in read_jsonl(d / "traces.jsonl")]
@@ -312,6 +319,7 @@ def generate_shard_task(cfg: Pipeline, tid: str, shard: list[dict], dest: Path, 
 @task(name="generate", cache_policy=NO_CACHE)
 def generate_task(cfg: Pipeline, ctx: RunContext) -> Traces:
     from distillery.lineage import log_traces_input
+    from distillery.prefect_ui import Progress
 
     tracker = ctx.tracker()
     with tracker.stage("generate", ctx.parent_run_id) as run:
@@ -323,7 +331,14 @@ def generate_task(cfg: Pipeline, ctx: RunContext) -> Traces:
                 "data": cfg.data.model_dump(),
             }
         )
-        result = generate(cfg, ctx.stage_dir("generate"), shard_runner=generate_shard_task)
+        bar: list[Progress] = []
+
+        def shard_done(done: int, total: int) -> None:
+            if not bar:
+                bar.append(Progress("generate: shards", total))
+            bar[0].update(done)
+
+        result = generate(cfg, ctx.stage_dir("generate"), shard_runner=generate_shard_task, on_shard=shard_done)
         run.log_metrics(result["figures"])
         rows = read_jsonl(Path(result["path"]))
         run.log_dict(rows[:50], "traces_sample.json")

@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from distillery.artifacts import content_hash
 from distillery.config import Pipeline
 from distillery.methods import METHOD_LABELS, run_method
+from distillery.prefect_ui import trainer_progress
 from distillery.results import ModelArtifact, Traces
 from distillery.runtime import RunContext
 from distillery.training import loss_curve, mlflow_callback
@@ -36,7 +37,9 @@ def train_logged(cfg: Pipeline, run, student: str, traces: str | None, generated
         log_traces_input(run, Path(generated), "generated", context="source")
     if traces:
         log_traces_input(run, Path(traces), "filtered", context="training")
-    figures = run_method(cfg, student, traces, generated, out, callbacks=[mlflow_callback(run)])
+    figures = run_method(
+        cfg, student, traces, generated, out, callbacks=[mlflow_callback(run), trainer_progress("train: steps")]
+    )
     if isinstance(run, NullRun):
         return figures
     run.log_metrics(figures)

@@ -223,3 +223,11 @@ def test_deploy_refuses_without_a_server(tmp_path):
 def test_every_command_has_help(cmd):
     r = subprocess.run([sys.executable, "-m", "flows.cli", *cmd, "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "usage: distillery" in r.stdout
+
+
+def test_r1_distill_ships_a_nightly_schedule_that_starts_paused():
+    from flows.deploy import schedules_for
+
+    cfg = load_pipeline(REPO / "pipelines.yaml", "r1-distill")
+    (nightly,) = schedules_for(cfg)
+    assert (nightly.cron, nightly.timezone, nightly.active) == ("0 2 * * *", "UTC", False)

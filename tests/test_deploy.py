@@ -160,6 +160,9 @@ def test_readme_commands_deploy_and_run_through_a_worker(server):
             assert d.work_pool_name == "local" and set(d.tags) == {"distillery", "smoke"}
             assert d.parameters["pipeline"] == "smoke" and d.parameters["overrides"] == []
             assert c.read_global_concurrency_limit_by_name("distillery-gpu").limit == 1
+            # the shipped nightly schedule of r1-distill, registered paused until the user switches it on
+            nightly = c.read_deployment_by_name("distill/r1-distill").schedules
+            assert [(s.active, s.schedule.cron, s.schedule.timezone) for s in nightly] == [(False, "0 2 * * *", "UTC")]
         deployed = time.time()
 
         r = subprocess.run(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -267,5 +268,38 @@ def test_deployment_triggered_through_prefect_server(tmp_path):
             assert len(parents) == 1 and parents[0].info.status == "FINISHED"
             assert parents[0].data.tags["distillery.pipeline"] == "smoke"
             assert "accuracy.student-sft" in parents[0].data.metrics
+
+            # what Prefect's UI shows of it: its name, the report, a link to MLflow, the stages' progress
+            shown = flow_run_view(env, parents[0].data.tags["prefect.flow_run_id"])
+            assert re.fullmatch(r"smoke-\d{8}-\d{6}", shown["name"]), shown["name"]
+            by_key = {a["key"]: a for a in shown["artifacts"] if a["key"]}
+            assert "| model" in by_key["smoke-report"]["data"] and "student-sft" in by_key["smoke-report"]["data"]
+            link = by_key["smoke-mlflow-run"]["data"]
+            assert f"#/experiments/{parents[0].info.experiment_id}/runs/{parents[0].info.run_id}" in link
+            progress = {
+                a["description"].split(":")[0]: a["data"] for a in shown["artifacts"] if a["type"] == "progress"
+            }
+            assert progress == {"generate": 100, "train": 100, "evaluate": 100}, progress
         finally:
             stop(serve)
+
+
+FLOW_RUN_VIEW = """
+import json, sys
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+with get_client(sync_client=True) as c:
+    fr = c.read_flow_run(sys.argv[1])
+    arts = c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[fr.id])))
+    print(json.dumps({"name": fr.name, "artifacts": [
+        {"key": a.key, "type": a.type, "data": a.data, "description": a.description} for a in arts]}))
+"""
+
+
+def flow_run_view(env: dict, flow_run_id: str) -> dict:
+    """A flow run's name and artifacts, as the Prefect server at env's PREFECT_API_URL has them."""
+    r = subprocess.run(
+        [sys.executable, "-c", FLOW_RUN_VIEW, flow_run_id], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
