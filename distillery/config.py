@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from distillery import model_uris
 from distillery.demo.assets import STUDENT_SIZES
 
 STAGES = ("generate", "filter", "train", "prune", "quantize", "evaluate", "draft")
@@ -57,7 +58,10 @@ def _check_local_path(value: str, info: ValidationInfo, what: str) -> str:
 
 
 class ModelRef(Strict):
-    path: str = Field(description="demo:teacher | demo:student | a local folder (./, /, ~) | a hub id org/name")
+    path: str = Field(
+        description="demo:teacher | demo:student | a local folder (./, /, ~) | a hub id org/name | an MLflow model: "
+        "models:/<name>@<alias>, models:/<name>/<version>, runs:/<run id>/<path>"
+    )
     revision: str | None = Field(None, description="hub revision (commit, tag, branch); recorded for lineage")
     trust_remote_code: bool = Field(False, description="run the model repo's own Python code; off by default")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -74,8 +78,15 @@ class ModelRef(Strict):
             if v not in DEMO_REFS + REHEARSAL_REFS:
                 raise ValueError(f"unknown demo model {v!r}; expected one of {', '.join(DEMO_REFS + REHEARSAL_REFS)}")
             return v
+        if v.startswith(model_uris.PREFIXES):  # whether it names something is preflight's question: it asks MLflow
+            if problem := model_uris.syntax_problem(v):
+                raise ValueError(f"model path {problem}")
+            return v
         if not v.startswith(LOCAL_PREFIXES) and not HUB_ID.match(v):
-            raise ValueError(f"model path {v!r}: local paths start with / ./ ../ or ~; hub ids look like org/name")
+            raise ValueError(
+                f"model path {v!r}: local paths start with / ./ ../ or ~; hub ids look like org/name; MLflow models "
+                "are models:/<name>@<alias>, models:/<name>/<version> or runs:/<run id>/<path>"
+            )
         return _check_local_path(v, info, "model")
 
 

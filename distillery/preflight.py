@@ -88,7 +88,16 @@ def template_problem(template: str) -> str | None:
 
 
 def model_problems(ref: str) -> list[str]:
-    """A local model folder that from_pretrained would fail on: missing config, weights or tokenizer."""
+    """A local model folder that from_pretrained would fail on: missing config, weights or tokenizer; an MLflow model
+    URI that names no model, version, alias or run in the tracking store."""
+    from distillery import model_uris
+
+    if model_uris.is_uri(ref):
+        try:
+            model_uris.resolve(ref)
+        except model_uris.ModelUriError as e:
+            return [str(e).removeprefix(f"{ref}: ")]
+        return []
     if ref.startswith(BUILTIN_PREFIXES) or not ref.startswith(LOCAL_PREFIXES):
         return []  # demo models are built on demand; hub ids are checked for their form by the config
     path = Path(ref).expanduser()

@@ -38,8 +38,14 @@ class ServeError(ValueError):
 
 def resolve_model(ref: str, what: str = "model") -> str:
     """A `demo:` reference, a model folder, a run folder (its final student) or a hub id, as vLLM's --model."""
+    from distillery import model_uris
     from distillery.config import BUILTIN_PREFIXES, DEMO_REFS, HUB_ID, LOCAL_PREFIXES, REHEARSAL_REFS
 
+    if model_uris.is_uri(ref):
+        try:
+            return str(model_uris.download(model_uris.resolve(ref)))
+        except model_uris.ModelUriError as e:
+            raise ServeError(f"{what}: {e}") from None
     if ref.startswith(BUILTIN_PREFIXES):
         known = DEMO_REFS + REHEARSAL_REFS
         if ref not in known:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from prefect import flow, runtime
 
-from distillery import registry
+from distillery import model_uris, registry
 from distillery.artifacts import atomic_write_text
 from distillery.concurrency import LEASE_TAG, gpu_slot
 from distillery.config import ConfigError, Pipeline, load_pipeline, parse_overrides
@@ -75,8 +75,12 @@ def run_stages(cfg: Pipeline, ctx: RunContext, tracker) -> dict:
     """The stages the pipeline lists, in order; each hands the next typed results (distillery.results). A stage a
     run already finished with the same settings, inputs and code is reused, not run (distillery.stagecache)."""
     stages = cfg.stages
-    teacher = ModelArtifact(label="teacher", path=resolve_model(cfg.teacher.path), stage="reference")
-    student = ModelArtifact(label="student", path=resolve_model(cfg.student.path, seed=cfg.train.seed), stage="init")
+    teacher = ModelArtifact(
+        label="teacher", path=model_input(ctx, tracker, "teacher", cfg.teacher.path), stage="reference"
+    )
+    student = ModelArtifact(
+        label="student", path=model_input(ctx, tracker, "student", cfg.student.path, cfg.train.seed), stage="init"
+    )
     models: list[ModelArtifact] = []  # every model a stage makes, in order
     traces = kept = None
 
@@ -115,6 +119,20 @@ def run_stages(cfg: Pipeline, ctx: RunContext, tracker) -> dict:
     if table:
         publish_report(ctx.pipeline, table, ctx.run_dir)
     return {"models": models, "table": table, "gate": gate}
+
+
+def model_input(ctx: RunContext, tracker, role: str, ref: str, seed: int = 0) -> str:
+    """The local folder of the teacher or student. An MLflow model URI is resolved to one version now (an alias may
+    move later) and that is the run's lineage: tags distillery.<role>.uri / name / version / run_id on the parent."""
+    if not model_uris.is_uri(ref):
+        return resolve_model(ref, seed=seed)
+    resolved = model_uris.resolve(ref)
+    path = str(model_uris.download(resolved))
+    if not isinstance(tracker, NullTracker):
+        StageRun(tracker.client, ctx.parent_run_id).set_tags(resolved.tags(role))
+    where = f"v{resolved.version} of {resolved.name}" if resolved.version else f"run {resolved.run_id}"
+    print(f"{role}: {ref} is {where}, in {path}")
+    return path
 
 
 def reuse_or_run(stage: str, cfg: Pipeline, ctx: RunContext, tracker, inputs: list, run):

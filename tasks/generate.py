@@ -30,6 +30,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from distillery import model_uris
 from distillery.artifacts import MANIFEST, atomic_dir, content_hash, read_jsonl, write_jsonl, write_manifest
 from distillery.checks import check_round_trip
 from distillery.config import BUILTIN_PREFIXES, GenerateConfig, Pipeline
@@ -57,7 +58,10 @@ def sampling_dict(g: GenerateConfig) -> dict:
 def teacher_id(cfg: Pipeline, resolved: str) -> str:
     if cfg.generate.backend == "openai":
         return f"{cfg.generate.openai.base_url}#{cfg.generate.openai.model}"
-    return cfg.teacher.path if not cfg.teacher.path.startswith(BUILTIN_PREFIXES) else f"{cfg.teacher.path}@{resolved}"
+    # a built-in or MLflow reference names different weights over time (a rebuilt cache, a moved alias): the folder
+    # it resolved to (per seed, per registered version) is part of the id
+    ref = cfg.teacher.path
+    return f"{ref}@{resolved}" if ref.startswith(BUILTIN_PREFIXES) or model_uris.is_uri(ref) else ref
 
 
 def shard_key(cfg: Pipeline, tid: str, shard: list[dict]) -> str:

@@ -280,6 +280,32 @@ def test_deployment_triggered_through_prefect_server(tmp_path):
                 a["description"].split(":")[0]: a["data"] for a in shown["artifacts"] if a["type"] == "progress"
             }
             assert progress == {"generate": 100, "train": 100, "evaluate": 100}, progress
+
+            # a teacher-assistant chain: a second run's teacher is the first run's champion, by its models:/ URI
+            client, _ = mlflow_runs(uri)
+            champion = client.get_model_version_by_alias("distillery-smoke-student", "champion")
+            chain = ["teacher.path=models:/distillery-smoke-student@champion", "data.num_prompts=16"]
+            chain += ["train.max_steps=2", "evaluate.limit=4", "filter.verifier=none", "filter.require_think=false"]
+            second = subprocess.run(
+                [str(BIN / "distillery"), "run", "smoke", "--file", str(REPO / "pipelines.yaml")]
+                + [a for s in chain for a in ("--set", s)],
+                cwd=tmp_path,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
+            assert second.returncode == 0, (second.stdout + second.stderr)[-5000:]
+            _, runs = mlflow_runs(uri)
+            first, chained = sorted(
+                (r for r in runs if "mlflow.parentRunId" not in r.data.tags), key=lambda r: r.info.start_time
+            )
+            assert chained.info.status == "FINISHED"
+            tags = chained.data.tags  # the lineage: which version the alias pointed at, and the run that made it
+            assert tags["distillery.teacher.uri"] == "models:/distillery-smoke-student@champion"
+            assert tags["distillery.teacher.version"] == str(champion.version)
+            assert tags["distillery.teacher.run_id"] == champion.run_id
+            assert chained.data.metrics["params.teacher"] == first.data.metrics["params.student-sft"]
         finally:
             stop(serve)
 

@@ -141,6 +141,10 @@ def demo_student(seed: int = 0, size: str = "") -> Path:
 
 def resolve_model(ref: str, seed: int = 0) -> str:
     """Turn a model reference from pipelines.yaml into something `from_pretrained` and vLLM accept."""
+    from distillery import model_uris
+
+    if model_uris.is_uri(ref):  # downloaded once per version into the cache
+        return str(model_uris.download(model_uris.resolve(ref)))
     if ref.startswith("rehearsal:"):
         from distillery.rehearsal import model_dir
 
