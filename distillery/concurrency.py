@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from distillery.config import ConcurrencyConfig
+from distillery.console import say
 
 LEASE_TAG = "distillery.concurrency_lease"  # on the MLflow parent run: what a reaper releases when the run died
 LEASE_SECONDS = 300  # renewed in the background while held; a dead holder's slot expires after this
@@ -37,7 +38,7 @@ def gpu_slot(c: ConcurrencyConfig, on_lease: Callable[[str], None] | None = None
         try:
             client.read_global_concurrency_limit_by_name(c.limit_name)
         except ObjectNotFound:
-            print(
+            say(
                 f"no concurrency limit {c.limit_name!r} on this Prefect API: this run takes no slot "
                 "(`distillery deploy` creates it)"
             )
@@ -46,7 +47,7 @@ def gpu_slot(c: ConcurrencyConfig, on_lease: Callable[[str], None] | None = None
     start = time.monotonic()
     held = acquire_concurrency_slots_with_lease([c.limit_name], 1, strict=True, lease_duration=LEASE_SECONDS)
     try:
-        print(f"holding a slot of concurrency limit {c.limit_name!r} (waited {time.monotonic() - start:.0f}s)")
+        say(f"holding a slot of concurrency limit {c.limit_name!r} (waited {time.monotonic() - start:.0f}s)")
         if on_lease:
             on_lease(str(held.lease_id))
         # a renewal hiccup must not kill hours of training; the lease is renewed in the background while we hold it

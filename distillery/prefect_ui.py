@@ -49,7 +49,7 @@ def _quietly(what: str, fn, *args, **kwargs):
 def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> tuple[str, str]:
     """The MLflow UI's page of a run, and how to open it: the tracking server's own page when the URI is one, else
     the page `mlflow ui` serves on its default address for that store."""
-    path = f"#/experiments/{experiment_id}/runs/{run_id}"
+    path = f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
     if tracking_uri.startswith(("http://", "https://")):
         return f"{tracking_uri.rstrip('/')}/{path}", f"MLflow tracking server {tracking_uri}"
     how = f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1"
@@ -84,16 +84,20 @@ def publish_report(pipeline: str, markdown: str, run_dir: str) -> None:
 
 class Progress:
     """A progress artifact of the current flow run, updated as work is done (at most every `every` seconds, and
-    always at the end)."""
+    always at the end), and the console's progress bar (distillery.console.Bar) for the same work."""
 
     def __init__(self, what: str, total: int, every: float = 2.0):
         from prefect.artifacts import create_progress_artifact
 
+        from distillery.console import Bar
+
         self.what, self.total, self.every = what, max(int(total), 1), every
         self.last = 0.0
+        self.bar = Bar(what, self.total)
         self.id = _quietly(what, create_progress_artifact, progress=0.0, description=f"{what}: 0/{self.total}")
 
     def update(self, done: int) -> None:
+        self.bar.update(done)
         if self.id is None:
             return
         now = time.monotonic()

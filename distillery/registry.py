@@ -15,6 +15,7 @@ import math
 from typing import Any
 
 from distillery.config import MODEL_STAGES, GateConfig, RegistryConfig
+from distillery.console import say
 from distillery.results import Evaluation, ModelArtifact
 from distillery.runtime import RunContext
 from distillery.tracking import NullTracker, StageRun, Tracker
@@ -71,12 +72,14 @@ def register_run(
     models: list[ModelArtifact],
     evals: dict[str, Evaluation] | None,
     logged: bool,
+    model_ids: dict[str, str] | None = None,
 ) -> dict | None:
     """Register this run's models, point `candidate` at the gate candidate, move `champion` when the gate says so.
 
     `models`: in the order the stages made them; `evals`: label -> its evaluation; `logged`: the stage runs hold
-    their model folders already (log_models). Returns the decision logged as gate.json, or None when tracking is
-    off or no model is of a registered stage.
+    their model folders already (log_models); `model_ids`: label -> its MLflow logged model, which the version
+    then points at (else the stage run's artifact folder). Returns the decision logged as gate.json, or None when
+    tracking is off or no model is of a registered stage.
     """
     if isinstance(tracker, NullTracker):
         return None
@@ -88,7 +91,8 @@ def register_run(
     versions = []
     for m in chosen:
         run = StageRun(tracker.client, m.run_id)
-        if not logged:
+        model_id = (model_ids or {}).get(m.label)
+        if not logged and not model_id:
             run.log_artifact(m.path, m.artifact)
         figures = evals[m.label].figures if evals and m.label in evals else {}
         tags = {
@@ -98,7 +102,7 @@ def register_run(
             "parent_run_id": ctx.parent_run_id,
             **{f"metric.{k}": v for k, v in figures.items()},
         }
-        version = tracker.register(name, run, m.artifact, tags=tags)
+        version = tracker.register(name, run, m.artifact, tags=tags, model_id=model_id)
         versions.append(
             {"version": version, "model": m.label, "stage": m.stage, "value": as_value(figures.get(gate.metric))}
         )
@@ -136,7 +140,7 @@ def register_run(
     parent.set_tags({"distillery.gate": summary})
     parent.log_dict(decision, "gate.json")
     registered = ", ".join(f"v{v['version']} ({v['model']})" for v in versions)
-    print(f"registered {name} {registered}; {summary}")
+    say(f"registered {name} {registered}; {summary}")
     return decision
 
 
@@ -149,6 +153,7 @@ def register_draft(
     registry: RegistryConfig,
     draft: ModelArtifact,
     source: str | None,
+    model_id: str | None = None,
 ) -> str | None:
     """The draft stage's artifact (the student with the teacher's vocabulary) as a version with alias `draft`,
     tagged with what it measured: acceptance rate, mean accepted length, speed-up."""
@@ -163,7 +168,8 @@ def register_draft(
         "parent_run_id": ctx.parent_run_id,
         **{f"metric.{k}": f[k] for k in DRAFT_TAGS if k in f},
     }
-    version = tracker.register(registry.model_name, StageRun(tracker.client, draft.run_id), draft.artifact, tags=tags)
+    run = StageRun(tracker.client, draft.run_id)
+    version = tracker.register(registry.model_name, run, draft.artifact, tags=tags, model_id=model_id)
     tracker.set_alias(registry.model_name, DRAFT, version)
-    print(f"registered {registry.model_name} v{version} (draft from {source}), alias {DRAFT}")
+    say(f"registered {registry.model_name} v{version} (draft from {source}), alias {DRAFT}")
     return version

@@ -102,6 +102,9 @@ class StageRun:
         return f"{base}/{path}" if path else base
 
 
+EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow 3 UI: which views an experiment gets
+
+
 class Tracker:
     def __init__(self, experiment: str, uri: str | None = None):
         self.uri = uri or tracking_uri()
@@ -131,6 +134,8 @@ class Tracker:
 
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
+            if EXPERIMENT_KIND not in exp.tags:  # made before distillery tagged its experiments, or by hand
+                self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, "finetuning")
             return exp.experiment_id
         location = None
         if not self.uri.startswith(("http://", "https://", "databricks")):
@@ -139,7 +144,8 @@ class Tracker:
             base = Path(self.uri.removeprefix("sqlite:///")).parent if self.uri.startswith("sqlite") else Path.cwd()
             location = (base / "mlartifacts").resolve().as_uri()
         try:
-            return self.client.create_experiment(name, artifact_location=location)
+            # a model-training experiment: MLflow's UI then shows its runs and Models (logged models), not GenAI views
+            return self.client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND: "finetuning"})
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS" and "already exists" not in str(e).lower():
                 raise
@@ -184,8 +190,16 @@ class Tracker:
             raise
         self.end(run, ok=True)
 
-    def register(self, name: str, run: StageRun, artifact_path: str, tags: dict[str, Any] | None = None) -> str:
-        """Register an artifact folder of `run` as a new version of model `name`; returns the version."""
+    def register(
+        self,
+        name: str,
+        run: StageRun,
+        artifact_path: str,
+        tags: dict[str, Any] | None = None,
+        model_id: str | None = None,
+    ) -> str:
+        """Register a logged model (`model_id`, made by `run`), or else an artifact folder of `run`, as a new version
+        of model `name`; returns the version."""
         from mlflow.exceptions import MlflowException
 
         try:
@@ -195,9 +209,10 @@ class Tracker:
                 raise
         mv = self.client.create_model_version(
             name,
-            source=run.artifact_uri(artifact_path),
+            source=f"models:/{model_id}" if model_id else run.artifact_uri(artifact_path),
             run_id=run.run_id,
             tags={k: str(v) for k, v in (tags or {}).items() if v is not None},  # no "None" strings
+            model_id=model_id,
         )
         return str(mv.version)
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from distillery.artifacts import atomic_dir, atomic_write_text, save_model, write_manifest
 from distillery.checks import check_pad_not_eos
+from distillery.console import say
 
 
 @dataclass
@@ -128,7 +129,7 @@ def run_trainer(trainer, where: str):
     done = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
     last = str(done[-1]) if done else None
     if last:
-        print(f"{where}: resuming from {last}")
+        say(f"{where}: resuming from {last}")
     trainer.distillery_resumed_from = int(last.rsplit("-", 1)[1]) if last else 0
     return trainer.train(resume_from_checkpoint=last)
 

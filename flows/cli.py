@@ -86,17 +86,27 @@ def cmd_run(args) -> int:
     if problems := preflight(cfg, args.pipeline):  # before Prefect, MLflow or a run folder exist
         return _fail(problems)
     _offline_if_local(cfg)
+    from contextlib import nullcontext
+
+    from distillery import console
     from flows.distill import distill
 
+    # quiet: fds 1 and 2 go to a log that joins the run folder as run.log once the run has one
+    early = Path(cfg.output_dir).resolve() / args.pipeline / f".run-{os.getpid()}.log"
+    log: list[Path | None] = [None]
     try:
-        result = distill(
-            pipeline=args.pipeline,
-            overrides=args.set,
-            config_file=str(Path(args.file).resolve()),
-            track=not args.no_track,
-            resume=args.resume,
-            fresh=args.fresh,
-        )
+        with nullcontext() if args.verbose else console.quiet(early):
+            try:
+                result = distill(
+                    pipeline=args.pipeline,
+                    overrides=args.set,
+                    config_file=str(Path(args.file).resolve()),
+                    track=not args.no_track,
+                    resume=args.resume,
+                    fresh=args.fresh,
+                )
+            finally:
+                log[0] = console.log_path()
     except ConfigError as e:  # --resume of a folder that is not a run of this pipeline, or still running
         return _fail(e.lines)
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (distillery.lifecycle.Interrupted): 128 + the signal
@@ -107,7 +117,12 @@ def cmd_run(args) -> int:
     except Exception as e:  # the traceback is in Prefect's log above; end with one line saying what failed
         from distillery.lifecycle import describe_failure
 
-        return _fail([f"distillery: pipeline {args.pipeline} {describe_failure(e)}"], 1)
+        where = f" (details: {log[0]})" if log[0] else ""
+        return _fail([f"distillery: pipeline {args.pipeline} {describe_failure(e)}{where}"], 1)
+    if not args.verbose:  # Prefect's "Stopping temporary server" at exit is the log's, not the console's
+        import logging
+
+        logging.getLogger("prefect").setLevel(logging.WARNING)
     # logs went to stderr; the answer goes to stdout
     if result.get("table"):
         print(f"\n{args.pipeline}: {result['run_dir']}  (MLflow run {result['mlflow_run_id']})\n")
@@ -372,6 +387,13 @@ def main(argv: list[str] | None = None) -> int:
         "--fresh", action="store_true", help="run every stage, reusing none that another run finished identically"
     )
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="show everything on the console (Prefect's task runs, library warnings, sub-step progress bars, vLLM's "
+        "and lm-eval's logs) instead of a line per stage and one progress bar, the rest in the run folder's run.log",
+    )
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser(

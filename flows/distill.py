@@ -13,15 +13,17 @@ moves (distillery/registry.py).
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
 from prefect import flow, runtime
 
-from distillery import model_uris, registry
+from distillery import console, logged_models, model_uris, registry
 from distillery.artifacts import atomic_write_text
 from distillery.concurrency import LEASE_TAG, gpu_slot
-from distillery.config import ConfigError, Pipeline, load_pipeline, parse_overrides
+from distillery.config import MODEL_STAGES, ConfigError, Pipeline, load_pipeline, parse_overrides
+from distillery.console import say
 from distillery.demo.assets import resolve_model
 from distillery.lifecycle import PROCESS_TAG, process_gone, reap, stop_on_signals, this_process
 from distillery.prefect_ui import flow_run_name, link_mlflow_run, publish_report
@@ -110,15 +112,47 @@ def run_stages(cfg: Pipeline, ctx: RunContext, tracker) -> dict:
     draft_source = latest_full_precision(models, cfg.draft.source, student)
     if "draft" in stages:
         draft = once("draft", [teacher, draft_source], lambda: draft_task(cfg, ctx, teacher, draft_source))
+    model_ids = log_models(cfg, ctx, tracker, teacher, student, models, evals, draft)
     gate = None
     if cfg.registry and models:
-        gate = registry.register_run(tracker, ctx, cfg.registry, models, evals, logged=cfg.log_models)
+        gate = registry.register_run(
+            tracker, ctx, cfg.registry, models, evals, logged=cfg.log_models, model_ids=model_ids
+        )
     if cfg.registry and draft:
-        registry.register_draft(tracker, ctx, cfg.registry, draft, draft_source.label)
+        registry.register_draft(tracker, ctx, cfg.registry, draft, draft_source.label, model_ids.get(draft.label))
     table = report_task(ctx, evals, draft, draft_source.label) if evals else None
     if table:
         publish_report(ctx.pipeline, table, ctx.run_dir)
     return {"models": models, "table": table, "gate": gate}
+
+
+def log_models(cfg: Pipeline, ctx: RunContext, tracker, teacher, student, models, evals, draft) -> dict[str, str]:
+    """Every model of the run as an MLflow logged model (distillery.logged_models): the teacher (and the untrained
+    student, when evaluated) as references, the run's students with weights when log_models or registered."""
+    if isinstance(tracker, NullTracker):
+        return {}
+    registered = set(cfg.registry.stages or MODEL_STAGES) if cfg.registry else set()
+    todo = [(teacher, False)] + ([(student, False)] if evals and student.label in evals else [])
+    todo += [(m, cfg.log_models or m.stage in registered) for m in models]
+    if draft:
+        todo.append((draft, cfg.log_models or cfg.registry is not None))
+    measured = tracker.client.search_runs(
+        [tracker.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{ctx.parent_run_id}' and tags.`distillery.stage` = 'evaluate'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    ids = logged_models.log_run_models(
+        tracker.client,
+        tracker.experiment_id,
+        ctx.pipeline,
+        ctx.parent_run_id,
+        todo,
+        evals,
+        measured[0].info.run_id if measured else None,
+    )
+    say(f"logged models: {', '.join(ids)} (MLflow experiment {cfg.experiment}, Models)")
+    return ids
 
 
 def model_input(ctx: RunContext, tracker, role: str, ref: str, seed: int = 0) -> str:
@@ -131,7 +165,7 @@ def model_input(ctx: RunContext, tracker, role: str, ref: str, seed: int = 0) ->
     if not isinstance(tracker, NullTracker):
         StageRun(tracker.client, ctx.parent_run_id).set_tags(resolved.tags(role))
     where = f"v{resolved.version} of {resolved.name}" if resolved.version else f"run {resolved.run_id}"
-    print(f"{role}: {ref} is {where}, in {path}")
+    say(f"{role}: {ref} is {where}, in {path}")
     return path
 
 
@@ -141,13 +175,17 @@ def reuse_or_run(stage: str, cfg: Pipeline, ctx: RunContext, tracker, inputs: li
     key = stage_key(stage, cfg, inputs)
     found = lookup(cfg.output_dir, stage, key) if ctx.reuse else None
     if found is None:
+        n = f"[{cfg.stages.index(stage) + 1}/{len(cfg.stages)}]"
+        say(f"{n} {stage} ...")
+        start = time.monotonic()
         result = run()
         record(cfg.output_dir, stage, key, result, ctx.run_dir, ctx.parent_run_id)
+        say(f"{n} {stage} done in {_duration(time.monotonic() - start)}{headline(stage, result)}")
         return result
     result, doc = found
     resumed = doc["run_dir"] == ctx.run_dir  # this run finished it before it was interrupted
     where = "this run, before it was interrupted" if resumed else doc["run_dir"]
-    print(f"{stage}: reused from {where}: same settings, inputs and code (key {key[:12]})")
+    say(f"{stage}: reused from {where}: same settings, inputs and code (key {key[:12]})")
     if not resumed:  # a resumed run has this stage's child run already
         tags = {
             "distillery.reused_from_dir": doc["run_dir"],
@@ -157,6 +195,47 @@ def reuse_or_run(stage: str, cfg: Pipeline, ctx: RunContext, tracker, inputs: li
         with tracker.stage(stage, ctx.parent_run_id, tags=tags) as child:
             child.log_metrics(figures_of(result))
     return result
+
+
+# the figures a stage's end line shows, of those it has
+HEADLINES = {
+    "generate": ("samples", "mean_completion_tokens", "tokens_per_s"),
+    "filter": ("kept", "keep_rate"),
+    "train": ("steps", "final_loss", "train_tokens_per_s"),
+    "prune": ("params",),
+    "quantize": ("memory_bytes",),
+    "evaluate": ("accuracy",),
+    "draft": ("acceptance_rate", "mean_accepted_length", "speedup"),
+}
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f}s" if seconds < 60 else f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def _num(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def headline(stage: str, result) -> str:
+    """': samples 16,000, tokens_per_s 9,531' from a stage's result; per model for stages that make several."""
+    keys = HEADLINES.get(stage, ())
+
+    def shown(v) -> bool:
+        return v is not None and not (isinstance(v, float) and not math.isfinite(v))
+
+    def pick(figures: dict) -> str:
+        return ", ".join(f"{k} {_num(figures[k])}" for k in keys if shown(figures.get(k)))
+
+    if isinstance(result, dict):
+        parts = [f"{label} {pick(e.figures)}" for label, e in result.items() if pick(e.figures)]
+    elif isinstance(result, list):
+        parts = [f"{m.label} {pick(m.figures)}" for m in result if pick(m.figures)]
+    else:
+        parts = [pick(result.figures)] if result is not None and pick(result.figures) else []
+    return ": " + "; ".join(parts) if parts else ""
 
 
 def figures_of(result) -> dict:
@@ -198,8 +277,9 @@ def open_run(
         parent = StageRun(tracker.client, parent_id) if track else tracker.start(pipeline)
     if track:  # runs of this pipeline whose process died (kill -9, a lost machine) end FAILED, not RUNNING for good
         for dead in reap(tracker.client, tracker.experiment_id, pipeline, by=parent.run_id):
-            print(f"pipeline {pipeline}: run {dead} had died without ending; marked FAILED")
+            say(f"pipeline {pipeline}: run {dead} had died without ending; marked FAILED")
     run_dir.mkdir(parents=True, exist_ok=True)
+    console.move_log(run_dir)  # quiet `distillery run`: the log so far, and the rest, in run_dir/run.log
     if previous is None:
         parent.log_params({"overrides": " ".join(overrides or []), **cfg.model_dump()})
         parent.log_text(cfg.model_dump_json(indent=2), "pipeline.json")
@@ -207,7 +287,7 @@ def open_run(
         tracker.client.update_run(parent.run_id, status="RUNNING")
         resumes = int(tracker.client.get_run(parent.run_id).data.tags.get("distillery.resumes", "0")) + 1
         parent.set_tags({**tags, "distillery.resumes": resumes, "distillery.end_reason": "resumed"})
-        print(f"pipeline {pipeline}: resuming {run_dir} (MLflow run {parent.run_id}, resume {resumes})")
+        say(f"pipeline {pipeline}: resuming {run_dir} (MLflow run {parent.run_id}, resume {resumes})")
     parent.set_tags({"distillery.run_dir": str(run_dir)})
     atomic_write_text(
         run_dir / RUN_RECORD,
@@ -221,7 +301,7 @@ def open_run(
         tracking_uri=tracking_uri() if track else "none",
         reuse=reuse,
     )
-    print(f"pipeline {pipeline}: artifacts in {run_dir}; MLflow run {parent.run_id} at {ctx.tracking_uri}")
+    say(f"pipeline {pipeline}: artifacts in {run_dir}; MLflow run {parent.run_id} at {ctx.tracking_uri}")
     return tracker, parent, ctx
 
 

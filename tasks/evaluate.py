@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 
 from distillery.artifacts import atomic_write_text, read_jsonl
 from distillery.config import EvaluateConfig, Pipeline
+from distillery.console import say
 from distillery.results import Evaluation, ModelArtifact
 from distillery.runtime import RunContext
 
@@ -353,7 +354,7 @@ def _evaluate_all(
         key = evaluation_key(cfg, m, trust, heldout)
         res = finished_evaluation(out_dir / f"{label}.json", key)
         if res is not None:  # this run measured it before it was interrupted
-            print(f"evaluate [{i + 1}/{len(models)}] {label}: reused from this run, before it was interrupted")
+            say(f"evaluate [{i + 1}/{len(models)}] {label}: reused from this run, before it was interrupted")
         else:
             print(f"evaluate [{i + 1}/{len(models)}] {label}: {m.path}")
             # a bnb checkpoint packs its weights, so it counts fewer elements: the quantize stage's count is the model's

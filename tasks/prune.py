@@ -390,7 +390,7 @@ def prune(
     return result
 
 
-@task(name="prune", cache_policy=NO_CACHE)
+@task(name="prune", cache_policy=NO_CACHE, log_prints=False)  # datasets prints bytecode when hashing
 def prune_task(cfg: Pipeline, ctx: RunContext, student: ModelArtifact, traces: Traces | None) -> list[ModelArtifact]:
     """The pruned (and healed) student, last; before it the unhealed one when it is kept for comparison. Calibrated
     on the kept `traces`, or on the prompts when the pipeline has none."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,6 +18,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import yaml
+
+from distillery import logged_models
 
 from .conftest import REPO
 
@@ -45,7 +49,7 @@ def demo_run(tmp_path_factory):
         text=True,
         timeout=1500,
     )
-    (work / "run.log").write_text(proc.stdout + proc.stderr)
+    (work / "console.txt").write_text(proc.stdout + proc.stderr)
     return work, uri, proc
 
 
@@ -134,6 +138,29 @@ def test_demo_pipeline_end_to_end(demo_run):
     assert client.get_model_version_by_alias("distillery-demo-student", "candidate").version == champion.version
     assert "no champion yet" in parent.data.tags["distillery.gate"] and "gate.json" in names(parent.info.run_id)
 
+    # every model is an MLflow logged model; the registry's versions are they, the NF4 champion loads quantized
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    logged = {
+        m.name: m for m in mlflow.search_logged_models(experiment_ids=[parent.info.experiment_id], output_format="list")
+    }
+    assert set(logged) == {"teacher", "student", "student-sft", "student-pruned-unhealed", "student-pruned"} | {
+        "student-int8",
+        "student-nf4",
+        "draft",
+    }
+    assert {x.key: x.value for x in logged["student-nf4"].metrics}["accuracy"] == pytest.approx(
+        m["accuracy.student-nf4"]
+    )
+    assert {x.key for x in logged["draft"].metrics} >= {"acceptance_rate", "speedup"}
+    assert champion.source == f"models:/{logged['student-nf4'].model_id}"
+    pipe = mlflow.transformers.load_model("models:/distillery-demo-student@champion")
+    quant = pipe.model.config.quantization_config
+    assert (quant["load_in_4bit"] if isinstance(quant, dict) else quant.load_in_4bit) is True
+    prompt = "Question: Mia has 2 pens. Mia buys 3 more pens. How many pens does Mia have now?\nAnswer:"
+    assert len(pipe(prompt, max_new_tokens=16, do_sample=False)[0]["generated_text"]) > len(prompt)
+
     # files on disk, each stage's folder complete (manifest last)
     run_dirs = list((work / "runs" / "demo").iterdir())
     assert len(run_dirs) == 1
@@ -153,6 +180,29 @@ def test_demo_pipeline_end_to_end(demo_run):
         assert (rd / stage / "manifest.json").exists(), stage
     assert json.loads((rd / "summary.json").read_text())["rows"][0]["model"] == "teacher"
     assert not list(rd.rglob(".*.tmp-*"))  # no half-written leftovers
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_demo_console_is_a_line_per_stage_and_the_rest_is_in_run_log(demo_run):
+    """`distillery run` prints a line as each stage starts and ends (with its headline figures), the lines a person
+    acts on, and the table; Prefect's task-run lines, library warnings, sub-step progress bars and vLLM's and
+    lm-eval's logs go to run.log in the run folder, which holds no Python bytecode."""
+    work, _, proc = demo_run
+    assert proc.returncode == 0
+    console = (proc.stdout + proc.stderr).splitlines()
+    for i, stage in enumerate(STAGES, 1):
+        assert any(line.startswith(f"[{i}/7] {stage} done in ") for line in console), (stage, console)
+    assert any(line.startswith("[3/7] train done in ") and "final_loss " in line for line in console)
+    noise = [line for line in console if re.search(r"[Ww]arning|\| INFO|Loading weights|it/s\]|Traceback", line)]
+    assert noise == [] and len(console) < 50, console
+    (run_dir,) = (work / "runs" / "demo").iterdir()
+    log = (run_dir / "run.log").read_text()
+    assert "Task run 'train-" in log and "Finished in state Completed()" in log  # Prefect's lines, there
+    assert "[7/7] draft done in " in log  # and the console's
+    # no bytecode (datasets' hashing under Prefect's log_prints dumped some into the prune stage's log)
+    assert "co_code" not in log and "<code object" not in log
+    assert not re.search(r"(\\x[0-9a-f]{2}){4}", log)
 
 
 @pytest.mark.slow
@@ -200,7 +250,8 @@ def prefect_server(env: dict, log: Path, timeout: float = 120) -> Iterator[str]:
     api = f"http://127.0.0.1:{port}/api"
     server = subprocess.Popen(
         [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env={k: v for k, v in env.items() if k != "PREFECT_API_URL"},
+        # the UI's own API address: else it asks the default port 4200
+        env={**{k: v for k, v in env.items() if k != "PREFECT_API_URL"}, "PREFECT_UI_API_URL": api},
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
     )
@@ -222,8 +273,11 @@ def stop(*procs: subprocess.Popen | None) -> None:
                 p.kill()
 
 
-@pytest.mark.slow
-def test_deployment_triggered_through_prefect_server(tmp_path):
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A real `prefect server` and `distillery serve --pipelines smoke`; `distill/smoke` triggered with `prefect
+    deployment run --watch`. Yields while the server is up: the test of the run and the browser check share it."""
+    tmp_path = tmp_path_factory.mktemp("served")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {
         **os.environ,
@@ -261,53 +315,87 @@ def test_deployment_triggered_through_prefect_server(tmp_path):
                 timeout=700,
             )
             serve_log = (logs / "serve.log").read_text()
-            assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + serve_log[-5000:]
-            assert "Completed" in run.stdout + run.stderr
-            _, runs = mlflow_runs(uri)
-            parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-            assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-            assert parents[0].data.tags["distillery.pipeline"] == "smoke"
-            assert "accuracy.student-sft" in parents[0].data.metrics
-
-            # what Prefect's UI shows of it: its name, the report, a link to MLflow, the stages' progress
-            shown = flow_run_view(env, parents[0].data.tags["prefect.flow_run_id"])
-            assert re.fullmatch(r"smoke-\d{8}-\d{6}", shown["name"]), shown["name"]
-            by_key = {a["key"]: a for a in shown["artifacts"] if a["key"]}
-            assert "| model" in by_key["smoke-report"]["data"] and "student-sft" in by_key["smoke-report"]["data"]
-            link = by_key["smoke-mlflow-run"]["data"]
-            assert f"#/experiments/{parents[0].info.experiment_id}/runs/{parents[0].info.run_id}" in link
-            progress = {
-                a["description"].split(":")[0]: a["data"] for a in shown["artifacts"] if a["type"] == "progress"
-            }
-            assert progress == {"generate": 100, "train": 100, "evaluate": 100}, progress
-
-            # a teacher-assistant chain: a second run's teacher is the first run's champion, by its models:/ URI
-            client, _ = mlflow_runs(uri)
-            champion = client.get_model_version_by_alias("distillery-smoke-student", "champion")
-            chain = ["teacher.path=models:/distillery-smoke-student@champion", "data.num_prompts=16"]
-            chain += ["train.max_steps=2", "evaluate.limit=4", "filter.verifier=none", "filter.require_think=false"]
-            second = subprocess.run(
-                [str(BIN / "distillery"), "run", "smoke", "--file", str(REPO / "pipelines.yaml")]
-                + [a for s in chain for a in ("--set", s)],
-                cwd=tmp_path,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=900,
-            )
-            assert second.returncode == 0, (second.stdout + second.stderr)[-5000:]
-            _, runs = mlflow_runs(uri)
-            first, chained = sorted(
-                (r for r in runs if "mlflow.parentRunId" not in r.data.tags), key=lambda r: r.info.start_time
-            )
-            assert chained.info.status == "FINISHED"
-            tags = chained.data.tags  # the lineage: which version the alias pointed at, and the run that made it
-            assert tags["distillery.teacher.uri"] == "models:/distillery-smoke-student@champion"
-            assert tags["distillery.teacher.version"] == str(champion.version)
-            assert tags["distillery.teacher.run_id"] == champion.run_id
-            assert chained.data.metrics["params.teacher"] == first.data.metrics["params.student-sft"]
+            yield {"env": env, "uri": uri, "api": api, "tmp": tmp_path, "run": run, "serve_log": serve_log}
         finally:
             stop(serve)
+
+
+@pytest.mark.slow
+def test_deployment_triggered_through_prefect_server(served):
+    env, uri, tmp_path, run = served["env"], served["uri"], served["tmp"], served["run"]
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + served["serve_log"][-5000:]
+    assert "Completed" in run.stdout + run.stderr
+    _, runs = mlflow_runs(uri)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.tags["distillery.pipeline"] == "smoke"
+    assert "accuracy.student-sft" in parents[0].data.metrics
+
+    # what Prefect's UI shows of it: its name, the report, a link to MLflow, the stages' progress
+    shown = flow_run_view(env, parents[0].data.tags["prefect.flow_run_id"])
+    assert re.fullmatch(r"smoke-\d{8}-\d{6}", shown["name"]), shown["name"]
+    by_key = {a["key"]: a for a in shown["artifacts"] if a["key"]}
+    assert "| model" in by_key["smoke-report"]["data"] and "student-sft" in by_key["smoke-report"]["data"]
+    link = by_key["smoke-mlflow-run"]["data"]
+    assert f"#/experiments/{parents[0].info.experiment_id}/runs/{parents[0].info.run_id}" in link
+    progress = {a["description"].split(":")[0]: a["data"] for a in shown["artifacts"] if a["type"] == "progress"}
+    assert progress == {"generate": 100, "train": 100, "evaluate": 100}, progress
+
+    # a teacher-assistant chain: another pipeline's teacher is the first run's champion, by its models:/ URI
+    client, _ = mlflow_runs(uri)
+    champion = client.get_model_version_by_alias("distillery-smoke-student", "champion")
+    pipelines = yaml.safe_load((REPO / "pipelines.yaml").read_text())["pipelines"]
+    chained_pipeline = {**pipelines["smoke"], "registry": {"model_name": "distillery-chain-student"}}
+    (tmp_path / "chain.yaml").write_text(yaml.safe_dump({"pipelines": {"chain": chained_pipeline}}))
+    chain = ["teacher.path=models:/distillery-smoke-student@champion", "data.num_prompts=16"]
+    chain += ["train.max_steps=2", "evaluate.limit=4", "filter.verifier=none", "filter.require_think=false"]
+    second = subprocess.run(
+        [str(BIN / "distillery"), "run", "chain", "--file", str(tmp_path / "chain.yaml")]
+        + [a for s in chain for a in ("--set", s)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert second.returncode == 0, (second.stdout + second.stderr)[-5000:]
+    _, runs = mlflow_runs(uri)
+    first, chained = sorted(
+        (r for r in runs if "mlflow.parentRunId" not in r.data.tags), key=lambda r: r.info.start_time
+    )
+    assert chained.info.status == "FINISHED"
+    tags = chained.data.tags  # the lineage: which version the alias pointed at, and the run that made it
+    assert tags["distillery.teacher.uri"] == "models:/distillery-smoke-student@champion"
+    assert tags["distillery.teacher.version"] == str(champion.version)
+    assert tags["distillery.teacher.run_id"] == champion.run_id
+    assert chained.data.metrics["params.teacher"] == first.data.metrics["params.student-sft"]
+
+    # every model of both runs is an MLflow logged model, the evaluation's figures under the same names
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    logged = mlflow.search_logged_models(experiment_ids=[first.info.experiment_id], output_format="list")
+    names = {(m.tags["distillery.pipeline"], m.name): {x.key for x in m.metrics} for m in logged}
+    assert sorted(names) == [
+        ("chain", "student-sft"),
+        ("chain", "teacher"),
+        ("smoke", "student-sft"),
+        ("smoke", "teacher"),
+    ]
+    # one set of metric names for every pipeline (recovery needs a teacher that scored above 0: not chain's)
+    core = {"accuracy", "accuracy_stderr", "params", "memory_bytes", "tokens_per_s"}
+    named = set(logged_models.METRICS) | {"recovery", "heldout_nll"}
+    assert all(core <= v <= named for v in names.values()), names
+    assert "recovery" in names[("smoke", "teacher")] and "recovery" in names[("smoke", "student-sft")]
+    kinds = {(m.tags["distillery.pipeline"], m.name): m.model_type for m in logged}
+    assert kinds[("smoke", "teacher")] == "reference" and kinds[("smoke", "student-sft")] == "transformers"
+    # the registry's versions are those models; the champion loads with the transformers flavor
+    student = next(m for m in logged if m.name == "student-sft" and m.tags["distillery.pipeline"] == "smoke")
+    assert champion.source == f"models:/{student.model_id}"
+    pipe = mlflow.transformers.load_model("models:/distillery-smoke-student@champion")
+    prompt = "Ann has 3 apples."
+    text = pipe(prompt, max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    assert text.startswith(prompt) and len(text) > len(prompt), text
 
 
 FLOW_RUN_VIEW = """
@@ -318,7 +406,8 @@ with get_client(sync_client=True) as c:
     fr = c.read_flow_run(sys.argv[1])
     arts = c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[fr.id])))
     print(json.dumps({"name": fr.name, "artifacts": [
-        {"key": a.key, "type": a.type, "data": a.data, "description": a.description} for a in arts]}))
+        {"id": str(a.id), "key": a.key, "type": a.type, "data": a.data, "description": a.description}
+        for a in arts]}))
 """
 
 
@@ -329,3 +418,52 @@ def flow_run_view(env: dict, flow_run_id: str) -> dict:
     )
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def render(url: str, screenshot: Path) -> str:
+    """The page as headless Chromium renders it (scripts run): its visible text; a screenshot beside."""
+    base = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+    base += ["--virtual-time-budget=20000", "--window-size=1600,900"]
+    subprocess.run([*base, f"--screenshot={screenshot}", url], capture_output=True, timeout=180)
+    dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+    text = re.sub(r"<style.*?</style>|<script.*?</script>", " ", dom, flags=re.S)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text))
+
+
+@pytest.mark.slow
+def test_mlflow_and_prefect_uis_show_the_students_and_the_report_in_a_browser(served, tmp_path):
+    """What a person sees after a run: MLflow's Models view of the experiment lists teacher and students, and the
+    flow run's page in Prefect's UI has the report artifact. Screenshots in this test's tmp_path."""
+    if CHROMIUM is None:
+        pytest.skip("no chromium here (Debian's package `chromium`; .ci/run installs it)")
+    _, runs = mlflow_runs(served["uri"])
+    first = min((r for r in runs if "mlflow.parentRunId" not in r.data.tags), key=lambda r: r.info.start_time)
+    port = free_port()
+    ui = subprocess.Popen(
+        [str(BIN / "mlflow"), "ui", "--backend-store-uri", served["uri"], "--host", "127.0.0.1", "--port", str(port)],
+        env=served["env"],
+        stdout=(tmp_path / "mlflow-ui.log").open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health", 120)
+        models_url = f"http://127.0.0.1:{port}/#/experiments/{first.info.experiment_id}/models"
+        page = render(f"{models_url}?workflowType=machine_learning", tmp_path / "mlflow-models.png")
+    finally:
+        stop(ui)
+    assert "Models" in page and page.count("student-sft") >= 2 and page.count("teacher") >= 2, page[:3000]
+
+    # the flow run's page (its graph marks the artifacts), and the report artifact's page with the table rendered
+    flow_run = first.data.tags["prefect.flow_run_id"]
+    ui_base = served["api"].removesuffix("/api")
+    view = flow_run_view(served["env"], flow_run)
+    page = render(f"{ui_base}/runs/flow-run/{flow_run}", tmp_path / "prefect-flow-run.png")
+    assert view["name"] in page and "Artifacts" in page and "Completed" in page, page[:3000]
+    (report,) = [a for a in view["artifacts"] if a["key"] == "smoke-report"]
+    page = render(f"{ui_base}/artifacts/artifact/{report['id']}", tmp_path / "prefect-report.png")
+    assert "smoke: report" in page and "teacher" in page and "student-sft" in page, page[:3000]
+    for shot in ("mlflow-models.png", "prefect-flow-run.png", "prefect-report.png"):
+        assert (tmp_path / shot).stat().st_size > 10_000, shot

@@ -267,7 +267,7 @@ def test_vllm_generation_is_reproducible_on_cpu(tmp_path):
     needs every request queued before the engine steps; with its engine core in another process ~1% differed."""
     from tasks.generate import generate
 
-    args = ["data.num_prompts=400", "generate.shard_size=200", "generate.n=2", "generate.temperature=1.5"]
+    args = ["data.num_prompts=200", "generate.shard_size=100", "generate.n=2", "generate.temperature=1.5"]
     runs = [
         generate(
             load_pipeline(
@@ -282,7 +282,7 @@ def test_vllm_generation_is_reproducible_on_cpu(tmp_path):
         for x in "ab"
     ]
     a, b = ([r["completion"] for r in read_jsonl(Path(x["path"]))] for x in runs)
-    assert len(a) == 800 and len(set(a)) > 400  # T=1.5: mostly distinct samples, so a changed draw shows
+    assert len(a) == 400 and len(set(a)) > 200  # T=1.5: mostly distinct samples, so a changed draw shows
     assert sum(x != y for x, y in zip(a, b, strict=True)) == 0
 
 

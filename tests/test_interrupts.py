@@ -305,8 +305,8 @@ def test_a_full_disk_fails_the_stage_in_one_line_and_leaves_nothing_half_written
         env["PREFECT_HOME"] = str(tmp_path / "prefect")
         env.pop("PREFECT_API_URL", None)
         sets = ["data.num_prompts=16", "train.max_steps=2", "checkpoint.every_steps=0", f"output_dir={disk / 'runs'}"]
-        r = subprocess.run(
-            [str(BIN / "distillery"), "run", "smoke", "--file", str(REPO / "pipelines.yaml")]
+        r = subprocess.run(  # --verbose: no run.log competing for the 600 kB
+            [str(BIN / "distillery"), "run", "smoke", "--verbose", "--file", str(REPO / "pipelines.yaml")]
             + [x for s in sets for x in ("--set", s)],
             cwd=tmp_path,
             env=env,

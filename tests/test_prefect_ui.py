@@ -8,9 +8,12 @@ from distillery import prefect_ui
 
 def test_mlflow_links_open_the_parent_run_on_a_server_or_in_mlflow_ui():
     url, how = prefect_ui.mlflow_run_url("http://127.0.0.1:5000/", "3", "abc")
-    assert url == "http://127.0.0.1:5000/#/experiments/3/runs/abc" and "tracking server" in how
+    assert (
+        url == "http://127.0.0.1:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
+        and "tracking server" in how
+    )
     url, how = prefect_ui.mlflow_run_url("sqlite:///mlflow.db", "1", "abc")
-    assert url == "http://127.0.0.1:5000/#/experiments/1/runs/abc"
+    assert url == "http://127.0.0.1:5000/#/experiments/1/runs/abc?workflowType=machine_learning"
     assert "mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1" in how
 
 
