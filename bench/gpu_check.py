@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     # the pipeline, as a user runs it
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}"}
     cli = str(Path(sys.executable).parent / "distillery")
-    cmd = [cli, "run", "r1-rehearsal", "--file", str(REPO / "pipelines.yaml")]
+    cmd = [cli, "run", "r1-rehearsal", "--verbose", "--file", str(REPO / "pipelines.yaml")]  # all in pipeline.log
     for item in overrides(a.sizes, models, a):
         cmd += ["--set", item]
     t = time.perf_counter()

@@ -18,6 +18,8 @@ os.environ.update(
         "HF_DATASETS_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "MLFLOW_DISABLE_TELEMETRY": "true",
+        # `mlflow server`/`ui` would start job-runner processes (huey) that outlive the server the tests stop
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         "DO_NOT_TRACK": "1",
         "VLLM_NO_USAGE_STATS": "1",
         "TOKENIZERS_PARALLELISM": "false",
