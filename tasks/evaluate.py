@@ -182,7 +182,12 @@ def run_lm_eval(
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    # Indexing lm-eval's own ~10k task files takes 10-20 s per call; a pipeline whose tasks are all local skips it.
+    local = {p.name for p in Path(include_path).iterdir()} if include_path else set()
+    manager = TaskManager(
+        include_path=str(include_path) if include_path else None,
+        include_defaults=not set(cfg.tasks) <= local,
+    )
     start = time.perf_counter()
     out = simple_evaluate(
         model=model,

@@ -11,6 +11,7 @@ adapters are merged in full precision by the train stage, so what is quantized h
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 
 from prefect import task
@@ -23,49 +24,121 @@ from distillery.results import ModelArtifact
 from distillery.runtime import RunContext
 
 _PEAK_PROBE = """
-import json, sys
+import json, os, sys
 import torch, bitsandbytes, transformers  # imported before the baseline: libraries are not the model
+
+PROBE = ["Question: Ann has 3 pens. She buys 4 more. How many pens does Ann have now? Answer:"] * 8
 
 
 def status(key):  # kB figures of /proc/self/status
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
 
 
-path, cuda = sys.argv[1], torch.cuda.is_available()
-tok = transformers.AutoTokenizer.from_pretrained(path)
-probe = tok(["Question: Ann has 3 pens. She buys 4 more. How many pens does Ann have now? Answer:"] * 8,
-            return_tensors="pt", add_special_tokens=False)
-if not cuda:
-    open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark (VmHWM) to the current RSS
-    base = status("VmRSS:")
-model = transformers.AutoModelForCausalLM.from_pretrained(path, device_map="auto" if cuda else "cpu")
-with torch.no_grad():
-    model(**probe.to(model.device))
-peak = torch.cuda.max_memory_allocated() if cuda else status("VmHWM:") - base
-print(json.dumps({"peak_bytes": int(peak), "device": "cuda" if cuda else "cpu"}))
+def measure(path, cuda):
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    probe = tok(PROBE, return_tensors="pt", add_special_tokens=False)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark (VmHWM) to the current RSS
+        base = status("VmRSS:")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, device_map="auto" if cuda else "cpu")
+    with torch.no_grad():
+        model(**probe.to(model.device))
+    peak = (torch.cuda.max_memory_allocated() if cuda else status("VmHWM:")) - base
+    del model
+    return {"peak_bytes": int(peak), "device": "cuda" if cuda else "cpu"}
+
+
+cuda = torch.cuda.is_available()
+for line in sys.stdin:  # a model folder per line, its figures per line
+    path = line.strip()
+    if cuda:  # CUDA's allocator counts this model's bytes alone once the last one is freed
+        out = json.dumps(measure(path, True))
+    else:  # RSS is not given back reliably: each model in a forked child, libraries already imported
+        r, w = os.pipe()
+        if (pid := os.fork()) == 0:
+            os.close(r)
+            try:
+                os.write(w, json.dumps(measure(path, False)).encode())
+                os._exit(0)
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+                os._exit(1)
+        os.close(w)
+        with os.fdopen(r) as f:
+            out = f.read()
+        _, code = os.waitpid(pid, 0)
+        if code or not out:
+            sys.exit(f"probe of {path} failed (status {code})")
+    print(out, flush=True)
 """
 
 
-def peak_memory(path: str | Path) -> int:
-    """Peak memory of loading `path` and one forward pass over a batch of 8, in a fresh process: CUDA's
-    max_memory_allocated on a GPU; on CPU the high-water mark of RSS (reset after the imports) over the RSS then."""
-    import json
-    import subprocess
-    import sys
+class PeakProbe:
+    """Peak memory of loading a model and one forward pass over a batch of 8, as a fresh process would see it:
+    CUDA's max_memory_allocated on a GPU; on CPU the high-water mark of RSS (reset after the imports) over the RSS
+    then. One process imports the libraries once (~20 s on 2 cores) and measures each model in a child forked from
+    it, so a stage measuring three models pays for one start."""
 
-    out = subprocess.run(
-        [sys.executable, "-c", _PEAK_PROBE, str(path)], capture_output=True, text=True, timeout=1800, check=False
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"quantize: peak-memory probe of {path} failed: {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+    def __init__(self) -> None:
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _PEAK_PROBE],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def __call__(self, path: str | Path) -> int:
+        import json
+
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(f"{path}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            raise RuntimeError(f"quantize: peak-memory probe of {path} failed: {err[-2000:]}")
+        return json.loads(line)["peak_bytes"]
+
+    def __enter__(self) -> PeakProbe:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except Exception:
+            self.proc.kill()
+
+
+def peak_memory(path: str | Path) -> int:
+    """The peak memory of one model (see PeakProbe)."""
+    with PeakProbe() as probe:
+        return probe(path)
 
 
 def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
-def quantize(model_path: str, fmt: str, cfg: QuantizeConfig, out_dir: Path, trust_remote_code: bool = False) -> dict:
+def quantize(
+    model_path: str,
+    fmt: str,
+    cfg: QuantizeConfig,
+    out_dir: Path,
+    trust_remote_code: bool = False,
+    probe: PeakProbe | None = None,
+) -> dict:
     require_bnb()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -79,7 +152,7 @@ def quantize(model_path: str, fmt: str, cfg: QuantizeConfig, out_dir: Path, trus
     model = AutoModelForCausalLM.from_pretrained(
         model_path, quantization_config=bnb_config(fmt, cfg), device_map=device_map, trust_remote_code=trust_remote_code
     )
-    probe = tok(
+    inputs = tok(
         ["Question: a quick probe of the round trip.\nAnswer:"], return_tensors="pt", add_special_tokens=False
     ).to(model.device)
     with atomic_dir(out_dir) as tmp:
@@ -87,10 +160,10 @@ def quantize(model_path: str, fmt: str, cfg: QuantizeConfig, out_dir: Path, trus
         # Compare with the model as saved: bitsandbytes' CPU path repacks fresh 4-bit weights for its kernel and
         # save_pretrained unpacks them, which moves bf16 logits a little; the file itself must round-trip exactly.
         with torch.no_grad():
-            before = model(**probe).logits.float()
+            before = model(**inputs).logits.float()
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, device_map=device_map, trust_remote_code=trust_remote_code)
         with torch.no_grad():
-            after = reloaded(**probe).logits.float()
+            after = reloaded(**inputs).logits.float()
         diff = float((before - after).abs().max())
         if diff > 1e-3:
             raise RuntimeError(
@@ -104,7 +177,7 @@ def quantize(model_path: str, fmt: str, cfg: QuantizeConfig, out_dir: Path, trus
             "reload_max_abs_diff": diff,
         }
         figures["compression"] = full_bytes / figures["memory_bytes"]
-        figures["peak_bytes"] = peak_memory(tmp)
+        figures["peak_bytes"] = probe(tmp) if probe else peak_memory(tmp)
         write_manifest(tmp, {"kind": "model", "format": fmt, "base": model_path, "figures": figures})
     return {"path": str(out_dir), "format": fmt, "figures": figures}
 
@@ -113,12 +186,13 @@ def quantize(model_path: str, fmt: str, cfg: QuantizeConfig, out_dir: Path, trus
 def quantize_task(cfg: Pipeline, ctx: RunContext, student: ModelArtifact) -> list[ModelArtifact]:
     """One quantized copy of the full-precision `student` per `quantize.formats`, labelled student-<format>."""
     made = []
-    with ctx.tracker().stage("quantize", ctx.parent_run_id) as run:
+    with ctx.tracker().stage("quantize", ctx.parent_run_id) as run, ExitStack() as stack:
         run.log_params({"source_model": student.path, **cfg.quantize.model_dump()})
-        run.log_metrics({"full_precision.peak_bytes": peak_memory(student.path)})
+        probe = stack.enter_context(PeakProbe())
+        run.log_metrics({"full_precision.peak_bytes": probe(student.path)})
         for fmt in cfg.quantize.formats:
             res = quantize(
-                student.path, fmt, cfg.quantize, ctx.stage_dir("quantize") / fmt, cfg.student.trust_remote_code
+                student.path, fmt, cfg.quantize, ctx.stage_dir("quantize") / fmt, cfg.student.trust_remote_code, probe
             )
             run.log_metrics({f"{fmt}.{k}": v for k, v in res["figures"].items()})
             if cfg.log_models:

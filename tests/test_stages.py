@@ -135,6 +135,23 @@ def test_quantize_saves_reloads_and_shrinks(trained, tmp_path, fmt):
     assert (tmp_path / fmt / "model.safetensors").exists()
 
 
+def test_peak_probe_measures_each_model_as_a_fresh_process_would(trained):
+    """One probe process, a forked child per model: the larger teacher peaks higher than the student, and each
+    figure is the one a process of its own measures (within 10%: allocator noise), whatever was measured before."""
+    from distillery.demo.assets import TEACHER_DIR
+    from tasks.quantize import PeakProbe, peak_memory
+
+    src, _ = trained
+    with PeakProbe() as probe:
+        shared = [probe(TEACHER_DIR), probe(src), probe(TEACHER_DIR)]
+    alone = [peak_memory(TEACHER_DIR), peak_memory(src)]
+    assert shared[0] > shared[1] > 0
+    assert shared[0] == pytest.approx(alone[0], rel=0.1) and shared[2] == pytest.approx(alone[0], rel=0.1)
+    assert shared[1] == pytest.approx(alone[1], rel=0.1)
+    with PeakProbe() as probe, pytest.raises(RuntimeError, match="peak-memory probe of /no/such/model failed"):
+        probe("/no/such/model")
+
+
 def test_lm_eval_on_local_task(tmp_path):
     """Real lm-eval, local task and data, the demo teacher: accuracy with stderr, throughput, memory."""
     from distillery.demo.assets import TEACHER_DIR
