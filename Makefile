@@ -7,6 +7,8 @@ UV_VERSION := 0.13.9
 # The CPU torch wheel: this workplace's machines carry it in /opt/wheels; elsewhere, PyTorch's CPU index.
 TORCH_SOURCE := $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
 STAMP := $(VENV)/.installed
+# Test files run on two workers: much of an end-to-end test is one core busy (imports, server starts, waits).
+TEST_WORKERS ?= 2
 export MLFLOW_DISABLE_TELEMETRY := true
 export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
@@ -28,7 +30,7 @@ demo: install
 
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -v --durations=15
+	$(BIN)/python -m pytest -v --durations=25 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: install
 	$(BIN)/ruff check .

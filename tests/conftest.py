@@ -27,10 +27,38 @@ os.environ.update(
         "PREFECT_LOCAL_STORAGE_PATH": str(SESSION_TMP / "prefect" / "storage"),
         "PREFECT_MEMO_STORE_PATH": str(SESSION_TMP / "prefect" / "memo_store.toml"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # an ephemeral Prefect API starting beside another test's work on 2 cores can take longer than the default 20 s
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
         "DISTILLERY_CACHE": str(SESSION_TMP / "cache"),
         "HF_HOME": str(SESSION_TMP / "hf"),
     }
 )
+
+
+def _one_share_of_the_cpus() -> None:
+    """Under `pytest -n N` (make test: two workers), each worker and everything it starts runs on its own share of
+    the CPUs: its torch threads, its vLLM engines' OpenMP threads (bound to those cores, not to every core, where two
+    engines' spinning threads would fight) and its subprocesses. Much of an end-to-end test is one core busy (imports,
+    server start-ups, MLflow and Prefect calls); the two workers overlap those instead of queueing them."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < count:
+        return
+    share = cpus[int(worker.removeprefix("gw")) % count :: count]
+    os.sched_setaffinity(0, share)
+    threads = str(len(share))
+    os.environ.update(
+        {
+            "OMP_NUM_THREADS": threads,
+            "MKL_NUM_THREADS": threads,
+            "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, share)),
+        }
+    )
+
+
+_one_share_of_the_cpus()
 (SESSION_TMP / "prefect").mkdir(parents=True, exist_ok=True)
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -44,9 +72,27 @@ def _remove_session_tmp():
     shutil.rmtree(SESSION_TMP, ignore_errors=True)
 
 
+def sqlite_store(folder: Path) -> str:
+    """A new, empty MLflow SQLite store in `folder` (mlflow.db), as a URI: a copy of one made (and migrated) once
+    per session, since creating MLflow's tables takes 4-8 s on 2 cores and most tests need a store of their own.
+    tests/test_shared_mlflow.py creates its stores from nothing."""
+    import shutil
+
+    template = SESSION_TMP / "template-mlflow.db"
+    if not template.exists():
+        from mlflow.tracking import MlflowClient
+
+        tmp = SESSION_TMP / f"template-{os.getpid()}.db"
+        MlflowClient(f"sqlite:///{tmp}").search_experiments()  # creates and migrates the tables
+        tmp.replace(template)
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, folder / "mlflow.db")
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
 @pytest.fixture
 def mlflow_uri(tmp_path, monkeypatch) -> str:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
 
@@ -92,3 +138,23 @@ def chat_teacher(dest: Path, template: str) -> Path:
     tok.chat_template = template
     tok.save_pretrained(dest)
     return dest
+
+
+# The longest files first: `make test` runs files on two workers (pytest-xdist, --dist loadfile), and a long file
+# left for last would run alone on a 2-core machine. Minutes each on a 2-core machine without AVX-512.
+LONGEST_FIRST = [
+    "test_e2e.py",  # the demo run
+    "test_served.py",  # the served deployment, a chained run, the browser check
+    "test_rehearsal.py",  # r1-rehearsal at real shapes
+    "test_interrupts.py",  # the kill matrix
+    "test_deploy.py",
+    "test_shared_mlflow.py",
+    "test_serving.py",
+    "test_evaluate_vllm.py",
+    "test_generate.py",
+]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import REPO
+from .conftest import REPO, sqlite_store
 from .test_e2e import BIN, mlflow_runs, prefect_server, stop
 
 pytestmark = pytest.mark.slow
@@ -42,7 +42,7 @@ def server(tmp_path_factory):
     env = {
         **os.environ,
         "PREFECT_HOME": str(tmp / "prefect"),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+        "MLFLOW_TRACKING_URI": sqlite_store(tmp),
         "PREFECT_LOCAL_STORAGE_PATH": str(tmp / "prefect" / "storage"),
         "PREFECT_WORKER_QUERY_SECONDS": "2",
     }

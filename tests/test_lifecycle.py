@@ -148,7 +148,7 @@ def test_a_full_disk_in_a_stage_fails_the_run_in_one_line_and_leaves_nothing_hal
     import tasks.generate
     from flows.cli import main
 
-    from .conftest import REPO
+    from .conftest import REPO, sqlite_store
 
     def full_disk(cfg, out_dir, **kw):
         out_dir.mkdir(parents=True)
@@ -156,7 +156,7 @@ def test_a_full_disk_in_a_stage_fails_the_run_in_one_line_and_leaves_nothing_hal
 
     monkeypatch.setattr(tasks.generate, "generate", full_disk)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_store(tmp_path))
     assert main(["run", "smoke", "--file", str(REPO / "pipelines.yaml")]) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("distillery: pipeline smoke failed in stage generate: out of disk space writing ")

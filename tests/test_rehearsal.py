@@ -348,7 +348,7 @@ def test_logit_kd_at_151k_on_the_rehearsals_traces(rehearsal_run, tmp_path):
     from distillery.demo.assets import resolve_model
     from distillery.training import student_tokenizer
 
-    from .conftest import REPO
+    from .conftest import REPO, sqlite_store
 
     work, _, proc = rehearsal_run
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
@@ -357,7 +357,7 @@ def test_logit_kd_at_151k_on_the_rehearsals_traces(rehearsal_run, tmp_path):
     with pytest.raises(DistillationCheckError, match="pad token equals eos"):
         student_tokenizer(student, resolve_model("rehearsal:teacher"), "logit_kd")
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path)
     out = tmp_path / "kd"
     sets = ["train.method=logit_kd", "student.path=rehearsal:student-r1", "student.pad_token=<|fim_pad|>"]
     sets += ["train.max_steps=3", "train.batch_size=4"]

@@ -297,26 +297,10 @@ class Server:
             return self.proc.wait()
 
 
-# One test per server, so function scope: each starts once and is gone before the next starts (2 cores here).
-@pytest.fixture
-def student_server(tmp_path_factory):
-    server = Server(
-        tmp_path_factory.mktemp("serve") / "student.log",
-        "demo:student",
-        "--served-model-name",
-        "student",
-        env={"DISTILLERY_API_KEY": KEY},
-    )
-    try:
-        yield server.wait_ready()
-    finally:
-        server.stop()
-
-
 @pytest.fixture(scope="module")
 def teacher_servers(tmp_path_factory):
     """The teacher alone and the teacher with the demo student as its draft, started side by side, both behind
-    the API key. Module scope: the two tests at the end of this file share them (one start saved on 2 cores)."""
+    the API key. Module scope: the three tests at the end of this file share them (vLLM starts slowly on 2 cores)."""
     logs = tmp_path_factory.mktemp("serve")
     alone = Server(
         logs / "teacher.log", "demo:teacher", "--served-model-name", "teacher", env={"DISTILLERY_API_KEY": KEY}
@@ -341,12 +325,12 @@ def teacher_servers(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_served_student_needs_its_key_and_answers_both_apis(student_server):
+def test_served_model_needs_its_key_and_answers_both_apis(teacher_servers):
     import openai
 
     from distillery.health import check
 
-    s = student_server
+    s = teacher_servers[0]
     with pytest.raises(urllib.error.HTTPError) as e:  # no key
         urllib.request.urlopen(f"{s.url}/v1/models", timeout=10)
     assert e.value.code == 401
@@ -354,14 +338,14 @@ def test_served_student_needs_its_key_and_answers_both_apis(student_server):
         openai.OpenAI(base_url=f"{s.url}/v1", api_key="sk-wrong", max_retries=0).models.list()
 
     client = openai.OpenAI(base_url=f"{s.url}/v1", api_key=KEY, max_retries=0, timeout=120)
-    assert [m.id for m in client.models.list().data] == ["student"]
+    assert [m.id for m in client.models.list().data] == ["teacher"]
     c = client.completions.create(
-        model="student", prompt="Question: Max has 2 shells.\nAnswer:", max_tokens=8, temperature=0
+        model="teacher", prompt="Question: Max has 2 shells.\nAnswer:", max_tokens=8, temperature=0
     )
     assert c.choices[0].finish_reason in ("stop", "length") and c.usage.completion_tokens >= 1
     assert isinstance(c.choices[0].text, str)
     chat = client.chat.completions.create(
-        model="student",
+        model="teacher",
         max_tokens=8,
         temperature=0,
         messages=[{"role": "user", "content": "Question: 2 + 2?\nAnswer:"}],
