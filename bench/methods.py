@@ -13,6 +13,8 @@ steps, the same for every arm), every student-init seed (the random-init student
   logit_kd  the teacher's stored top-k distribution at every trace token (word-level KD, T²-scaled, mixed with CE)
   gkd       TRL GKD, on-policy: student samples scored by the live teacher, started from the sft arm's student
             of the same seeds (as in the GKD paper), for the budget's steps again
+  on_policy TRL DistillationTrainer: every completion the student's own rollout, reverse KL to the live teacher's
+            full distribution at each token; from the sft arm's student, for the budget's steps again, as gkd
   sft_more  the sft arm's student trained by SFT for the budget's steps again: GKD's equal-step control
   dpo       sft, then DPO on pairs of the student's own samples judged by the verifier (its sampling and DPO
             epoch come on top of the budget)
@@ -72,6 +74,7 @@ ARMS = {
         Arm("sft", "sft"),
         Arm("logit_kd", "logit_kd"),
         Arm("gkd", "gkd", "sft"),
+        Arm("on_policy", "on_policy", "sft", ("train.on_policy.sft_first=false",)),
         Arm("sft_more", "sft", "sft"),
         Arm("dpo", "dpo"),
     ]

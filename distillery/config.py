@@ -274,6 +274,33 @@ class GKDSection(Strict):
     seq_kd: bool = Field(False, description="also train on teacher-generated sequences (sequence-level KD)")
 
 
+class OnPolicySection(Strict):
+    beta: Annotated[float, Field(ge=0, le=1)] = Field(
+        1.0,
+        description="generalized JSD between student and teacher on the student's own samples: 1 reverse KL "
+        "(the default: the teacher costs every token the student chose), 0 forward KL, 0.5 JSD",
+    )
+    temperature: Annotated[float, Field(gt=0)] = Field(
+        1.0, description="the student's sampling temperature, and the temperature of both distributions in the loss"
+    )
+    max_new_tokens: Annotated[int, Field(gt=0)] = Field(128, description="tokens per student rollout")
+    sft_first: bool = Field(
+        True,
+        description="SFT on the kept traces first (the train.* settings), then on-policy from that student, as the "
+        "GKD paper starts from a supervised student",
+    )
+    generation: Literal["auto", "vllm", "transformers"] = Field(
+        "auto",
+        description="how the student samples its rollouts: vllm (colocated on the trainer's GPU, weights synced "
+        "every step; TRL's vLLM path needs CUDA), transformers (generate); auto: vllm on a GPU, else transformers",
+    )
+    max_steps: int | None = Field(
+        None,
+        description="on-policy steps; default train.max_steps (and train.epochs over the traces' distinct prompts)",
+    )
+    learning_rate: Annotated[float, Field(gt=0)] | None = Field(None, description="default train.learning_rate")
+
+
 class DPOSection(Strict):
     judge: Literal["verifier", "teacher"] = Field(
         "verifier",
@@ -305,15 +332,18 @@ class DPOSection(Strict):
 
 
 class TrainConfig(Strict):
-    method: Literal["hard", "sft", "logit_kd", "gkd", "dpo"] = Field(
+    method: Literal["hard", "sft", "logit_kd", "gkd", "on_policy", "dpo"] = Field(
         "sft",
         description="hard: the dataset's answers only, no teacher (the baseline); sft: teacher traces as "
         "targets; logit_kd: the teacher's stored top-k distribution at every token; gkd: on-policy generalized KD "
-        "with the live teacher (TRL GKDTrainer); dpo: pairs of student samples ranked by the verifier or the "
-        "teacher, then TRL DPOTrainer",
+        "with the live teacher (TRL GKDTrainer, transformers sampling, a mix of student and trace batches); "
+        "on_policy: every completion the student's own rollout, the live teacher's full distribution at each of its "
+        "tokens (TRL DistillationTrainer, reverse KL by default, vLLM rollouts on a GPU); dpo: pairs of student "
+        "samples ranked by the verifier or the teacher, then TRL DPOTrainer",
     )
     kd: KDConfig = KDConfig()
     gkd: GKDSection = GKDSection()
+    on_policy: OnPolicySection = OnPolicySection()
     dpo: DPOSection = DPOSection()
     hard_label_template: str = Field(
         "{answer}", description="method hard: the completion for a prompt, from its reference answer"

@@ -4,6 +4,8 @@
 - sft: TRL SFTTrainer on the kept teacher traces (sequence-level KD), loss on completion tokens only;
 - logit_kd: the teacher's stored top-k distribution at every trace token (distillery.kd);
 - gkd: TRL's on-policy GKDTrainer against the live teacher;
+- on_policy: TRL's DistillationTrainer: the student's own rollouts (vLLM on a GPU), the live teacher's full
+  distribution at each of their tokens, reverse KL by default, from the SFT student;
 - dpo: SFT, then pairs of the student's own samples ranked by the verifier or the teacher, TRL DPOTrainer.
 Full fine-tuning, LoRA, or QLoRA (adapters on a bitsandbytes NF4 base) through PEFT (distillery.training). Every
 method refuses pad == eos and stops at the first non-finite loss. Adding one: a function here that ends in
@@ -41,6 +43,7 @@ METHOD_LABELS = {
     "sft": "student-sft",
     "logit_kd": "student-kd",
     "gkd": "student-gkd",
+    "on_policy": "student-onpolicy",
     "dpo": "student-dpo",
 }
 
@@ -246,6 +249,116 @@ def gkd(
     )
 
 
+def on_policy(
+    model_path: str,
+    teacher_path: str,
+    rows: list[dict],
+    output_dir: Path,
+    params: SFTParams,
+    o,
+    callbacks: list | None = None,
+    trust_remote_code: bool = False,
+    chat: bool = False,
+) -> dict:
+    """On-policy distillation with TRL's DistillationTrainer: (SFT on the traces, then) every step the student
+    samples a completion for each prompt of its batch (vLLM colocated on a GPU, transformers' generate otherwise)
+    and learns, at each token it chose, the live teacher's full next-token distribution under the generalized JSD
+    (`o.beta`; 1 = reverse KL). The traces give only their prompts here."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import DistillationConfig, DistillationTrainer
+
+    from distillery.checks import check_teacher_frozen
+
+    figures: dict[str, Any] = {}
+    start = model_path
+    if o.sft_first:
+        sft_dir = output_dir.parent / f"{output_dir.name}-sft"
+        sft_figs = sft(
+            model_path,
+            training_records(rows, chat),
+            sft_dir,
+            params,
+            callbacks,
+            trust_remote_code,
+            where="on_policy (sft)",
+        )
+        figures.update({f"sft_{k}": v for k, v in sft_figs.items()})
+        start = str(sft_dir)
+    tokenizer = student_tokenizer(start, teacher_path, "on_policy", trust_remote_code, params.pad_token)
+    if chat:
+        if tokenizer.chat_template is None:
+            raise ValueError(f"on_policy: data.chat_template is on but the student tokenizer ({start}) has none")
+        check_template_keeps_turn(tokenizer, where=f"on_policy: student tokenizer {start}")
+    tokenizer.padding_side = "left"  # rollouts are generated from left-padded prompts
+    use_vllm = o.generation == "vllm" or (o.generation == "auto" and torch.cuda.is_available())
+    if use_vllm and not torch.cuda.is_available():
+        raise ValueError("train.on_policy.generation: vllm rollouts run colocated on a GPU (TRL); none here")
+    teacher = AutoModelForCausalLM.from_pretrained(
+        teacher_path, dtype=torch.bfloat16 if params.bf16 else torch.float32, trust_remote_code=trust_remote_code
+    )
+    teacher.eval().requires_grad_(False)
+    check_teacher_frozen(teacher, where=f"teacher {teacher_path}")
+    student = load_student(start, params, trust_remote_code)
+    prompts = list({r.get("prompt_id", r["prompt"]): r for r in rows}.values())  # a rollout per prompt per pass
+    data = Dataset.from_list(
+        [
+            {"prompt": [{"role": "user", "content": r["prompt"]}] if chat else r.get("prompt_text", r["prompt"])}
+            for r in prompts
+        ]
+    )
+    base = common_args(params, output_dir)
+    if o.max_steps is not None:
+        base["max_steps"] = o.max_steps
+    if o.learning_rate is not None:
+        base["learning_rate"] = o.learning_rate
+    args = DistillationConfig(
+        **base,
+        beta=o.beta,
+        temperature=o.temperature,
+        top_p=1.0,
+        top_k=0,
+        max_completion_length=o.max_new_tokens,
+        use_vllm=use_vllm,
+        vllm_mode="colocate",
+        gradient_checkpointing=False,
+        disable_dropout=True,
+        shuffle_dataset=True,
+    )
+    trainer = guard_finite(
+        DistillationTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=data,
+            processing_class=tokenizer,
+            callbacks=callbacks or [],
+        ),
+        "on_policy",
+    )
+    result = run_trainer(trainer, "on_policy")
+    tokenizer.padding_side = "right"  # as the student was: a saved tokenizer pads as training does
+    figures.update(
+        finish(
+            trainer,
+            result,
+            tokenizer,
+            output_dir,
+            trainable_count(trainer.model),
+            len(prompts),
+            params,
+            start,
+            manifest={"base": model_path, "method": "on_policy", "on_policy": {**o.model_dump(), "vllm": use_vllm}},
+            where="on_policy",
+            trust_remote_code=trust_remote_code,
+        )
+    )
+    for k in ("steps", "tokens_seen", "train_seconds"):
+        figures[f"total_{k}"] = figures[k] + figures.get(f"sft_{k}", 0)
+    return figures
+
+
 def dpo(
     model_path: str,
     teacher_path: str,
@@ -374,6 +487,8 @@ def run_method(
         )
     if t.method == "gkd":
         return gkd(student, teacher, rows, out, params, t.gkd, callbacks, trust, chat)
+    if t.method == "on_policy":
+        return on_policy(student, teacher, rows, out, params, t.on_policy, callbacks, trust, chat)
     if t.method == "dpo":
         from distillery.verify import VERIFIERS
 

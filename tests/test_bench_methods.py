@@ -134,6 +134,8 @@ def test_every_arm_and_seed_is_a_child_run_of_one_parent(tmp_path, mlflow_uri):
             "train.dpo.max_new_tokens=16",
             "--set",
             "train.gkd.max_new_tokens=16",
+            "--set",
+            "train.on_policy.max_new_tokens=16",
             # a smaller student taught by the logit_kd arm's student (a teacher-assistant chain), and their difference
             "--arm",
             "ta=logit_kd^logit_kd:student.path=demo:student-tiny",
@@ -148,7 +150,7 @@ def test_every_arm_and_seed_is_a_child_run_of_one_parent(tmp_path, mlflow_uri):
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "methods.json").read_text())
     # those that start from another arm, or take its targets, come after it
-    arms = ["hard", "sft", "logit_kd", "dpo", "gkd", "sft_more", "ta"]
+    arms = ["hard", "sft", "logit_kd", "dpo", "gkd", "on_policy", "sft_more", "ta"]
     assert [row["arm"] for row in summary["rows"]] == arms
     for row in summary["rows"]:
         assert row["seeds"] == 2 and row["steps"] >= 2 and 0 < row["mfu"] < 1
@@ -174,6 +176,7 @@ def test_every_arm_and_seed_is_a_child_run_of_one_parent(tmp_path, mlflow_uri):
             assert run.data.params["method"] == {"sft_more": "sft", "ta": "logit_kd"}.get(arm, arm)
             assert run.data.params["data_seed"] == seed[-1]
     assert runs["tiny/gkd/init0-data1"].data.params["start_from"] == "sft"
+    assert runs["tiny/on_policy/init0-data1"].data.params["start_from"] == "sft"
     ta = runs["tiny/ta/init0-data0"].data
     assert (ta.params["targets_from"], ta.params["student"], ta.params["method"]) == (
         "logit_kd",

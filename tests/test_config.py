@@ -20,6 +20,10 @@ def test_every_yaml_in_the_repo_is_valid():
     assert {"demo", "smoke", "r1-distill", "demo-kd", "demo-gkd"} <= set(f.pipelines)
     assert f.pipelines["demo-kd"].train.method == "logit_kd" and f.pipelines["demo-kd"].generate.logprobs > 0
     assert f.pipelines["demo-gkd"].train.method == "gkd"
+    assert (
+        f.pipelines["demo-onpolicy"].train.method == "on_policy"
+        and f.pipelines["demo-onpolicy"].train.on_policy.sft_first
+    )
     assert f.pipelines["demo"].stages == list(STAGES)
     r1 = f.pipelines["r1-distill"]
     assert r1.teacher.path.startswith("deepseek-ai/") and r1.generate.backend == "vllm"

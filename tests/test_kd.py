@@ -10,7 +10,7 @@ from distillery.artifacts import read_jsonl
 from distillery.config import load_pipeline, parse_overrides
 from distillery.kd import build_examples, load_logprobs, make_trainer
 
-from .conftest import REPO
+from .conftest import REPO, sqlite_store
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def test_logit_kd_pipeline_through_the_cli(tmp_path):
 
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path)
     r = subprocess.run(
         [
             str(Path(sys.executable).parent / "distillery"),
@@ -191,6 +191,71 @@ def test_gkd_on_policy_steps_with_the_live_teacher(tiny_student, gold_records, t
     losses = [h["loss"] for h in manifest["loss_history"] if "loss" in h]
     assert figures["steps"] == 4 and len(losses) == 4 and all(math.isfinite(x) and x > 0 for x in losses)
     assert manifest["method"] == "gkd" and (out / "model.safetensors").exists()
+
+
+def _on_policy(student, records, out, **section):
+    from distillery.config import OnPolicySection
+    from distillery.demo.assets import TEACHER_DIR
+    from distillery.methods import on_policy
+    from distillery.training import SFTParams
+
+    params = SFTParams(max_steps=4, batch_size=8, learning_rate=3e-3, logging_steps=1, max_length=128)
+    cfg = OnPolicySection(**{"sft_first": False, "max_new_tokens": 16, "max_steps": 3, **section})
+    return on_policy(str(student), str(TEACHER_DIR), records, out, params, cfg)
+
+
+def test_demo_onpolicy_trains_sft_then_on_the_students_own_rollouts(tiny_student, gold_records, tmp_path):
+    """demo-onpolicy's train settings, shrunk: SFT steps, then TRL's DistillationTrainer (reverse KL, transformers
+    rollouts on CPU) from that student against the frozen demo teacher: a positive finite loss at each step, the
+    student saved with the rollouts' settings in its manifest, both phases counted."""
+    import json
+    import math
+
+    from distillery.artifacts import write_jsonl
+    from distillery.methods import run_method
+
+    sets = [
+        "train.max_steps=2",
+        "train.batch_size=8",
+        "train.logging_steps=1",
+        "train.on_policy.max_steps=3",
+        "train.on_policy.max_new_tokens=16",
+    ]
+    cfg = load_pipeline(REPO / "pipelines.yaml", "demo-onpolicy", parse_overrides(sets))
+    write_jsonl(tmp_path / "kept.jsonl", gold_records[:32])
+    out = tmp_path / "on-policy"
+    figures = run_method(cfg, str(tiny_student), str(tmp_path / "kept.jsonl"), None, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    losses = [h["loss"] for h in manifest["loss_history"] if "loss" in h]
+    assert figures["steps"] == 3 and len(losses) == 3 and all(math.isfinite(x) and x > 0 for x in losses)
+    assert manifest["method"] == "on_policy" and manifest["on_policy"]["beta"] == 1.0
+    assert manifest["on_policy"]["vllm"] is False and (out / "model.safetensors").exists()
+    assert figures["sft_steps"] == 2 and figures["total_steps"] == 5
+    assert manifest["base"] == str(tiny_student) and (tmp_path / "on-policy-sft" / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_on_policy_loss_is_zero_when_the_student_is_the_teacher(gold_records, tmp_path, beta):
+    """The exact form at its fixed point: a student that is a copy of the teacher has divergence 0 from it on its
+    own samples, whatever beta and temperature (a teacher scored with dropout, grads or another temperature than the
+    student would not be)."""
+    import json
+
+    from distillery.demo.assets import TEACHER_DIR
+
+    out = tmp_path / "self"
+    _on_policy(TEACHER_DIR, gold_records[:16], out, beta=beta, temperature=2.0, learning_rate=1e-9, max_steps=2)
+    losses = [h["loss"] for h in json.loads((out / "manifest.json").read_text())["loss_history"] if "loss" in h]
+    assert len(losses) == 2 and all(abs(x) < 1e-5 for x in losses), losses
+
+
+def test_on_policy_vllm_rollouts_need_a_gpu(tiny_student, gold_records, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    with pytest.raises(ValueError, match="train.on_policy.generation: vllm rollouts run colocated on a GPU"):
+        _on_policy(tiny_student, gold_records[:8], tmp_path / "x", generation="vllm")
 
 
 def test_a_models_own_rescored_topk_are_its_distribution_at_the_traces_tokens(greedy_traces, tokenizer, tiny_student):
