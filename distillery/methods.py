@@ -172,6 +172,47 @@ def logit_kd(
     )
 
 
+def sft_phase(
+    model_path: str,
+    rows: list[dict],
+    output_dir: Path,
+    params: SFTParams,
+    callbacks: list | None,
+    trust_remote_code: bool,
+    chat: bool,
+    method: str,
+) -> tuple[str, dict]:
+    """A two-phase method's SFT on the kept traces, into `<output_dir>-sft`: the student to start the second phase
+    from, and the phase's figures as `sft_<figure>`."""
+    sft_dir = output_dir.parent / f"{output_dir.name}-sft"
+    figs = sft(
+        model_path, training_records(rows, chat), sft_dir, params, callbacks, trust_remote_code, where=f"{method} (sft)"
+    )
+    return str(sft_dir), {f"sft_{k}": v for k, v in figs.items()}
+
+
+def with_totals(figures: dict) -> dict:
+    """`total_<figure>`: the whole budget, an SFT phase included, for comparisons with single-phase methods."""
+    for k in ("steps", "tokens_seen", "train_seconds"):
+        figures[f"total_{k}"] = figures[k] + figures.get(f"sft_{k}", 0)
+    return figures
+
+
+def frozen_teacher(teacher_path: str, params: SFTParams, trust_remote_code: bool):
+    """The live teacher for an on-policy method: eval mode, no grads (checked), in the training dtype."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from distillery.checks import check_teacher_frozen
+
+    teacher = AutoModelForCausalLM.from_pretrained(
+        teacher_path, dtype=torch.bfloat16 if params.bf16 else torch.float32, trust_remote_code=trust_remote_code
+    )
+    teacher.eval().requires_grad_(False)
+    check_teacher_frozen(teacher, where=f"teacher {teacher_path}")
+    return teacher
+
+
 def gkd(
     model_path: str,
     teacher_path: str,
@@ -185,22 +226,14 @@ def gkd(
 ) -> dict:
     """On-policy distillation with TRL's GKDTrainer: a fraction lmbda of each batch is sampled by the student
     itself and scored by the live teacher under the generalized JSD (beta)."""
-    import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM
     from trl.experimental.gkd import GKDConfig, GKDTrainer
-
-    from distillery.checks import check_teacher_frozen
 
     tokenizer = student_tokenizer(model_path, teacher_path, "gkd", trust_remote_code, params.pad_token)
     if tokenizer.chat_template is None:
         raise ValueError(f"gkd: the student tokenizer ({model_path}) has no chat template; TRL's GKD needs one")
     check_template_keeps_turn(tokenizer, where=f"gkd: student tokenizer {model_path}")
-    teacher = AutoModelForCausalLM.from_pretrained(
-        teacher_path, dtype=torch.bfloat16 if params.bf16 else torch.float32, trust_remote_code=trust_remote_code
-    )
-    teacher.eval().requires_grad_(False)
-    check_teacher_frozen(teacher, where=f"teacher {teacher_path}")
+    teacher = frozen_teacher(teacher_path, params, trust_remote_code)
     student = load_student(model_path, params, trust_remote_code)
     data = Dataset.from_list(
         [
@@ -266,26 +299,14 @@ def on_policy(
     (`o.beta`; 1 = reverse KL). The traces give only their prompts here."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM
     from trl import DistillationConfig, DistillationTrainer
-
-    from distillery.checks import check_teacher_frozen
 
     figures: dict[str, Any] = {}
     start = model_path
     if o.sft_first:
-        sft_dir = output_dir.parent / f"{output_dir.name}-sft"
-        sft_figs = sft(
-            model_path,
-            training_records(rows, chat),
-            sft_dir,
-            params,
-            callbacks,
-            trust_remote_code,
-            where="on_policy (sft)",
+        start, figures = sft_phase(
+            model_path, rows, output_dir, params, callbacks, trust_remote_code, chat, "on_policy"
         )
-        figures.update({f"sft_{k}": v for k, v in sft_figs.items()})
-        start = str(sft_dir)
     tokenizer = student_tokenizer(start, teacher_path, "on_policy", trust_remote_code, params.pad_token)
     if chat:
         if tokenizer.chat_template is None:
@@ -295,11 +316,7 @@ def on_policy(
     use_vllm = o.generation == "vllm" or (o.generation == "auto" and torch.cuda.is_available())
     if use_vllm and not torch.cuda.is_available():
         raise ValueError("train.on_policy.generation: vllm rollouts run colocated on a GPU (TRL); none here")
-    teacher = AutoModelForCausalLM.from_pretrained(
-        teacher_path, dtype=torch.bfloat16 if params.bf16 else torch.float32, trust_remote_code=trust_remote_code
-    )
-    teacher.eval().requires_grad_(False)
-    check_teacher_frozen(teacher, where=f"teacher {teacher_path}")
+    teacher = frozen_teacher(teacher_path, params, trust_remote_code)
     student = load_student(start, params, trust_remote_code)
     prompts = list({r.get("prompt_id", r["prompt"]): r for r in rows}.values())  # a rollout per prompt per pass
     data = Dataset.from_list(
@@ -354,9 +371,7 @@ def on_policy(
             trust_remote_code=trust_remote_code,
         )
     )
-    for k in ("steps", "tokens_seen", "train_seconds"):
-        figures[f"total_{k}"] = figures[k] + figures.get(f"sft_{k}", 0)
-    return figures
+    return with_totals(figures)
 
 
 def dpo(
@@ -382,12 +397,7 @@ def dpo(
     figures: dict[str, Any] = {}
     start = model_path
     if d.sft_first:
-        sft_dir = output_dir.parent / f"{output_dir.name}-sft"
-        sft_figs = sft(
-            model_path, training_records(rows, chat), sft_dir, params, callbacks, trust_remote_code, where="dpo (sft)"
-        )
-        figures.update({f"sft_{k}": v for k, v in sft_figs.items()})
-        start = str(sft_dir)
+        start, figures = sft_phase(model_path, rows, output_dir, params, callbacks, trust_remote_code, chat, "dpo")
     tokenizer = student_tokenizer(
         start, None, "dpo", trust_remote_code, params.pad_token
     )  # the teacher judges text, not ids
@@ -441,10 +451,7 @@ def dpo(
             trust_remote_code=trust_remote_code,
         )
     )
-    # the whole budget, SFT included, for comparisons with single-phase methods
-    for k in ("steps", "tokens_seen", "train_seconds"):
-        figures[f"total_{k}"] = figures[k] + figures.get(f"sft_{k}", 0)
-    return figures
+    return with_totals(figures)
 
 
 def run_method(
