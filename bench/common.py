@@ -83,3 +83,44 @@ def bench_run(cfg, args, run_name: str, bench: str, out: Path):
         if include:
             shutil.rmtree(include, ignore_errors=True)
     print(f"\nMLflow parent run {parent.run_id}; results in {out}")
+
+
+@contextmanager
+def served_teacher(model_ref: str, log: Path, dtype: str = "float32", max_model_len: int = 256):
+    """`distillery serve-model` on a free loopback port, no API key, for the run of a bench; yields its URL."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("DISTILLERY_API_KEY", "VLLM_API_KEY")}
+    env["PYTHONPATH"] = str(repo)
+    cmd = [sys.executable, "-m", "flows.cli", "serve-model", model_ref, "--served-model-name", "teacher"]
+    cmd += ["--port", str(port), "--max-model-len", str(max_model_len), "--dtype", dtype, "--", "--enforce-eager"]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(cmd, env=env, cwd=repo, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 600
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"the teacher server did not start; see {log}") from None
+                time.sleep(2)
+        print(f"teacher served at {url} ({dtype}; log {log})", flush=True)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -36,18 +36,19 @@ aggregated table and the plot go on the parent, and to --out.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.common import arms_parser, bench_run, machine, publish, teacher_traces  # noqa: E402 - after the path is set
+from bench.common import arms_parser, bench_run, machine, publish, served_teacher, teacher_traces  # noqa: E402 - after the path is set
 
 METRICS = ["accuracy", "ood_accuracy", "fidelity", "ood_fidelity", "heldout_nll"]
 SHAPE_METRICS = [
@@ -474,12 +475,16 @@ def main(argv: list[str] | None = None) -> int:
         help="also report arm A minus arm B, paired over seeds (repeatable; every arm gets A - sft)",
     )
     p.add_argument("--name", default="methods", help="results file stem in --out (default methods)")
+    p.add_argument(
+        "--serve-teacher",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="serve the teacher with `distillery serve-model` (no key, loopback) in this dtype for the run; "
+        "{teacher_url} in an arm's settings is its address (train.on_policy.teacher_server.base_url={teacher_url})",
+    )
     a = p.parse_args(argv)
 
-    from distillery.artifacts import read_jsonl
     from distillery.config import load_pipeline, parse_overrides
-    from distillery.demo.assets import resolve_model
-    from distillery.methods import run_method
 
     arms = {n: ARMS[n] for n in a.arms} | {x.name: x for x in map(parse_arm, a.extra_arms)}
     if not arms:
@@ -519,6 +524,27 @@ def main(argv: list[str] | None = None) -> int:
         f"{a.init_seeds} init x {a.data_seeds} data-order seeds"
     )
     metrics = METRICS + (SHAPE_METRICS if a.shape else [])
+
+    with contextlib.ExitStack() as stack:
+        teacher_url = ""
+        if a.serve_teacher:
+            teacher_url = stack.enter_context(
+                served_teacher(cfg.teacher.path, work / "teacher-server.log", a.serve_teacher)
+            )
+        elif any("{teacher_url}" in o for x in arms.values() for o in x.overrides):
+            raise SystemExit("an arm names {teacher_url}: add --serve-teacher float32 (or bfloat16)")
+        arms = {
+            n: replace(x, overrides=tuple(o.replace("{teacher_url}", teacher_url) for o in x.overrides))
+            for n, x in arms.items()
+        }
+        return run_arms(a, cfg, arms, order, budgets, merged, metrics, peak, work, out)
+
+
+def run_arms(a, cfg, arms, order, budgets, merged, metrics, peak, work, out) -> int:
+    from distillery.artifacts import read_jsonl
+    from distillery.config import load_pipeline, parse_overrides
+    from distillery.demo.assets import resolve_model
+    from distillery.methods import run_method
 
     with bench_run(cfg, a, "methods", "methods", out) as (tracker, parent, _include):
         parent.log_params({"arm_order": ",".join(order), "extra_arms": " ".join(a.extra_arms)[:6000]})

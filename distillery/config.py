@@ -274,6 +274,20 @@ class GKDSection(Strict):
     seq_kd: bool = Field(False, description="also train on teacher-generated sequences (sequence-level KD)")
 
 
+class TeacherServerConfig(Strict):
+    base_url: str = Field(description="the teacher's vLLM server (distillery serve-model), e.g. http://127.0.0.1:8000")
+    api_key_env: str = Field("DISTILLERY_API_KEY", description="environment variable holding its key (never logged)")
+    timeout: Annotated[float, Field(gt=0)] = Field(120.0, description="seconds to wait for one scoring request")
+    max_retries: Annotated[int, Field(ge=0)] = Field(
+        3, description="retries with backoff on refused connections, timeouts and 5xx, then one clear error"
+    )
+    top_k: Annotated[int, Field(ge=1, le=20)] = Field(
+        1,
+        description="teacher log-probs per token from the server: the loss is over those tokens plus one tail "
+        "bucket (the server gives no full distribution); beta > 0 needs 1 (TRL: the sampled token and the tail)",
+    )
+
+
 class OnPolicySection(Strict):
     beta: Annotated[float, Field(ge=0, le=1)] = Field(
         1.0,
@@ -299,6 +313,28 @@ class OnPolicySection(Strict):
         description="on-policy steps; default train.max_steps (and train.epochs over the traces' distinct prompts)",
     )
     learning_rate: Annotated[float, Field(gt=0)] | None = Field(None, description="default train.learning_rate")
+    teacher_server: TeacherServerConfig | None = Field(
+        None,
+        description="score the rollouts with the teacher behind this OpenAI-compatible vLLM server instead of "
+        "loading it: a teacher of any size stays out of the trainer's memory (TRL ServerDistillationTrainer)",
+    )
+
+    @model_validator(mode="after")
+    def _served(self) -> OnPolicySection:
+        s = self.teacher_server
+        if s is None:
+            return self
+        if self.beta > 0 and s.top_k != 1:
+            raise ValueError(
+                f"teacher_server.top_k: {s.top_k} with beta {self.beta}: a served teacher's reverse-KL or JSD loss is "
+                "over the sampled token and a tail bucket (top_k 1); top_k > 1 needs beta 0 (forward KL)"
+            )
+        if self.temperature != 1.0:
+            raise ValueError(
+                f"temperature: {self.temperature} with teacher_server: the server returns the teacher's log-probs at "
+                "T = 1 (vLLM's prompt log-probs are not tempered), so both sides must be at 1.0"
+            )
+        return self
 
 
 class DPOSection(Strict):

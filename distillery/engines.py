@@ -343,6 +343,31 @@ class HFEngine:
 # -------------------------------------------------------------------------------------- OpenAI-compatible
 
 
+def _by_id(tokens: list[str], chosen: list[float], tops: list[dict[str, float]], k: int, url: str) -> dict:
+    """A sample's logprobs as the local engines give them (token_ids, token_logprobs, top_ids, top_logprobs best
+    first), from an OpenAI-compatible answer whose tokens are vLLM's "token_id:N" names."""
+
+    def tid(name: str) -> int:
+        if not name.startswith("token_id:"):
+            raise ValueError(
+                f"generate.openai: {url} names tokens by text ({name!r}), not by id: the teacher's top-k logprobs "
+                "need a vLLM server (return_tokens_as_token_ids), e.g. distillery serve-model"
+            )
+        return int(name.removeprefix("token_id:"))
+
+    top_ids, top_lp = [], []
+    for d in tops:
+        best = sorted((d or {}).items(), key=lambda kv: -kv[1])[:k]
+        top_ids.append([tid(t) for t, _ in best])
+        top_lp.append([float(v) for _, v in best])
+    return {
+        "token_ids": [tid(t) for t in tokens],
+        "token_logprobs": [float(x) for x in chosen],
+        "top_ids": top_ids,
+        "top_logprobs": top_lp,
+    }
+
+
 class OpenAIEngine:
     """An OpenAI-compatible endpoint. Completions API for plain prompts, chat API for chat pipelines."""
 
@@ -393,35 +418,51 @@ class OpenAIEngine:
             seed=seed,
         )
         k = sampling.get("logprobs") or 0
+        # Top-k logprobs feed logit KD by token id: vLLM names tokens "token_id:N" when asked (a server that does
+        # not is refused in _ids), where the OpenAI API names them by text, which does not map back to ids.
+        ids_kw = {"extra_body": {"return_tokens_as_token_ids": True}} if k else {}
         async with sem:
             self.stats["requests"] += 1
             if self.chat:
                 resp = await self.client.chat.completions.create(
                     messages=[{"role": "user", "content": prompt}],
                     **({"logprobs": True, "top_logprobs": k} if k else {}),
+                    **ids_kw,
                     **kw,
                 )
-                samples = [
-                    {
-                        "text": c.message.content or "",
-                        "finish_reason": c.finish_reason,
-                        "num_tokens": len(c.logprobs.content) if c.logprobs and c.logprobs.content else None,
-                    }
-                    for c in resp.choices
-                ]
-            else:
-                resp = await self.client.completions.create(prompt=prompt, **({"logprobs": k} if k else {}), **kw)
                 samples = []
                 for c in sorted(resp.choices, key=lambda c: c.index):
+                    content = c.logprobs.content if c.logprobs else None
+                    s = {
+                        "text": c.message.content or "",
+                        "finish_reason": c.finish_reason,
+                        "num_tokens": len(content) if content else None,
+                    }
+                    if k and content:
+                        s.update(
+                            _by_id(
+                                [p.token for p in content],
+                                [p.logprob for p in content],
+                                [{t.token: t.logprob for t in p.top_logprobs} for p in content],
+                                k,
+                                self.base_url,
+                            )
+                        )
+                    samples.append(s)
+            else:
+                resp = await self.client.completions.create(
+                    prompt=prompt, **({"logprobs": k} if k else {}), **ids_kw, **kw
+                )
+                samples = []
+                for c in sorted(resp.choices, key=lambda c: c.index):
+                    lp = c.logprobs
                     s = {
                         "text": c.text,
                         "finish_reason": c.finish_reason,
-                        "num_tokens": len(c.logprobs.tokens) if c.logprobs and c.logprobs.tokens else None,
+                        "num_tokens": len(lp.tokens) if lp and lp.tokens else None,
                     }
-                    if k and c.logprobs:  # the completions API names tokens by text; ids need the tokenizer
-                        s["token_logprobs"] = c.logprobs.token_logprobs
-                        s["top_tokens"] = [list(d) for d in c.logprobs.top_logprobs]
-                        s["top_logprobs"] = [list(d.values()) for d in c.logprobs.top_logprobs]
+                    if k and lp and lp.tokens:
+                        s.update(_by_id(lp.tokens, lp.token_logprobs, lp.top_logprobs, k, self.base_url))
                     samples.append(s)
             if any(s["num_tokens"] is None for s in samples) and resp.usage:
                 each = resp.usage.completion_tokens // max(len(samples), 1)

@@ -316,7 +316,15 @@ def on_policy(
     use_vllm = o.generation == "vllm" or (o.generation == "auto" and torch.cuda.is_available())
     if use_vllm and not torch.cuda.is_available():
         raise ValueError("train.on_policy.generation: vllm rollouts run colocated on a GPU (TRL); none here")
-    teacher = frozen_teacher(teacher_path, params, trust_remote_code)
+    served = o.teacher_server
+    client = teacher = None
+    if served is not None:  # the teacher never enters this process: it scores the rollouts from its server
+        from distillery.teacher_server import TeacherClient
+
+        client = TeacherClient(served.base_url, served.api_key_env, served.timeout, served.max_retries)
+        client.check_tokenizer(tokenizer)
+    else:
+        teacher = frozen_teacher(teacher_path, params, trust_remote_code)
     student = load_student(start, params, trust_remote_code)
     prompts = list({r.get("prompt_id", r["prompt"]): r for r in rows}.values())  # a rollout per prompt per pass
     data = Dataset.from_list(
@@ -330,8 +338,16 @@ def on_policy(
         base["max_steps"] = o.max_steps
     if o.learning_rate is not None:
         base["learning_rate"] = o.learning_rate
-    args = DistillationConfig(
+    config_cls = DistillationConfig
+    extra: dict[str, Any] = {}
+    if served is not None:
+        from trl.experimental.server_distillation import ServerDistillationConfig
+
+        config_cls = ServerDistillationConfig
+        extra = {"teacher_model_server_url": client.base_url, "loss_top_k": served.top_k, "loss_add_tail": True}
+    args = config_cls(
         **base,
+        **extra,
         beta=o.beta,
         temperature=o.temperature,
         top_p=1.0,
@@ -343,15 +359,9 @@ def on_policy(
         disable_dropout=True,
         shuffle_dataset=True,
     )
+    common = dict(model=student, args=args, train_dataset=data, processing_class=tokenizer, callbacks=callbacks or [])
     trainer = guard_finite(
-        DistillationTrainer(
-            model=student,
-            teacher_model=teacher,
-            args=args,
-            train_dataset=data,
-            processing_class=tokenizer,
-            callbacks=callbacks or [],
-        ),
+        served_teacher_trainer(client, **common) if client else DistillationTrainer(teacher_model=teacher, **common),
         "on_policy",
     )
     result = run_trainer(trainer, "on_policy")
@@ -366,12 +376,38 @@ def on_policy(
             len(prompts),
             params,
             start,
-            manifest={"base": model_path, "method": "on_policy", "on_policy": {**o.model_dump(), "vllm": use_vllm}},
+            manifest={
+                "base": model_path,
+                "method": "on_policy",
+                "on_policy": {**o.model_dump(), "vllm": use_vllm},
+                **({"teacher_server": {"model": client.model, "requests": client.requests}} if client else {}),
+            },
             where="on_policy",
             trust_remote_code=trust_remote_code,
         )
     )
     return with_totals(figures)
+
+
+def served_teacher_trainer(client, **kwargs):
+    """TRL's ServerDistillationTrainer with `client` (distillery.teacher_server) in place of the VLLMClient its
+    __init__ builds, which sends no API key and sets no timeout: its __init__ is that of DistillationTrainer (no
+    local teacher) plus the three settings it stores, as TRL 1.16 has it."""
+    from trl import DistillationTrainer
+    from trl.experimental.server_distillation import ServerDistillationTrainer
+
+    class ServedTeacherTrainer(ServerDistillationTrainer):
+        def __init__(self, **kw):
+            DistillationTrainer.__init__(self, teacher_model=None, **kw)
+            a = kw["args"]
+            self.reverse_kl_top_1_mode, self.loss_top_k, self.loss_add_tail = (
+                a.reverse_kl_top_1_mode,
+                a.loss_top_k,
+                a.loss_add_tail,
+            )
+            self.teacher_client = client
+
+    return ServedTeacherTrainer(**kwargs)
 
 
 def dpo(

@@ -85,6 +85,16 @@ CASES = [
     ),
     (lambda p: p["demo"].update(schedule={"interval": 60, "oops": 1}), "pipelines.demo.schedule.oops: unknown key"),
     (lambda p: p["demo"].update(concurrency={"slots": 0}), "pipelines.demo.concurrency.slots: must be >= 1"),
+    (
+        lambda p: p["demo-onpolicy"]["train"]["on_policy"].update(teacher_server={"base_url": "http://x", "top_k": 4}),
+        "pipelines.demo-onpolicy.train.on_policy: teacher_server.top_k: 4 with beta 1.0",
+    ),
+    (
+        lambda p: p["demo-onpolicy"]["train"]["on_policy"].update(
+            teacher_server={"base_url": "http://x"}, temperature=0.9
+        ),
+        "pipelines.demo-onpolicy.train.on_policy: temperature: 0.9 with teacher_server",
+    ),
     (lambda p: p["demo"]["draft"].update(distill={"beta": 2}), "pipelines.demo.draft.distill.beta: must be <= 1"),
     (lambda p: p["demo"]["draft"].update(sample_temperature=0), "pipelines.demo.draft.sample_temperature: must be > 0"),
     (lambda p: p["demo"]["evaluate"].update(backend="sglang"), "pipelines.demo.evaluate.backend: must be one of"),

@@ -414,10 +414,64 @@ def test_teacher_with_draft_answers_exactly_as_the_teacher_alone(teacher_servers
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_hosted_teacher_is_the_served_teacher(teacher_servers, tmp_path, monkeypatch):
+def test_on_policy_against_the_served_teacher(teacher_servers, tiny_student, gold_records, tmp_path, monkeypatch):
+    """train.on_policy.teacher_server: the teacher stays in its vLLM server and scores the student's rollouts.
+    The server's log-probs are the local teacher's (bf16 serving), untempered (why temperature must be 1 there); a
+    student that is the teacher has loss ~0 against it, and demo-onpolicy's settings train the demo student."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distillery.artifacts import write_jsonl
+    from distillery.config import load_pipeline, parse_overrides
+    from distillery.methods import run_method
+    from distillery.teacher_server import TeacherClient, TeacherServerError
+
+    url = teacher_servers[0].url
+    monkeypatch.setenv("TEACHER_KEY", "sk-wrong")
+    with pytest.raises(TeacherServerError, match="refused the API key"):
+        TeacherClient(url, api_key_env="TEACHER_KEY")
+    monkeypatch.setenv("TEACHER_KEY", KEY)
+    client = TeacherClient(f"{url}/v1", api_key_env="TEACHER_KEY")
+    tok = AutoTokenizer.from_pretrained(TEACHER_DIR)
+    client.check_tokenizer(tok)
+    r = gold_records[0]
+    ids = tok(r["prompt"] + r["completion"])["input_ids"]
+    p = len(tok(r["prompt"])["input_ids"])
+    served = [client.get_sequence_logprobs([ids], [p], 1, t)["actual_logprobs"][0] for t in (1.0, 2.0)]
+    assert served[0] == served[1]  # vLLM's prompt log-probs ignore the temperature
+    with torch.no_grad():
+        logp = AutoModelForCausalLM.from_pretrained(TEACHER_DIR)(torch.tensor([ids])).logits.log_softmax(-1)[0]
+    local = [logp[i - 1, ids[i]].item() for i in range(p, len(ids))]
+    diffs = [abs(a[0] - b) for a, b in zip(served[0], local, strict=True)]
+    assert len(diffs) > 8 and sum(diffs) / len(diffs) < 0.1, diffs  # aligned position by position
+
+    server = f"train.on_policy.teacher_server={{base_url: '{url}', api_key_env: TEACHER_KEY}}"
+    sets = ["train.batch_size=8", "train.logging_steps=1", "train.on_policy.max_steps=3"]
+    sets += ["train.on_policy.max_new_tokens=16", "train.on_policy.sft_first=false", server]
+    write_jsonl(tmp_path / "kept.jsonl", gold_records[:32])
+    losses = {}
+    for name, student, lr in [("self", TEACHER_DIR, 1e-9), ("student", tiny_student, 1e-3)]:
+        cfg = load_pipeline(
+            REPO / "pipelines.yaml", "demo-onpolicy", parse_overrides([*sets, f"train.on_policy.learning_rate={lr}"])
+        )
+        out = tmp_path / name
+        figures = run_method(cfg, str(student), str(tmp_path / "kept.jsonl"), None, out)
+        manifest = json.loads((out / "manifest.json").read_text())
+        losses[name] = [h["loss"] for h in manifest["loss_history"] if "loss" in h]
+        assert figures["steps"] == 3 and manifest["teacher_server"]["requests"] >= 3
+        assert manifest["on_policy"]["teacher_server"]["base_url"] == url
+    assert all(abs(x) < 1e-3 for x in losses["self"]), losses
+    assert all(math.isfinite(x) and x > 0.005 for x in losses["student"]), losses  # 1,000x self
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_hosted_teacher_is_the_served_teacher(teacher_servers, tiny_student, tmp_path, monkeypatch):
     """The generate stage's openai backend against the served teacher (API key from the environment variable the
-    pipeline names); then the server is stopped and a re-run is answered entirely from the request cache. Last in
-    this file: it stops the shared server."""
+    pipeline names), top-k logprobs by token id and logit KD on them; then the server is stopped and a re-run is
+    answered entirely from the request cache. Last in this file: it stops the shared server."""
     from distillery.artifacts import read_jsonl
     from distillery.config import load_pipeline, parse_overrides
     from tasks.generate import generate
@@ -431,6 +485,7 @@ def test_hosted_teacher_is_the_served_teacher(teacher_servers, tmp_path, monkeyp
         "generate.n=2",
         "generate.temperature=0.7",
         "generate.backend=openai",
+        "generate.logprobs=4",
         f"generate.openai={{base_url: '{alone.url}/v1', model: teacher, api_key_env: TEACHER_KEY, max_concurrency: 4}}",
     ]
     cfg = load_pipeline(REPO / "pipelines.yaml", "demo", parse_overrides(overrides))
@@ -438,6 +493,29 @@ def test_hosted_teacher_is_the_served_teacher(teacher_servers, tmp_path, monkeyp
     rows = read_jsonl(Path(res["path"]))
     assert len(rows) == 16 and all(r["backend"] == "openai" for r in rows)
     assert sum(r["completion"].strip().startswith("<think>") for r in rows) >= 12  # the real teacher answered
+
+    # the served teacher's top-4 by token id (vLLM's token_id:N names): logit KD from a teacher not loaded here
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from distillery.config import KDConfig
+    from distillery.methods import logit_kd
+    from distillery.training import SFTParams
+
+    tok = AutoTokenizer.from_pretrained(TEACHER_DIR)
+    lp_path = Path(res["path"]).parent / "logprobs.parquet"
+    lps = {(x["prompt_id"], x["sample"]): x for x in pq.read_table(lp_path).to_pylist()}
+    for r in rows:
+        x = lps[(r["prompt_id"], r["sample"])]
+        assert tok.decode(x["token_ids"], skip_special_tokens=True) == r["completion"] and all(
+            len(t) == 4 for t in x["top_ids"]
+        )
+        assert all(c <= top[0] + 1e-2 for c, top in zip(x["token_logprobs"], x["top_logprobs"], strict=True))
+    params = SFTParams(max_steps=2, batch_size=8, learning_rate=1e-3, logging_steps=1, max_length=160)
+    figures = logit_kd(
+        str(tiny_student), str(TEACHER_DIR), rows, lp_path, tmp_path / "kd", params, KDConfig(), 0.7, "raw_logprobs"
+    )
+    assert figures["steps"] == 2 and figures["final_loss"] > 0
     alone.stop()
     shutil.rmtree(tmp_path / "cache" / "generate")  # drop the shard cache: only the request cache is left
     again = generate(cfg, tmp_path / "out2")
