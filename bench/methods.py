@@ -15,6 +15,8 @@ steps, the same for every arm), every student-init seed (the random-init student
             of the same seeds (as in the GKD paper), for the budget's steps again
   on_policy TRL DistillationTrainer: every completion the student's own rollout, reverse KL to the live teacher's
             full distribution at each token; from the sft arm's student, for the budget's steps again, as gkd
+  feature   hidden states of every student block, projected to the teacher's width, matched to the teacher's at the
+            same depth (cosine), plus logit KD on the live teacher's full distribution (train.kd's T and alpha)
   sft_more  the sft arm's student trained by SFT for the budget's steps again: GKD's equal-step control
   dpo       sft, then DPO on pairs of the student's own samples judged by the verifier (its sampling and DPO
             epoch come on top of the budget)
@@ -22,7 +24,7 @@ An arm spec NAME=METHOD[@FROM][^TARGETS][:KEY=VALUE,...] adds variants: FROM is 
 from; TARGETS an arm whose student gives the soft targets instead of the teacher (logit_kd on the teacher's own
 traces, with that student's top-k: a teacher-assistant chain); KEY=VALUE are pipeline overrides, e.g.
 student.path=demo:student-mid for another student size (demo:student-tiny 0.15M, demo:student 0.28M,
-demo:student-mid 1.0M).
+demo:student-mid 1.0M, demo:student-teacher 2.9M: the teacher's own shape, for born-again distillation).
 
 Every model and the teacher are measured the same way, on prompts no model trained on: greedy accuracy on the
 in-distribution eval split and on the out-of-distribution split (longer chains), fidelity (the student's
@@ -76,6 +78,7 @@ ARMS = {
         Arm("logit_kd", "logit_kd"),
         Arm("gkd", "gkd", "sft"),
         Arm("on_policy", "on_policy", "sft", ("train.on_policy.sft_first=false",)),
+        Arm("feature", "feature"),
         Arm("sft_more", "sft", "sft"),
         Arm("dpo", "dpo"),
     ]

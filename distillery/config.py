@@ -337,6 +337,18 @@ class OnPolicySection(Strict):
         return self
 
 
+class FeatureSection(Strict):
+    weight: Annotated[float, Field(ge=0)] = Field(
+        1.0, description="weight of the hidden-state term, added to train.kd's logit loss (alpha·KD + (1-alpha)·CE)"
+    )
+    loss: Literal["cosine", "mse"] = Field("cosine", description="1 - cosine similarity, or mean squared error")
+    layers: list[tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]]] | None = Field(
+        None,
+        description="[student, teacher] hidden-state index pairs (0 = embeddings, L = last block after the final "
+        "norm); default: each student block with the teacher block at the same relative depth",
+    )
+
+
 class DPOSection(Strict):
     judge: Literal["verifier", "teacher"] = Field(
         "verifier",
@@ -368,18 +380,21 @@ class DPOSection(Strict):
 
 
 class TrainConfig(Strict):
-    method: Literal["hard", "sft", "logit_kd", "gkd", "on_policy", "dpo"] = Field(
+    method: Literal["hard", "sft", "logit_kd", "gkd", "on_policy", "feature", "dpo"] = Field(
         "sft",
         description="hard: the dataset's answers only, no teacher (the baseline); sft: teacher traces as "
         "targets; logit_kd: the teacher's stored top-k distribution at every token; gkd: on-policy generalized KD "
         "with the live teacher (TRL GKDTrainer, transformers sampling, a mix of student and trace batches); "
         "on_policy: every completion the student's own rollout, the live teacher's full distribution at each of its "
-        "tokens (TRL DistillationTrainer, reverse KL by default, vLLM rollouts on a GPU); dpo: pairs of student "
+        "tokens (TRL DistillationTrainer, reverse KL by default, vLLM rollouts on a GPU); feature: hidden states of "
+        "chosen layers through a learned projection to the teacher's, plus train.kd's logit loss against the live "
+        "teacher (born-again: a student of the teacher's own shape, e.g. demo:student-teacher); dpo: pairs of student "
         "samples ranked by the verifier or the teacher, then TRL DPOTrainer",
     )
     kd: KDConfig = KDConfig()
     gkd: GKDSection = GKDSection()
     on_policy: OnPolicySection = OnPolicySection()
+    feature: FeatureSection = FeatureSection()
     dpo: DPOSection = DPOSection()
     hard_label_template: str = Field(
         "{answer}", description="method hard: the completion for a prompt, from its reference answer"

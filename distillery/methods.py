@@ -6,6 +6,8 @@
 - gkd: TRL's on-policy GKDTrainer against the live teacher;
 - on_policy: TRL's DistillationTrainer: the student's own rollouts (vLLM on a GPU), the live teacher's full
   distribution at each of their tokens, reverse KL by default, from the SFT student;
+- feature: hidden states of chosen layer pairs through a learned projection, mixed with logit KD on the live
+  teacher's full distribution (distillery.feature, written by hand);
 - dpo: SFT, then pairs of the student's own samples ranked by the verifier or the teacher, TRL DPOTrainer.
 Full fine-tuning, LoRA, or QLoRA (adapters on a bitsandbytes NF4 base) through PEFT (distillery.training). Every
 method refuses pad == eos and stops at the first non-finite loss. Adding one: a function here that ends in
@@ -44,6 +46,7 @@ METHOD_LABELS = {
     "logit_kd": "student-kd",
     "gkd": "student-gkd",
     "on_policy": "student-onpolicy",
+    "feature": "student-feature",
     "dpo": "student-dpo",
 }
 
@@ -389,6 +392,73 @@ def on_policy(
     return with_totals(figures)
 
 
+def feature(
+    model_path: str,
+    teacher_path: str,
+    rows: list[dict],
+    output_dir: Path,
+    params: SFTParams,
+    kd,
+    feat,
+    callbacks: list | None = None,
+    trust_remote_code: bool = False,
+    chat: bool = False,
+) -> dict:
+    """Hidden-state distillation (distillery.feature): the student's chosen layers, projected to the teacher's
+    width, match the live frozen teacher's on the kept traces, mixed with logit KD on the full distribution."""
+    from transformers import TrainingArguments
+
+    from distillery.feature import build_examples, make_trainer
+
+    tokenizer = student_tokenizer(model_path, teacher_path, "feature", trust_remote_code, params.pad_token)
+    if chat:  # the student's own template, as SFT renders a conversation
+        check_template_keeps_turn(tokenizer, where=f"feature: student tokenizer {model_path}")
+        records = [
+            {
+                "prompt": tokenizer.apply_chat_template(
+                    [{"role": "user", "content": r["prompt"]}], add_generation_prompt=True, tokenize=False
+                ),
+                "completion": assistant_turn(r),
+            }
+            for r in rows
+        ]
+    else:
+        records = training_records(rows, chat=False)
+    examples = build_examples(records, tokenizer, params.max_length)
+    teacher = frozen_teacher(teacher_path, params, trust_remote_code)
+    if params.lora:
+        raise ValueError("train.method feature: full fine-tuning only for now (train.lora is set)")
+    model = load_student(model_path, params, trust_remote_code)
+    args = TrainingArguments(**common_args(params, output_dir))
+    trainer = guard_finite(
+        make_trainer(model, teacher, tokenizer, examples, args, kd, feat, callbacks),
+        "feature",
+    )
+    result = run_trainer(trainer, "feature")
+    return finish(
+        trainer,
+        result,
+        tokenizer,
+        output_dir,
+        trainable_count(model),
+        len(examples),
+        params,
+        model_path,
+        manifest={
+            "base": model_path,
+            "method": "feature",
+            "kd": kd.model_dump(),
+            "feature": {
+                **feat.model_dump(),
+                "pairs": trainer.feature_pairs,
+                "widths": [model.config.hidden_size, teacher.config.hidden_size],
+            },
+        },
+        where="feature",
+        trust_remote_code=trust_remote_code,
+    )
+
+
 def served_teacher_trainer(client, **kwargs):
     """TRL's ServerDistillationTrainer with `client` (distillery.teacher_server) in place of the VLLMClient its
     __init__ builds, which sends no API key and sets no timeout: its __init__ is that of DistillationTrainer (no
@@ -532,6 +602,8 @@ def run_method(
         return gkd(student, teacher, rows, out, params, t.gkd, callbacks, trust, chat)
     if t.method == "on_policy":
         return on_policy(student, teacher, rows, out, params, t.on_policy, callbacks, trust, chat)
+    if t.method == "feature":
+        return feature(student, teacher, rows, out, params, t.kd, t.feature, callbacks, trust, chat)
     if t.method == "dpo":
         from distillery.verify import VERIFIERS
 

@@ -150,7 +150,7 @@ def test_every_arm_and_seed_is_a_child_run_of_one_parent(tmp_path, mlflow_uri):
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "methods.json").read_text())
     # those that start from another arm, or take its targets, come after it
-    arms = ["hard", "sft", "logit_kd", "dpo", "gkd", "on_policy", "sft_more", "ta"]
+    arms = ["hard", "sft", "logit_kd", "feature", "dpo", "gkd", "on_policy", "sft_more", "ta"]
     assert [row["arm"] for row in summary["rows"]] == arms
     for row in summary["rows"]:
         assert row["seeds"] == 2 and row["steps"] >= 2 and 0 < row["mfu"] < 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -304,3 +305,61 @@ def test_kept_traces_alone_lead_to_the_teachers_logprobs(tmp_path):
     assert generated_dir(filt / "kept.jsonl", None) == gen
     assert generated_dir(filt / "kept.jsonl", str(tmp_path / "elsewhere" / "traces.jsonl")) == tmp_path / "elsewhere"
     assert generated_dir(gen / "traces.jsonl", None) == gen  # generated traces given directly
+
+
+def _feature(student, records, out, kd=None, **feat):
+    from distillery.config import FeatureSection, KDConfig
+    from distillery.demo.assets import TEACHER_DIR
+    from distillery.methods import feature
+    from distillery.training import SFTParams
+
+    params = SFTParams(max_steps=feat.pop("steps", 3), batch_size=8, learning_rate=feat.pop("lr", 3e-3))
+    params.logging_steps, params.max_length = 1, 128
+    return feature(str(student), str(TEACHER_DIR), records, out, params, kd or KDConfig(), FeatureSection(**feat))
+
+
+@pytest.mark.parametrize("loss", ["cosine", "mse"])
+def test_feature_loss_is_zero_when_the_student_is_the_teacher(gold_records, tmp_path, loss):
+    """The exact form at its fixed point: a copy of the teacher, identity projections at equal widths, alpha 1
+    (no CE): the KD and feature terms are 0 on every layer pair (a teacher with dropout, or misaligned hidden-state
+    indices, would not be)."""
+    from distillery.config import KDConfig
+    from distillery.demo.assets import TEACHER_DIR
+
+    out = tmp_path / loss
+    kd = KDConfig(alpha=1.0, temperature=2.0)
+    _feature(TEACHER_DIR, gold_records[:16], out, kd, loss=loss, layers=[[0, 0], [2, 2], [4, 4]], lr=1e-9, steps=2)
+    history = json.loads((out / "manifest.json").read_text())["loss_history"]
+    parts = [(h["loss"], h["feature_loss"], h["kd_loss"]) for h in history if "loss" in h]
+    assert len(parts) == 2 and all(abs(x) < 1e-5 for p in parts for x in p), parts
+
+
+def test_demo_feature_learns_the_projection_and_the_student(tiny_student, gold_records, tmp_path):
+    """demo-feature's settings through run_method on the 64-wide demo student against the 256-wide teacher: each
+    student block paired with the teacher's at the same depth, the projections trained (the feature term falls),
+    finite losses, the student saved without them."""
+    import math
+
+    from distillery.artifacts import write_jsonl
+    from distillery.methods import run_method
+
+    sets = ["train.max_steps=12", "train.batch_size=8", "train.logging_steps=1", "train.learning_rate=1e-2"]
+    cfg = load_pipeline(REPO / "pipelines.yaml", "demo-feature", parse_overrides(sets))
+    write_jsonl(tmp_path / "kept.jsonl", gold_records[:48])
+    out = tmp_path / "feature"
+    figures = run_method(cfg, str(tiny_student), str(tmp_path / "kept.jsonl"), None, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    feats = [h["feature_loss"] for h in manifest["loss_history"] if "feature_loss" in h]
+    assert figures["steps"] == 12 and len(feats) == 12 and all(math.isfinite(x) for x in feats)
+    assert sum(feats[-3:]) / 3 < 0.8 * sum(feats[:3]) / 3, feats  # the projection and student learn to match
+    assert manifest["feature"]["pairs"] == [[1, 1], [2, 2], [3, 3], [4, 4]]
+    assert manifest["feature"]["widths"] == [64, 256] and manifest["method"] == "feature"
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert not any("maps" in k for k in f.keys())  # noqa: SIM118
+
+
+def test_feature_layers_out_of_range_are_refused(tiny_student, gold_records, tmp_path):
+    with pytest.raises(ValueError, match=r"train.feature.layers: pair \[5, 4\] is out of range: the student has"):
+        _feature(tiny_student, gold_records[:8], tmp_path / "x", layers=[[5, 4]])

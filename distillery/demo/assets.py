@@ -42,6 +42,8 @@ STUDENT_SIZES = {
     "mid": dict(
         hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2
     ),
+    # born-again / self-distillation: a fresh random init of the teacher's own shape (2.9M)
+    "teacher": TEACHER_SHAPE,
 }
 
 
