@@ -460,11 +460,28 @@ class PruneConfig(Strict):
         return self
 
 
+class QuantHealConfig(Strict):
+    steps: Annotated[int, Field(gt=0)] = Field(200, description="optimizer steps of the healing distillation")
+    learning_rate: Annotated[float, Field(gt=0)] = 1e-3
+    batch_size: Annotated[int, Field(gt=0)] = 16
+    lora_r: Annotated[int, Field(gt=0)] = 8
+    lora_alpha: Annotated[int, Field(gt=0)] = 16
+    temperature: Annotated[float, Field(gt=0)] = Field(1.0, description="KD temperature (T²-scaled forward KL)")
+    max_length: Annotated[int, Field(gt=0)] = 512
+    seed: int = 0
+
+
 class QuantizeConfig(Strict):
     formats: Annotated[list[Literal["int8", "nf4"]], Field(min_length=1)] = ["int8", "nf4"]
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     double_quant: bool = True
     source: Literal["latest", "train", "prune"] = "latest"
+    heal: QuantHealConfig | None = Field(
+        None,
+        description="quantization-aware healing: LoRA adapters on the NF4 model, distilled from the full-precision "
+        "student (forward KL on its full distribution) over the kept traces; the NF4 model plus adapters is "
+        "student-nf4-healed, evaluated beside plain student-nf4",
+    )
 
 
 class EvaluateConfig(Strict):
@@ -703,6 +720,11 @@ class Pipeline(Strict):
             src = getattr(self, name).source
             if name in self.stages and src != "latest" and src not in self.stages:
                 raise ValueError(f"{name}.source: stage {src!r} is not in stages")
+        if "quantize" in self.stages and self.quantize.heal is not None:
+            if "nf4" not in self.quantize.formats:
+                raise ValueError("quantize.heal: heals the NF4 model; add nf4 to quantize.formats")
+            if "filter" not in self.stages:
+                raise ValueError("quantize.heal: distils on the kept traces and needs stage 'filter'")
         if "train" in self.stages and self.train.method != "hard" and "filter" not in self.stages:
             raise ValueError(
                 f"stages: train.method {self.train.method!r} learns from the teacher's traces and needs "

@@ -99,7 +99,9 @@ def make_trainer(model, teacher, tokenizer, examples: list[dict], args, kd, feat
 
     from distillery.losses import full_kd, hard_ce, mixed
 
+    # weight 0: logit KD against the live teacher alone (quantization-aware healing uses it so)
     pairs = layer_pairs(model.config.num_hidden_layers, teacher.config.num_hidden_layers, feat.layers)
+    pairs = pairs if feat.weight > 0 else []
     projector = Projector(model.config.hidden_size, teacher.config.hidden_size, len(pairs)).to(
         device=model.device, dtype=next(model.parameters()).dtype
     )
@@ -108,26 +110,25 @@ def make_trainer(model, teacher, tokenizer, examples: list[dict], args, kd, feat
         def create_optimizer(self, *a, **k):
             # the projections learn with the student, at its learning rate; the scheduler is built after this
             opt = super().create_optimizer(*a, **k)
-            if not any(p is projector.maps[0].weight for g in opt.param_groups for p in g["params"]):
+            if pairs and not any(p is projector.maps[0].weight for g in opt.param_groups for p in g["params"]):
                 opt.add_param_group({"params": list(projector.parameters()), "weight_decay": 0.0})
             return opt
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs.pop("labels")
-            outputs = model(**inputs, output_hidden_states=True)
+            outputs = model(**inputs, output_hidden_states=bool(pairs))
             with torch.no_grad():
-                t_out = teacher(**inputs, output_hidden_states=True)
+                t_out = teacher(**inputs, output_hidden_states=bool(pairs))
             lab = labels[:, 1:]  # position i-1 predicts token i
             logits = outputs.logits[:, :-1]
             kd_loss = full_kd(logits, t_out.logits[:, :-1], kd.temperature, kd.divergence, kd.beta, labels=lab)
             ce = hard_ce(logits, lab)
             mask = labels != -100  # the hidden state at each completion token
-            feats = torch.stack(
-                [
-                    feature_term(m(outputs.hidden_states[s]), t_out.hidden_states[t], mask, feat.loss)
-                    for m, (s, t) in zip(projector.maps, pairs, strict=True)
-                ]
-            ).mean()
+            terms = [
+                feature_term(m(outputs.hidden_states[s]), t_out.hidden_states[t], mask, feat.loss)
+                for m, (s, t) in zip(projector.maps, pairs, strict=True)
+            ]
+            feats = torch.stack(terms).mean() if terms else kd_loss.new_zeros(())
             loss = mixed(kd_loss, ce, kd.alpha) + feat.weight * feats  # mixed raises on NaN/inf
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"feature loss is {feats.item()}")

@@ -76,6 +76,8 @@ def log_run_models(
     ids = {}
     for m, weights in models:
         kind = "reference" if m.stage in ("reference", "init") else ("transformers" if weights else "reference")
+        if (Path(m.path) / "adapter_config.json").is_file():  # adapters on a base folder: no transformers flavor
+            kind = "reference"
         tags = {
             "distillery.pipeline": pipeline,
             "distillery.parent_run_id": parent_run_id,

@@ -102,7 +102,8 @@ def run_stages(cfg: Pipeline, ctx: RunContext, tracker) -> dict:
         models += once("prune", [start, kept], lambda: prune_task(cfg, ctx, start, kept))
     if "quantize" in stages:
         source = latest_full_precision(models, cfg.quantize.source, student)
-        models += once("quantize", [source], lambda: quantize_task(cfg, ctx, source))
+        heal_on = kept if cfg.quantize.heal else None  # the traces are an input only when healing uses them
+        models += once("quantize", [source, heal_on], lambda: quantize_task(cfg, ctx, source, heal_on))
     evals = None
     if "evaluate" in stages:
         todo = [teacher, *([student] if cfg.evaluate.include_untrained else []), *models]

@@ -58,6 +58,10 @@ def local_task_dir(tasks: list[str]) -> Path | None:
 
 
 def is_quantized(path: str) -> bool:
+    from distillery.healing import base_of, is_adapter
+
+    if is_adapter(path):  # healing adapters on a quantized base (quantize.heal)
+        path = str(base_of(path))
     cfg_file = Path(path) / "config.json"
     return cfg_file.exists() and "quantization_config" in json.loads(cfg_file.read_text())
 
@@ -68,7 +72,11 @@ def _load(path: str, trust_remote_code: bool, quantized: bool):
 
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     cuda = torch.cuda.is_available()
-    if quantized:
+    from distillery.healing import is_adapter, load_healed
+
+    if is_adapter(path):
+        model = load_healed(path, trust_remote_code)
+    elif quantized:
         model = AutoModelForCausalLM.from_pretrained(
             path, device_map="auto" if cuda else "cpu", trust_remote_code=trust_remote_code
         )

@@ -11,6 +11,7 @@ adapters are merged in full precision by the train stage, so what is quantized h
 
 from __future__ import annotations
 
+import os
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from distillery.artifacts import atomic_dir, content_hash, save_model, write_manifest
 from distillery.bnb import bnb_config, require_bnb
 from distillery.config import Pipeline, QuantizeConfig
-from distillery.results import ModelArtifact
+from distillery.results import ModelArtifact, Traces
 from distillery.runtime import RunContext
 
 _PEAK_PROBE = """
@@ -44,7 +45,12 @@ def measure(path, cuda):
     else:
         open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark (VmHWM) to the current RSS
         base = status("VmRSS:")
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, device_map="auto" if cuda else "cpu")
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):  # NF4 + healing adapters (distillery.healing)
+        from distillery.healing import load_healed
+
+        model = load_healed(path)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, device_map="auto" if cuda else "cpu")
     with torch.no_grad():
         model(**probe.to(model.device))
     peak = (torch.cuda.max_memory_allocated() if cuda else status("VmHWM:")) - base
@@ -89,8 +95,11 @@ class PeakProbe:
         import subprocess
         import sys
 
+        repo = str(Path(__file__).resolve().parents[1])  # distillery.healing for adapter folders
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _PEAK_PROBE],
+            env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -183,8 +192,11 @@ def quantize(
 
 
 @task(name="quantize", cache_policy=NO_CACHE)
-def quantize_task(cfg: Pipeline, ctx: RunContext, student: ModelArtifact) -> list[ModelArtifact]:
-    """One quantized copy of the full-precision `student` per `quantize.formats`, labelled student-<format>."""
+def quantize_task(
+    cfg: Pipeline, ctx: RunContext, student: ModelArtifact, kept: Traces | None = None
+) -> list[ModelArtifact]:
+    """One quantized copy of the full-precision `student` per `quantize.formats`, labelled student-<format>; with
+    quantize.heal, also student-nf4-healed: healing adapters distilled from `student` on the `kept` traces."""
     made = []
     with ctx.tracker().stage("quantize", ctx.parent_run_id) as run, ExitStack() as stack:
         run.log_params({"source_model": student.path, **cfg.quantize.model_dump()})
@@ -209,4 +221,46 @@ def quantize_task(cfg: Pipeline, ctx: RunContext, student: ModelArtifact) -> lis
                     artifact=fmt,
                 )
             )
+        if cfg.quantize.heal is not None:
+            nf4 = next(m for m in made if m.artifact == "nf4")
+            made.append(heal_nf4(cfg, ctx, student, kept, run, probe, nf4.params))
     return made
+
+
+def heal_nf4(
+    cfg: Pipeline, ctx: RunContext, student: ModelArtifact, kept: Traces | None, run, probe, params: int | None
+) -> ModelArtifact:
+    """Quantization-aware healing of the stage's NF4 copy (distillery.healing), measured as the formats are."""
+    from distillery.artifacts import read_jsonl
+    from distillery.healing import heal
+    from distillery.training import mlflow_callback, training_records
+
+    if kept is None:
+        raise ValueError("quantize.heal: no kept traces to distil on (stage 'filter' must run before quantize)")
+    if cfg.data.chat_template:
+        raise ValueError("quantize.heal: chat pipelines are not supported yet (data.chat_template is on)")
+    records = training_records(read_jsonl(Path(kept.path)), chat=False)
+    res = heal(
+        str(ctx.stage_dir("quantize") / "nf4"),
+        student.path,
+        records,
+        ctx.stage_dir("quantize") / "nf4-healed",
+        cfg.quantize.heal,
+        cfg.student.trust_remote_code,
+        [mlflow_callback(run)],
+    )
+    figures = res["figures"]
+    figures["peak_bytes"] = probe(res["path"])
+    run.log_metrics({f"nf4-healed.{k}": v for k, v in figures.items()})
+    if cfg.log_models:
+        run.log_artifact(res["path"], "nf4-healed")
+    return ModelArtifact(
+        label="student-nf4-healed",
+        path=res["path"],
+        stage="quantize",
+        run_id=run.run_id,
+        params=params,  # the NF4 model's; the adapters' count is in the figures
+        figures=figures,
+        content_hash=content_hash(res["path"]),
+        artifact="nf4-healed",
+    )

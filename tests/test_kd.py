@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -363,3 +364,40 @@ def test_demo_feature_learns_the_projection_and_the_student(tiny_student, gold_r
 def test_feature_layers_out_of_range_are_refused(tiny_student, gold_records, tmp_path):
     with pytest.raises(ValueError, match=r"train.feature.layers: pair \[5, 4\] is out of range: the student has"):
         _feature(tiny_student, gold_records[:8], tmp_path / "x", layers=[[5, 4]])
+
+
+@pytest.mark.slow
+def test_demo_heal_pipeline_through_the_cli(tmp_path):
+    """demo-heal, shrunk, through the real CLI: NF4, then healing adapters on it distilled from the full-precision
+    student; both evaluated, the healed one loaded through its base folder, its adapters counted and measured."""
+    import os
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from distillery.healing import base_of
+
+    uri = sqlite_store(tmp_path)
+    sets = ["data.num_prompts=64", "generate.backend=transformers", "train.max_steps=20", "evaluate.limit=8"]
+    sets += ["quantize.heal.steps=6", "quantize.heal.batch_size=8", f"output_dir={tmp_path / 'runs'}"]
+    r = subprocess.run(
+        [str(Path(sys.executable).parent / "distillery"), "run", "demo-heal", "--file", str(REPO / "pipelines.yaml")]
+        + [x for s in sets for x in ("--set", s)],
+        cwd=tmp_path,
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "| student-nf4-healed" in r.stdout and "| student-nf4 " in r.stdout
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("distillery").experiment_id])
+    q = next(x for x in runs if x.info.run_name == "quantize").data.metrics
+    assert q["nf4-healed.heal_steps"] == 6 and 0 < q["nf4-healed.adapter_params"] < q["nf4.params"] / 2
+    assert q["nf4-healed.peak_bytes"] > 0 and math.isfinite(q["nf4-healed.heal_final_kd"])
+    healed = next((tmp_path / "runs").rglob("nf4-healed/adapter_config.json")).parent
+    assert base_of(healed) == healed.parent / "nf4"  # relative: the run folder can move
+    ev = next(x for x in runs if x.info.run_name == "evaluate").data.metrics
+    assert {"accuracy.student-nf4", "accuracy.student-nf4-healed"} <= set(ev), sorted(ev)
