@@ -18,10 +18,19 @@ from distillery.demo import task
 
 
 def _load(model_path: str):
+    import json
+    from pathlib import Path
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from distillery.healing import is_adapter, load_healed
+
     tok = AutoTokenizer.from_pretrained(model_path, padding_side="left")
-    return tok, AutoModelForCausalLM.from_pretrained(model_path).eval()
+    if is_adapter(model_path):  # NF4 with healing adapters
+        return tok, load_healed(model_path)
+    config = Path(model_path) / "config.json"
+    quantized = config.is_file() and "quantization_config" in json.loads(config.read_text())
+    return tok, AutoModelForCausalLM.from_pretrained(model_path, **({"device_map": "cpu"} if quantized else {})).eval()
 
 
 def greedy_answers(
