@@ -30,7 +30,8 @@ def check_same_vocab(teacher_tok, student_tok, where: str) -> None:
         only_t, moved = _differences(t, s)
         raise DistillationCheckError(
             f"{where}: teacher and student vocabularies differ (sizes {len(t)} vs {len(s)}; "
-            f"teacher-only tokens {only_t}; tokens with other ids {moved})"
+            f"teacher-only tokens {only_t}; tokens with other ids {moved}); train.method cross_tokenizer distils "
+            "across tokenizers"
         )
 
 

@@ -22,7 +22,12 @@ from distillery.demo.assets import STUDENT_SIZES
 STAGES = ("generate", "filter", "train", "prune", "quantize", "evaluate", "draft")
 Stage = Literal["generate", "filter", "train", "prune", "quantize", "evaluate", "draft"]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-DEMO_REFS = ("demo:teacher", "demo:student", *(f"demo:student-{size}" for size in STUDENT_SIZES))
+DEMO_REFS = (
+    "demo:teacher",
+    "demo:student",
+    "demo:student-othertok",
+    *(f"demo:student-{size}" for size in STUDENT_SIZES),
+)
 REHEARSAL_REFS = (
     "rehearsal:teacher",
     "rehearsal:student",
@@ -337,6 +342,24 @@ class OnPolicySection(Strict):
         return self
 
 
+class CrossTokenizerSection(Strict):
+    lmbda: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.0, description="fraction of batches the student samples itself (on-policy); 0: the teacher's traces only"
+    )
+    hybrid: bool = Field(
+        True,
+        description="tokens both vocabularies share get the exact divergence (JSD, beta) and the rest ULD's sorted-"
+        "probability distance (TRL GOLD's hybrid loss); false: ULD on every token",
+    )
+    beta: Annotated[float, Field(ge=0, le=1)] = Field(0.0, description="JSD of the matched tokens: 0 forward KL")
+    ce_weight: Annotated[float, Field(ge=0)] = Field(
+        1.0, description="cross-entropy on the student's own tokenization of the trace, as in the ULD paper"
+    )
+    temperature: Annotated[float, Field(gt=0)] = Field(1.0, description="both distributions' temperature")
+    max_new_tokens: Annotated[int, Field(gt=0)] = Field(96, description="student rollouts when lmbda > 0")
+    max_steps: int | None = Field(None, description="default train.max_steps")
+
+
 class FeatureSection(Strict):
     weight: Annotated[float, Field(ge=0)] = Field(
         1.0, description="weight of the hidden-state term, added to train.kd's logit loss (alpha·KD + (1-alpha)·CE)"
@@ -380,7 +403,7 @@ class DPOSection(Strict):
 
 
 class TrainConfig(Strict):
-    method: Literal["hard", "sft", "logit_kd", "gkd", "on_policy", "feature", "dpo"] = Field(
+    method: Literal["hard", "sft", "logit_kd", "gkd", "on_policy", "feature", "cross_tokenizer", "dpo"] = Field(
         "sft",
         description="hard: the dataset's answers only, no teacher (the baseline); sft: teacher traces as "
         "targets; logit_kd: the teacher's stored top-k distribution at every token; gkd: on-policy generalized KD "
@@ -388,13 +411,15 @@ class TrainConfig(Strict):
         "on_policy: every completion the student's own rollout, the live teacher's full distribution at each of its "
         "tokens (TRL DistillationTrainer, reverse KL by default, vLLM rollouts on a GPU); feature: hidden states of "
         "chosen layers through a learned projection to the teacher's, plus train.kd's logit loss against the live "
-        "teacher (born-again: a student of the teacher's own shape, e.g. demo:student-teacher); dpo: pairs of student "
-        "samples ranked by the verifier or the teacher, then TRL DPOTrainer",
+        "teacher (born-again: a student of the teacher's own shape, e.g. demo:student-teacher); cross_tokenizer: "
+        "teacher and student on different tokenizers (TRL GOLD: ULD, exact on the shared tokens); dpo: pairs of "
+        "student samples ranked by the verifier or the teacher, then TRL DPOTrainer",
     )
     kd: KDConfig = KDConfig()
     gkd: GKDSection = GKDSection()
     on_policy: OnPolicySection = OnPolicySection()
     feature: FeatureSection = FeatureSection()
+    cross_tokenizer: CrossTokenizerSection = CrossTokenizerSection()
     dpo: DPOSection = DPOSection()
     hard_label_template: str = Field(
         "{answer}", description="method hard: the completion for a prompt, from its reference answer"

@@ -8,6 +8,7 @@
   distribution at each of their tokens, reverse KL by default, from the SFT student;
 - feature: hidden states of chosen layer pairs through a learned projection, mixed with logit KD on the live
   teacher's full distribution (distillery.feature, written by hand);
+- cross_tokenizer: teacher and student on different tokenizers, TRL's GOLDTrainer (ULD, exact on shared tokens);
 - dpo: SFT, then pairs of the student's own samples ranked by the verifier or the teacher, TRL DPOTrainer.
 Full fine-tuning, LoRA, or QLoRA (adapters on a bitsandbytes NF4 base) through PEFT (distillery.training). Every
 method refuses pad == eos and stops at the first non-finite loss. Adding one: a function here that ends in
@@ -47,6 +48,7 @@ METHOD_LABELS = {
     "gkd": "student-gkd",
     "on_policy": "student-onpolicy",
     "feature": "student-feature",
+    "cross_tokenizer": "student-xtok",
     "dpo": "student-dpo",
 }
 
@@ -459,6 +461,101 @@ def feature(
     )
 
 
+def cross_tokenizer(
+    model_path: str,
+    teacher_path: str,
+    rows: list[dict],
+    output_dir: Path,
+    params: SFTParams,
+    c,
+    callbacks: list | None = None,
+    trust_remote_code: bool = False,
+    chat: bool = False,
+) -> dict:
+    """Teacher and student on different tokenizers, with TRL's GOLDTrainer: each trace is tokenized by both, the
+    teacher's distributions are aligned to the student's tokens (merging the probabilities of split tokens), and
+    the loss is ULD's distance between sorted probabilities, exact (JSD) on the tokens both vocabularies share when
+    `c.hybrid`; plus cross-entropy on the student's tokens. The vocabulary check is the one other methods refuse
+    on, inverted: the same vocabulary is refused here (logit_kd or on_policy are exact then)."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl.experimental.gold import GOLDConfig, GOLDTrainer
+
+    from distillery.checks import DistillationCheckError
+
+    tokenizer = student_tokenizer(model_path, None, "cross_tokenizer", trust_remote_code, params.pad_token)
+    teacher_tok = AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=trust_remote_code)
+    if teacher_tok.get_vocab() == tokenizer.get_vocab():
+        raise DistillationCheckError(
+            "cross_tokenizer: teacher and student share one vocabulary; use logit_kd, on_policy or gkd, whose "
+            "divergence is exact there"
+        )
+    if tokenizer.chat_template is None or teacher_tok.chat_template is None:
+        raise ValueError("cross_tokenizer: TRL's GOLD renders conversations; both tokenizers need a chat template")
+    check_template_keeps_turn(tokenizer, where=f"cross_tokenizer: student tokenizer {model_path}")
+    teacher = frozen_teacher(teacher_path, params, trust_remote_code)
+    student = load_student(model_path, params, trust_remote_code)
+    data = Dataset.from_list(
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": r["prompt"] if chat else r.get("prompt_text", r["prompt"])},
+                    {"role": "assistant", "content": assistant_turn(r) if chat else r["completion"]},
+                ]
+            }
+            for r in rows
+        ]
+    )
+    base = common_args(params, output_dir)
+    if c.max_steps is not None:
+        base["max_steps"] = c.max_steps
+    args = GOLDConfig(
+        **base,
+        max_length=params.max_length,
+        lmbda=c.lmbda,
+        beta=c.beta,
+        temperature=c.temperature,
+        max_completion_length=c.max_new_tokens,
+        use_uld_loss=True,
+        uld_use_hybrid_loss=c.hybrid,
+        uld_crossentropy_weight=c.ce_weight,
+        uld_student_temperature=c.temperature,
+        uld_teacher_temperature=c.temperature,
+        teacher_tokenizer_name_or_path=teacher_path,
+        disable_dropout=True,
+    )
+    trainer = guard_finite(
+        GOLDTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=data,
+            processing_class=tokenizer,
+            callbacks=callbacks or [],
+        ),
+        "cross_tokenizer",
+    )
+    result = run_trainer(trainer, "cross_tokenizer")
+    return finish(
+        trainer,
+        result,
+        tokenizer,
+        output_dir,
+        trainable_count(trainer.model),
+        len(rows),
+        params,
+        model_path,
+        manifest={
+            "base": model_path,
+            "method": "cross_tokenizer",
+            "cross_tokenizer": c.model_dump(),
+            "vocab": {"student": len(tokenizer), "teacher": len(teacher_tok)},
+        },
+        where="cross_tokenizer",
+        trust_remote_code=trust_remote_code,
+    )
+
+
 def served_teacher_trainer(client, **kwargs):
     """TRL's ServerDistillationTrainer with `client` (distillery.teacher_server) in place of the VLLMClient its
     __init__ builds, which sends no API key and sets no timeout: its __init__ is that of DistillationTrainer (no
@@ -602,6 +699,8 @@ def run_method(
         return gkd(student, teacher, rows, out, params, t.gkd, callbacks, trust, chat)
     if t.method == "on_policy":
         return on_policy(student, teacher, rows, out, params, t.on_policy, callbacks, trust, chat)
+    if t.method == "cross_tokenizer":
+        return cross_tokenizer(student, teacher, rows, out, params, t.cross_tokenizer, callbacks, trust, chat)
     if t.method == "feature":
         return feature(student, teacher, rows, out, params, t.kd, t.feature, callbacks, trust, chat)
     if t.method == "dpo":

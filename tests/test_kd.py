@@ -401,3 +401,33 @@ def test_demo_heal_pipeline_through_the_cli(tmp_path):
     assert base_of(healed) == healed.parent / "nf4"  # relative: the run folder can move
     ev = next(x for x in runs if x.info.run_name == "evaluate").data.metrics
     assert {"accuracy.student-nf4", "accuracy.student-nf4-healed"} <= set(ev), sorted(ev)
+
+
+def test_cross_tokenizer_distils_a_student_with_its_own_tokenizer(gold_records, tmp_path):
+    """demo-xtok's settings through run_method: TRL's GOLD (hybrid ULD) from the demo teacher into the student on a
+    tokenizer of its own; finite losses, the student saved with its own tokenizer, both vocabularies recorded. The
+    same student is refused by logit_kd (vocabulary check), and cross_tokenizer refuses a shared vocabulary."""
+    from transformers import AutoTokenizer
+
+    from distillery.artifacts import write_jsonl
+    from distillery.checks import DistillationCheckError
+    from distillery.demo.assets import TEACHER_DIR, resolve_model
+    from distillery.methods import run_method
+
+    sets = ["train.max_steps=3", "train.batch_size=8", "train.logging_steps=1"]
+    cfg = load_pipeline(REPO / "pipelines.yaml", "demo-xtok", parse_overrides(sets))
+    write_jsonl(tmp_path / "kept.jsonl", gold_records[:24])
+    student = resolve_model(cfg.student.path)
+    out = tmp_path / "xtok"
+    figures = run_method(cfg, student, str(tmp_path / "kept.jsonl"), None, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    losses = [h["loss"] for h in manifest["loss_history"] if "loss" in h]
+    assert figures["steps"] == 3 and len(losses) == 3 and all(math.isfinite(x) and x > 0 for x in losses)
+    assert manifest["method"] == "cross_tokenizer" and manifest["vocab"]["student"] != manifest["vocab"]["teacher"]
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == AutoTokenizer.from_pretrained(student).get_vocab()
+
+    kd = load_pipeline(REPO / "pipelines.yaml", "demo-xtok", parse_overrides([*sets, "train.method=gkd"]))
+    with pytest.raises(DistillationCheckError, match="train.method cross_tokenizer distils across tokenizers"):
+        run_method(kd, student, str(tmp_path / "kept.jsonl"), None, tmp_path / "gkd")
+    with pytest.raises(DistillationCheckError, match="share one vocabulary; use logit_kd"):
+        run_method(cfg, str(TEACHER_DIR), str(tmp_path / "kept.jsonl"), None, tmp_path / "same")

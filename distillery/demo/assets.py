@@ -52,7 +52,7 @@ def cache_dir() -> Path:
     return Path(root) / "distillery"
 
 
-def build_tokenizer(corpus: list[str]):
+def build_tokenizer(corpus: list[str], vocab_size: int = VOCAB_SIZE):
     """Byte-level BPE with one token per digit (arithmetic is learnt per digit), <think> tags as single
     ordinary tokens (so decoding with skip_special_tokens keeps them), and pad != eos."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -64,7 +64,7 @@ def build_tokenizer(corpus: list[str]):
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE - len(THINK),
+        vocab_size=vocab_size - len(THINK),
         special_tokens=[SPECIAL["pad"], SPECIAL["eos"], SPECIAL["bos"]],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -119,6 +119,31 @@ def save_atomic(model, tokenizer, dest: Path) -> Path:
     return dest
 
 
+# A student with a tokenizer of its own (cross-tokenizer distillation): BPE trained on other problems to 320 tokens,
+# so its merges, and most ids, differ from the teacher's.
+OTHER_TOKENIZER_VOCAB = 320
+
+
+def other_tokenizer_student(seed: int = 0) -> Path:
+    """`demo:student-othertok`: the demo student's shape on a tokenizer of its own, random init, cached per seed."""
+    from filelock import FileLock
+
+    from distillery.demo import task
+
+    dest = cache_dir() / "demo" / f"student-othertok-init-v1-seed{seed}"
+    if (dest / "config.json").exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{dest}.lock", timeout=600):
+        if (dest / "config.json").exists():
+            return dest
+        tokenizer = build_tokenizer(
+            [p.question + p.trace for p in task.problems(seed=12345, count=3000)], OTHER_TOKENIZER_VOCAB
+        )
+        tokenizer.chat_template = DEMO_CHAT_TEMPLATE
+        return save_atomic(init_model(STUDENT_SHAPE, tokenizer, seed), tokenizer, dest)
+
+
 def demo_student(seed: int = 0, size: str = "") -> Path:
     """The untrained demo student (or one of STUDENT_SIZES): random init on the teacher's tokenizer, cached per
     seed."""
@@ -159,6 +184,8 @@ def resolve_model(ref: str, seed: int = 0) -> str:
         return str(TEACHER_DIR)
     if ref == "demo:student":
         return str(demo_student(seed))
+    if ref == "demo:student-othertok":
+        return str(other_tokenizer_student(seed))
     if ref.startswith("demo:student-"):
         size = ref.removeprefix("demo:student-")
         if size not in STUDENT_SIZES:
