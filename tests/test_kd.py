@@ -431,3 +431,24 @@ def test_cross_tokenizer_distils_a_student_with_its_own_tokenizer(gold_records, 
         run_method(kd, student, str(tmp_path / "kept.jsonl"), None, tmp_path / "gkd")
     with pytest.raises(DistillationCheckError, match="share one vocabulary; use logit_kd"):
         run_method(cfg, str(TEACHER_DIR), str(tmp_path / "kept.jsonl"), None, tmp_path / "same")
+
+
+def test_born_again_student_is_a_fresh_model_of_the_teachers_shape():
+    """demo:student-teacher (demo-born-again's student): the teacher's architecture and tokenizer, none of its
+    weights; the feature method then pairs each block with the same block through identity-initialised maps."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from distillery.demo.assets import TEACHER_DIR, resolve_model
+    from distillery.feature import layer_pairs
+
+    cfg = load_pipeline(REPO / "pipelines.yaml", "demo-born-again", [])
+    path = resolve_model(cfg.student.path, seed=1)
+    mine, teacher = AutoConfig.from_pretrained(path), AutoConfig.from_pretrained(TEACHER_DIR)
+    for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        assert getattr(mine, k) == getattr(teacher, k), k
+    assert AutoTokenizer.from_pretrained(path).get_vocab() == AutoTokenizer.from_pretrained(TEACHER_DIR).get_vocab()
+    a = AutoModelForCausalLM.from_pretrained(path).model.layers[0].mlp.up_proj.weight
+    b = AutoModelForCausalLM.from_pretrained(TEACHER_DIR).model.layers[0].mlp.up_proj.weight
+    assert a.shape == b.shape and not torch.allclose(a, b)
+    assert layer_pairs(4, 4, None) == [(1, 1), (2, 2), (3, 3), (4, 4)]

@@ -26,7 +26,7 @@ class Stub:
                 stub.calls += 1
                 stub.auth.append(self.headers.get("Authorization"))
                 if behaviour == "hang":
-                    time.sleep(3)
+                    time.sleep(1.5)
                 code = 401 if behaviour == "401" else 503 if stub.calls <= fail else 200
                 data = json.dumps(body if code == 200 else {"error": "no"}).encode()
                 self.send_response(code)
