@@ -210,6 +210,53 @@ def test_openai_backend_retries_429_and_5xx_and_caches_requests(tmp_path, monkey
         server.shutdown()
 
 
+class TextTokens(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible endpoint that names logprob tokens by text, as OpenAI's API does (not vLLM's ids)."""
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        lp = {
+            "tokens": [" 4"],
+            "token_logprobs": [-0.1],
+            "top_logprobs": [{" 4": -0.1, " 5": -2.0}],
+            "text_offset": [0],
+        }
+        payload = {
+            "id": "c1",
+            "object": "text_completion",
+            "created": 0,
+            "model": body["model"],
+            "choices": [{"index": 0, "text": " 4", "finish_reason": "stop", "logprobs": lp}],
+        }
+        data = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *a):
+        pass
+
+
+def test_openai_logprobs_by_text_are_refused(tmp_path, monkeypatch):
+    """Top-k logprobs feed logit KD by token id; an endpoint that names tokens by text cannot give them."""
+    from distillery.engines import OpenAIEngine
+
+    port = free_port()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), TextTokens)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("TEST_TEACHER_KEY", "sk-secret")
+    try:
+        engine = OpenAIEngine(f"http://127.0.0.1:{port}/v1", "t", "TEST_TEACHER_KEY", tmp_path / "c", max_retries=0)
+        sampling = {"n": 1, "temperature": 0.7, "top_p": 1.0, "max_tokens": 4, "stop": [], "logprobs": 2}
+        with pytest.raises(ValueError, match=r"names tokens by text \(' 4'\), not by id"):
+            engine.generate(["Question: two?\nAnswer:"], sampling, seeds=[1])
+        assert not list((tmp_path / "c").rglob("*.json"))  # nothing cached from a refused answer
+    finally:
+        server.shutdown()
+
+
 def test_openai_backend_needs_its_key(tmp_path, monkeypatch):
     from distillery.engines import OpenAIEngine
 
