@@ -426,10 +426,10 @@ def feature(
         ]
     else:
         records = training_records(rows, chat=False)
-    examples = build_examples(records, tokenizer, params.max_length)
-    teacher = frozen_teacher(teacher_path, params, trust_remote_code)
     if params.lora:
         raise ValueError("train.method feature: full fine-tuning only for now (train.lora is set)")
+    examples = build_examples(records, tokenizer, params.max_length)
+    teacher = frozen_teacher(teacher_path, params, trust_remote_code)
     model = load_student(model_path, params, trust_remote_code)
     args = TrainingArguments(**common_args(params, output_dir))
     trainer = guard_finite(
