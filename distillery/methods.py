@@ -218,6 +218,24 @@ def frozen_teacher(teacher_path: str, params: SFTParams, trust_remote_code: bool
     return teacher
 
 
+def conversations(rows: list[dict], chat: bool):
+    """The traces as one user/assistant conversation each, for TRL's chat-based trainers (GKD, GOLD): the raw
+    question and the whole assistant turn in chat pipelines, the exact prompt text and completion otherwise."""
+    from datasets import Dataset
+
+    return Dataset.from_list(
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": r["prompt"] if chat else r.get("prompt_text", r["prompt"])},
+                    {"role": "assistant", "content": assistant_turn(r) if chat else r["completion"]},
+                ]
+            }
+            for r in rows
+        ]
+    )
+
+
 def gkd(
     model_path: str,
     teacher_path: str,
@@ -231,7 +249,6 @@ def gkd(
 ) -> dict:
     """On-policy distillation with TRL's GKDTrainer: a fraction lmbda of each batch is sampled by the student
     itself and scored by the live teacher under the generalized JSD (beta)."""
-    from datasets import Dataset
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     tokenizer = student_tokenizer(model_path, teacher_path, "gkd", trust_remote_code, params.pad_token)
@@ -240,17 +257,7 @@ def gkd(
     check_template_keeps_turn(tokenizer, where=f"gkd: student tokenizer {model_path}")
     teacher = frozen_teacher(teacher_path, params, trust_remote_code)
     student = load_student(model_path, params, trust_remote_code)
-    data = Dataset.from_list(
-        [
-            {
-                "messages": [
-                    {"role": "user", "content": r["prompt"] if chat else r.get("prompt_text", r["prompt"])},
-                    {"role": "assistant", "content": assistant_turn(r) if chat else r["completion"]},
-                ]
-            }
-            for r in rows
-        ]
-    )
+    data = conversations(rows, chat)
     args = GKDConfig(
         **common_args(params, output_dir),
         max_length=params.max_length,
@@ -477,7 +484,6 @@ def cross_tokenizer(
     the loss is ULD's distance between sorted probabilities, exact (JSD) on the tokens both vocabularies share when
     `c.hybrid`; plus cross-entropy on the student's tokens. The vocabulary check is the one other methods refuse
     on, inverted: the same vocabulary is refused here (logit_kd or on_policy are exact then)."""
-    from datasets import Dataset
     from transformers import AutoTokenizer
     from trl.experimental.gold import GOLDConfig, GOLDTrainer
 
@@ -495,17 +501,7 @@ def cross_tokenizer(
     check_template_keeps_turn(tokenizer, where=f"cross_tokenizer: student tokenizer {model_path}")
     teacher = frozen_teacher(teacher_path, params, trust_remote_code)
     student = load_student(model_path, params, trust_remote_code)
-    data = Dataset.from_list(
-        [
-            {
-                "messages": [
-                    {"role": "user", "content": r["prompt"] if chat else r.get("prompt_text", r["prompt"])},
-                    {"role": "assistant", "content": assistant_turn(r) if chat else r["completion"]},
-                ]
-            }
-            for r in rows
-        ]
-    )
+    data = conversations(rows, chat)
     base = common_args(params, output_dir)
     if c.max_steps is not None:
         base["max_steps"] = c.max_steps
