@@ -20,6 +20,11 @@ steps, the same for every arm), every student-init seed (the random-init student
   sft_more  the sft arm's student trained by SFT for the budget's steps again: GKD's equal-step control
   dpo       sft, then DPO on pairs of the student's own samples judged by the verifier (its sampling and DPO
             epoch come on top of the budget)
+  kd_teacher_b   logit_kd on demo:teacher-b's own top-k at the teacher's trace tokens (the second teacher alone)
+  kd_ensemble    logit_kd on the mixture (equal weights) of both teachers' distributions at those tokens: what
+                 generate.ensemble.merge average stores
+  sft_ensemble   SFT on the verified traces of both teachers (generate.ensemble.merge traces): twice the traces,
+                 the same steps
 An arm spec NAME=METHOD[@FROM][^TARGETS][:KEY=VALUE,...] adds variants: FROM is an arm whose student it starts
 from; TARGETS an arm whose student gives the soft targets instead of the teacher (logit_kd on the teacher's own
 traces, with that student's top-k: a teacher-assistant chain); KEY=VALUE are pipeline overrides, e.g.
@@ -68,6 +73,8 @@ class Arm:
     start_from: str | None = None  # an arm whose trained student (same seeds) this one continues
     overrides: tuple[str, ...] = field(default=())
     targets_from: str | None = None  # an arm whose trained student (same seeds) gives the soft targets
+    targets_models: tuple[str, ...] = ()  # models whose averaged top-k (distillery.ensemble) are the soft targets
+    traces_overrides: tuple[str, ...] = ()  # settings of this arm's own generate + filter (made once per run)
 
 
 ARMS = {
@@ -81,6 +88,16 @@ ARMS = {
         Arm("feature", "feature"),
         Arm("sft_more", "sft", "sft"),
         Arm("dpo", "dpo"),
+        Arm("kd_teacher_b", "logit_kd", targets_models=("demo:teacher-b",)),
+        Arm("kd_ensemble", "logit_kd", targets_models=("demo:teacher", "demo:teacher-b")),
+        Arm(
+            "sft_ensemble",
+            "sft",
+            traces_overrides=(
+                "generate.ensemble.teachers=[{path: 'demo:teacher-b'}]",
+                "generate.ensemble.merge=traces",
+            ),
+        ),
     ]
 }
 
@@ -99,29 +116,32 @@ def parse_arm(spec: str) -> Arm:
     return Arm(name, method, start or None, tuple(o for o in opts.split(",") if o), targets or None)
 
 
-def assistant_targets(model_path: str, traces: Path, generated: Path, dest: Path) -> Path:
-    """`model_path`'s own top-k logprobs on every kept teacher trace, written like the generate stage's output
-    (logprobs.parquet + manifest.json) so logit_kd reads them in the teacher's place; returns the folder."""
+def assistant_targets(model_paths: list[str], traces: Path, generated: Path, dest: Path) -> Path:
+    """The models' top-k logprobs (one model's own, or several averaged: distillery.ensemble, what the generate
+    stage stores for generate.ensemble.merge average) on every kept teacher trace, written like the generate
+    stage's output (logprobs.parquet + manifest.json) so logit_kd reads them in the teacher's place."""
     import json
 
     from distillery.artifacts import atomic_dir, read_jsonl
-    from distillery.demo import profile
+    from distillery.ensemble import load_teachers, mixture_topk
     from distillery.kd import load_logprobs
-    from distillery.scoring import topk_logprobs
     from tasks.generate import write_logprobs
 
     if (dest / "manifest.json").exists():
         return dest
-    tok, model = profile._load(model_path)
+    teachers = load_teachers(model_paths, [False] * len(model_paths), model_paths)
+    tok = teachers[0][0]
     stored = load_logprobs(generated.parent / "logprobs.parquet")
     rows = [r for r in read_jsonl(traces) if (r["prompt_id"], r["sample"]) in stored]
     k = len(stored[(rows[0]["prompt_id"], rows[0]["sample"])]["top_ids"][0])
-    scored = topk_logprobs(
-        model,
+    scored, figures = mixture_topk(
+        [m for _, m in teachers],
+        None,
         [tok(r.get("prompt_text", r["prompt"]), add_special_tokens=False)["input_ids"] for r in rows],
         [list(stored[(r["prompt_id"], r["sample"])]["token_ids"]) for r in rows],
         k,
         tok.pad_token_id,
+        batch_size=32,
     )
     with atomic_dir(dest) as tmp:
         write_logprobs(
@@ -131,8 +151,9 @@ def assistant_targets(model_path: str, traces: Path, generated: Path, dest: Path
         (tmp / "manifest.json").write_text(
             json.dumps(
                 {
-                    "teacher": model_path,
+                    "teacher": model_paths,
                     "logprobs": {"k": k, "mode": "raw_logprobs", "dtype": "float16", "file": "logprobs.parquet"},
+                    "figures": figures,
                 }
             )
         )
@@ -543,6 +564,32 @@ def main(argv: list[str] | None = None) -> int:
         return run_arms(a, cfg, arms, order, budgets, merged, metrics, peak, work, out)
 
 
+def teachers_in(overrides: tuple[str, ...]) -> list[str]:
+    """The demo teachers an arm's own trace settings name (generate.ensemble.teachers=[{path: ...}])."""
+    import re
+
+    return [m for o in overrides for m in re.findall(r"demo:teacher[\w-]*", o)]
+
+
+_OWN_TRACES: dict[tuple, str] = {}
+
+
+def own_traces(arm, a, tracker, parent_id: str, work: Path, heldout: list[dict]) -> str:
+    """An arm's kept traces from its own generate + filter settings, made once per run (shards the teacher's
+    generation already made are reused from its cache), less every prompt of the judge's held-out traces."""
+    from distillery.artifacts import read_jsonl, write_jsonl
+    from distillery.config import load_pipeline, parse_overrides
+
+    if arm.traces_overrides not in _OWN_TRACES:
+        cfg = load_pipeline(a.config, a.pipeline, parse_overrides([*a.overrides, *arm.traces_overrides]))
+        _, kept = teacher_traces(cfg, tracker, parent_id, work / f"traces-{arm.name}")
+        held = {r["prompt_id"] for r in heldout}
+        path = work / f"traces-{arm.name}" / "train.jsonl"
+        write_jsonl(path, [r for r in read_jsonl(Path(kept["path"])) if r["prompt_id"] not in held])
+        _OWN_TRACES[arm.traces_overrides] = str(path)
+    return _OWN_TRACES[arm.traces_overrides]
+
+
 def run_arms(a, cfg, arms, order, budgets, merged, metrics, peak, work, out) -> int:
     from distillery.artifacts import read_jsonl
     from distillery.config import load_pipeline, parse_overrides
@@ -557,6 +604,12 @@ def run_arms(a, cfg, arms, order, budgets, merged, metrics, peak, work, out) -> 
         with tracker.stage("teacher", parent.run_id) as run:
             teacher = judge.measure(resolve_model(cfg.teacher.path))
             run.log_metrics(teacher)
+        others = {}  # the other teachers some arm learns from, measured the same way
+        for ref in dict.fromkeys(m for x in arms.values() for m in x.targets_models + teachers_in(x.traces_overrides)):
+            if ref != cfg.teacher.path:
+                with tracker.stage(f"teacher {ref}", parent.run_id) as run:
+                    others[ref] = judge.measure(resolve_model(ref))
+                    run.log_metrics(others[ref])
         results: list[dict] = []
         for budget, steps in budgets.items():
             for init in range(a.init_from, a.init_from + a.init_seeds):
@@ -584,13 +637,26 @@ def run_arms(a, cfg, arms, order, budgets, merged, metrics, peak, work, out) -> 
                         if arm.targets_from:  # the assistant's top-k on the teacher's traces, made once per seed
                             generated = str(
                                 assistant_targets(
-                                    str(work / budget / key / arm.targets_from),
+                                    [str(work / budget / key / arm.targets_from)],
                                     Path(kept["path"]),
                                     Path(gen["path"]),
                                     work / budget / key / f"{arm.targets_from}.targets",
                                 )
                                 / "generations.jsonl"
                             )
+                        if arm.targets_models:  # other teachers' (averaged) top-k on the same traces, made once
+                            generated = str(
+                                assistant_targets(
+                                    [resolve_model(m) for m in arm.targets_models],
+                                    Path(kept["path"]),
+                                    Path(gen["path"]),
+                                    work / f"targets-{'+'.join(m.replace(':', '_') for m in arm.targets_models)}",
+                                )
+                                / "generations.jsonl"
+                            )
+                        traces = kept["path"]
+                        if arm.traces_overrides:
+                            traces = own_traces(arm, a, tracker, parent.run_id, work, heldout)
                         print(f"\n=== {budget} {key} {name} ===", flush=True)
                         tags = {"distillery.arm": name, "distillery.budget": budget, "distillery.seed": key}
                         with tracker.stage(f"{budget}/{name}/{key}", parent.run_id, tags=tags) as run:
@@ -607,7 +673,7 @@ def run_arms(a, cfg, arms, order, budgets, merged, metrics, peak, work, out) -> 
                                     **arm_cfg.train.model_dump(),
                                 }
                             )
-                            figs = run_method(arm_cfg, start, kept["path"], generated, dest)
+                            figs = run_method(arm_cfg, start, traces, generated, dest)
                             for k in ("steps", "tokens_seen", "train_seconds"):  # dpo: its SFT phase counts too
                                 figs[k] = figs.get(f"total_{k}", figs[k])
                             figs["train_tokens_per_s"] = figs["tokens_seen"] / max(figs["train_seconds"], 1e-9)
@@ -623,6 +689,8 @@ def run_arms(a, cfg, arms, order, budgets, merged, metrics, peak, work, out) -> 
         order += [n for n in dict.fromkeys(r["arm"] for r in merged) if n not in order]
         rows = aggregate(every, order, list(budgets), metrics)
         table = render(rows, teacher)
+        for ref, figs in others.items():
+            table += f"\n\n{ref}: " + ", ".join(f"{k} {v:.3f}" for k, v in figs.items())
         pairs = paired_rows(every, [tuple(x.split(":")) for x in a.pairs], list(budgets), metrics)
         if pairs:
             table += "\n\n" + render_pairs(pairs)
@@ -637,6 +705,7 @@ def run_arms(a, cfg, arms, order, budgets, merged, metrics, peak, work, out) -> 
             "data_seeds": a.data_seeds,
             "merged": a.merge,
             "teacher": teacher,
+            "other_teachers": others,
             "rows": rows,
             "pairs": pairs,
             "runs": [{k: v for k, v in r.items() if isinstance(v, int | float | str)} for r in every],

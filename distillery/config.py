@@ -24,6 +24,7 @@ Stage = Literal["generate", "filter", "train", "prune", "quantize", "evaluate", 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DEMO_REFS = (
     "demo:teacher",
+    "demo:teacher-b",
     "demo:student",
     "demo:student-othertok",
     *(f"demo:student-{size}" for size in STUDENT_SIZES),
@@ -136,6 +137,32 @@ class OpenAIConfig(Strict):
     timeout: Annotated[float, Field(gt=0)] = 120.0
 
 
+class EnsembleConfig(Strict):
+    teachers: Annotated[list[ModelRef], Field(min_length=1)] = Field(
+        description="teachers besides `teacher`, on its tokenizer (same tokens, same ids)"
+    )
+    merge: Literal["traces", "average"] = Field(
+        "traces",
+        description="traces: every teacher samples every prompt and the filter's verifier keeps whichever are right; "
+        "average: `teacher` samples, every teacher scores each token, and the stored top-k is their mixture",
+    )
+    weights: list[Annotated[float, Field(gt=0)]] | None = Field(
+        None, description="average: each teacher's share of the mixture, `teacher` first; default equal"
+    )
+    batch_size: Annotated[int, Field(gt=0)] = Field(8, description="average: traces per scoring forward pass")
+
+    @model_validator(mode="after")
+    def _weights(self) -> EnsembleConfig:
+        if self.weights is not None:
+            if self.merge != "average":
+                raise ValueError("weights: only merge 'average' mixes distributions; traces are merged by verifier")
+            if len(self.weights) != len(self.teachers) + 1:
+                raise ValueError(
+                    f"weights: {len(self.weights)} given for {len(self.teachers) + 1} teachers (`teacher` first)"
+                )
+        return self
+
+
 class GenerateConfig(Strict):
     backend: Literal["vllm", "transformers", "openai"] = "vllm"
     n: Annotated[int, Field(ge=1, description="samples per prompt")] = 1
@@ -160,11 +187,27 @@ class GenerateConfig(Strict):
     shard_size: Annotated[int, Field(gt=0)] = Field(256, description="prompts per shard: the unit of resumption")
     cache_dir: str | None = Field(None, description="finished shards, by content; default <output_dir>/.cache")
     openai: OpenAIConfig | None = Field(None, description="endpoint settings for backend: openai")
+    ensemble: EnsembleConfig | None = Field(
+        None, description="several teachers: their traces merged by the verifier, or their distributions averaged"
+    )
 
     @model_validator(mode="after")
     def _openai(self) -> GenerateConfig:
         if self.backend == "openai" and self.openai is None:
             raise ValueError("backend 'openai' needs an openai: {base_url, model} section")
+        if self.ensemble is not None:
+            if self.backend == "openai":
+                raise ValueError(
+                    "ensemble: the teachers are local models (backend vllm or transformers), not endpoints"
+                )
+            if self.ensemble.merge == "average" and self.logprobs == 0:
+                raise ValueError(
+                    "ensemble.merge average: mixes the teachers' per-token distributions; set logprobs > 0"
+                )
+            if self.ensemble.merge == "average" and self.logprobs_mode != "raw_logprobs":
+                raise ValueError(
+                    "ensemble.merge average: the teachers are scored at T = 1; set logprobs_mode raw_logprobs"
+                )
         if self.n > 1 and self.temperature == 0:
             raise ValueError(
                 f"n = {self.n} with temperature 0: greedy samples are identical; use n: 1 or temperature > 0"
@@ -761,6 +804,12 @@ class Pipeline(Strict):
             raise ValueError("train.hard_label_template: must contain {answer}")
         if "train" in self.stages and self.train.method == "logit_kd" and self.generate.logprobs == 0:
             raise ValueError("train.method: logit_kd needs the teacher's top-k: set generate.logprobs > 0")
+        ens = self.generate.ensemble
+        if ens and ens.merge == "average" and "train" in self.stages and self.train.method != "logit_kd":
+            raise ValueError(
+                f"generate.ensemble.merge average: only train.method logit_kd reads the averaged distributions "
+                f"({self.train.method!r} would learn from `teacher` alone); use merge traces, or logit_kd"
+            )
         if self.registry:
             missing = [s for s in self.registry.stages or [] if s not in self.stages]
             if missing:

@@ -281,11 +281,25 @@ def run_filter(cfg: Pipeline, traces: Path, out_dir: Path) -> dict:
         "eval_texts": len(eval_set),
         "ngram": f.decontam_ngram,
     }
-    prompt_ids = list(dict.fromkeys(r["prompt_id"] for r in kept))
+    # in prompt order (several teachers' traces come teacher by teacher): the held-out prompts are the last ones
+    has_kept = {r["prompt_id"] for r in kept}
+    prompt_ids = [p for p in dict.fromkeys(r["prompt_id"] for r in rows) if p in has_kept]
     held_ids = set(prompt_ids[max(0, len(prompt_ids) - f.holdout_prompts) :]) if f.holdout_prompts else set()
     heldout = [r for r in kept if r["prompt_id"] in held_ids]
     kept = [r for r in kept if r["prompt_id"] not in held_ids]
     report["heldout"] = {"prompts": len(held_ids), "traces": len(heldout)}
+    authors = list(dict.fromkeys(r.get("teacher") for r in rows))
+    if len(authors) > 1:  # several teachers' traces merged by the verifier: what each one contributed
+        report["by_teacher"] = [
+            {
+                "teacher": t,
+                "input": sum(r.get("teacher") == t for r in rows),
+                "kept": sum(r.get("teacher") == t for r in kept + heldout),
+            }
+            for t in authors
+        ]
+        for b in report["by_teacher"]:
+            b["keep_rate"] = b["kept"] / max(b["input"], 1)
     with atomic_dir(out_dir) as tmp:
         write_jsonl(tmp / "kept.jsonl", kept)
         if heldout:
@@ -314,6 +328,7 @@ def filter_task(cfg: Pipeline, ctx: RunContext, traces: Traces) -> Traces:
                 "prompts_with_a_kept_trace": rep["prompts_with_a_kept_trace"],
                 "pass_rate_mean": rep["pass_rate_per_prompt"]["mean"],
                 **{f"dropped.{k}": v for k, v in rep["dropped"].items()},
+                **{f"teacher{j}_keep_rate": b["keep_rate"] for j, b in enumerate(rep.get("by_teacher", []))},
             }
         )
         run.log_dict(rep, "filter_report.json")

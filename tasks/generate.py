@@ -239,57 +239,176 @@ def run_shard(cfg: Pipeline, tid: str, shard: list[dict], dest: Path, engine) ->
     return {**manifest, "cached": False}
 
 
+def members(cfg: Pipeline) -> list[Pipeline]:
+    """The pipeline once per teacher: `teacher` first, then generate.ensemble.teachers in order."""
+    ens = cfg.generate.ensemble
+    return [cfg] + [cfg.model_copy(update={"teacher": t}) for t in (ens.teachers if ens else [])]
+
+
+def teacher_path(cfg: Pipeline) -> str:
+    return resolve_model(cfg.teacher.path) if cfg.generate.backend != "openai" else cfg.teacher.path
+
+
+def check_ensemble(cfg: Pipeline) -> None:
+    """Before any sampling: several teachers whose ids must mean the same tokens (stored top-k, an averaged
+    distribution) share `teacher`'s tokenizer, and an average over chat prompts their template."""
+    from transformers import AutoTokenizer
+
+    ens, g = cfg.generate.ensemble, cfg.generate
+    if ens is None or (ens.merge == "traces" and not g.logprobs):
+        return
+    from distillery.ensemble import check_same_tokenizer
+
+    first, *rest = members(cfg)
+    base = AutoTokenizer.from_pretrained(teacher_path(first), trust_remote_code=first.teacher.trust_remote_code)
+    for i, m in enumerate(rest):
+        where = f"generate.ensemble.teachers[{i}] ({m.teacher.path})"
+        tok = AutoTokenizer.from_pretrained(teacher_path(m), trust_remote_code=m.teacher.trust_remote_code)
+        check_same_tokenizer(base, tok, where)
+        if ens.merge == "average" and cfg.data.chat_template and tok.chat_template != base.chat_template:
+            from distillery.checks import DistillationCheckError
+
+            raise DistillationCheckError(
+                f"{where}: its chat template differs from `teacher`'s; merge average scores `teacher`'s rendered "
+                "prompts with every teacher. Use merge traces (each teacher renders its own)"
+            )
+
+
+def ensemble_key(cfg: Pipeline) -> str:
+    blob = json.dumps({"teachers": ensemble_ids(cfg), "weights": cfg.generate.ensemble.weights, "v": 1}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def average_shard(cfg: Pipeline, shard_dir: Path, dest: Path, scorers: Callable[[], list]) -> dict:
+    """`shard_dir`'s samples scored by every teacher: the mixture's top-k into `dest`/logprobs.parquet (cached
+    like a shard); returns its manifest (figures per completion token, and the token count to weigh them by)."""
+    if (dest / MANIFEST).exists():
+        return json.loads((dest / MANIFEST).read_text())
+    import pyarrow.parquet as pq
+
+    from distillery.ensemble import mixture_topk
+
+    teachers = scorers()
+    tok = teachers[0][0]
+    rows = read_jsonl(shard_dir / "traces.jsonl")
+    text = {(r["prompt_id"], r["sample"]): r["prompt_text"] for r in rows}
+    stored = pq.read_table(shard_dir / "logprobs.parquet", columns=["prompt_id", "sample", "token_ids"]).to_pylist()
+    ens = cfg.generate.ensemble
+    scored, figures = mixture_topk(
+        [m for _, m in teachers],
+        ens.weights,
+        [tok(text[(r["prompt_id"], r["sample"])], add_special_tokens=False)["input_ids"] for r in stored],
+        [list(r["token_ids"]) for r in stored],
+        cfg.generate.logprobs,
+        tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        ens.batch_size,
+    )
+    with atomic_dir(dest, keep_existing=True) as tmp:
+        write_logprobs(
+            tmp / "logprobs.parquet",
+            [{"prompt_id": r["prompt_id"], "sample": r["sample"], **x} for r, x in zip(stored, scored, strict=True)],
+        )
+        manifest = {"kind": "ensemble-average", "tokens": sum(len(r["token_ids"]) for r in stored), **figures}
+        write_manifest(tmp, manifest)
+    return manifest
+
+
 def generate(
     cfg: Pipeline, out_dir: Path, shard_runner: Callable = run_shard, on_shard: Callable[[int, int], None] | None = None
 ) -> dict:
     """Generate (or reuse) every shard, then merge them into `out_dir`. Returns {path, figures}. `on_shard(done,
-    total)` after each shard."""
-    teacher = resolve_model(cfg.teacher.path) if cfg.generate.backend != "openai" else cfg.teacher.path
-    tid = teacher_id(cfg, teacher)
-    prompts = prepare_prompts(cfg, teacher)
-    size = cfg.generate.shard_size
-    shards = [prompts[i : i + size] for i in range(0, len(prompts), size)]
-    root = cache_root(cfg)
-    dests = [root / shard_key(cfg, tid, s) for s in shards]
-    engine = LazyEngine(lambda: make_engine(cfg, teacher))
-    try:
-        manifests = []
-        for s, d in zip(shards, dests, strict=True):
-            manifests.append(shard_runner(cfg, tid, s, d, engine))
-            if on_shard:
-                on_shard(len(manifests), len(shards))
-    finally:
-        engine.close()
-    rows = [r for d in dests for r in read_jsonl(d / "traces.jsonl")]
-    g = cfg.generate
+    total)` after each shard. With generate.ensemble: every teacher's shards (merge traces, sample numbers offset
+    by n per teacher so (prompt_id, sample) stays a key), or `teacher`'s scored by all (merge average)."""
+    g, ens = cfg.generate, cfg.generate.ensemble
+    check_ensemble(cfg)
+    sources = members(cfg) if ens and ens.merge == "traces" else [cfg]
+    plans = []
+    for m in sources:
+        teacher = teacher_path(m)
+        prompts = prepare_prompts(m, teacher)
+        shards = [prompts[i : i + g.shard_size] for i in range(0, len(prompts), g.shard_size)]
+        tid = teacher_id(m, teacher)
+        plans.append((m, teacher, tid, shards, [cache_root(cfg) / shard_key(m, tid, s) for s in shards]))
+    total = sum(len(p[3]) for p in plans)
+    manifests: list[dict] = []
+    for m, teacher, tid, shards, dests in plans:
+        engine = LazyEngine(lambda m=m, teacher=teacher: make_engine(m, teacher))
+        try:
+            for s, d in zip(shards, dests, strict=True):
+                manifests.append(shard_runner(m, tid, s, d, engine))
+                if on_shard:
+                    on_shard(len(manifests), total)
+        finally:
+            engine.close()
+    rows = []
+    for j, (*_, dests) in enumerate(plans):
+        rows += [{**r, "sample": r["sample"] + j * g.n} for d in dests for r in read_jsonl(d / "traces.jsonl")]
+    lp_parts = [(j, d / "logprobs.parquet") for j, (*_, dests) in enumerate(plans) for d in dests]
+    ens_figures: dict = {}
+    if ens and ens.merge == "average" and g.logprobs:
+        loaded: list = []
+
+        def scorers() -> list:  # loaded once, only when some shard is not cached
+            if not loaded:
+                from distillery.ensemble import load_teachers
+
+                ms = members(cfg)
+                loaded.extend(
+                    load_teachers(
+                        [teacher_path(m) for m in ms],
+                        [m.teacher.trust_remote_code for m in ms],
+                        ["teacher"] + [f"generate.ensemble.teachers[{i}]" for i in range(len(ms) - 1)],
+                    )
+                )
+            return loaded
+
+        key = ensemble_key(cfg)
+        mixes = [
+            (d, cache_root(cfg) / f"{d.name}-average-{key}") for d in plans[0][4] if (d / "logprobs.parquet").exists()
+        ]
+        parts = [average_shard(cfg, d, mix, scorers) for d, mix in mixes]
+        lp_parts = [(0, mix / "logprobs.parquet") for _, mix in mixes]
+        n_tokens = max(sum(p["tokens"] for p in parts), 1)
+        ens_figures = {
+            k: sum(p[k] * p["tokens"] for p in parts) / n_tokens for k in parts[0] if k.startswith("ensemble_")
+        }
     tokens = sum(r["num_tokens"] for r in rows)
     fresh = [m for m in manifests if not m["cached"]]
     seconds = sum(m["seconds"] for m in fresh)
     fresh_tokens = sum(m["tokens"] for m in fresh)
     figures = {
-        "prompts": len(prompts),
+        "prompts": sum(len(s) for s in plans[0][3]),
         "samples": len(rows),
         "generated_tokens": tokens,
-        "shards": len(shards),
+        "shards": total,
         "shards_cached": len(manifests) - len(fresh),
         "shards_generated": len(fresh),
         "generate_seconds": seconds,
         "tokens_per_s": fresh_tokens / seconds if seconds else 0.0,
         "mean_completion_tokens": tokens / len(rows),
+        **ens_figures,
     }
+    if len(plans) > 1:  # merge traces: what each teacher wrote
+        for j, (*_, dests) in enumerate(plans):
+            figures[f"teacher{j}_samples"] = sum(1 for d in dests for _ in read_jsonl(d / "traces.jsonl"))
     with atomic_dir(out_dir) as tmp:
         write_jsonl(tmp / "traces.jsonl", rows)
         logprobs = None
         if g.logprobs:
+            import pyarrow as pa
+            import pyarrow.compute as pc
             import pyarrow.parquet as pq
 
-            parts = [d / "logprobs.parquet" for d in dests if (d / "logprobs.parquet").exists()]
-            if parts:
-                import pyarrow as pa
-
-                pq.write_table(
-                    pa.concat_tables([pq.read_table(p) for p in parts]), tmp / "logprobs.parquet", compression="zstd"
-                )
+            tables = []
+            for j, path in lp_parts:
+                if path.exists():
+                    t = pq.read_table(path)
+                    if j:  # the same offset as the traces' sample numbers
+                        col = pc.add(t.column("sample"), pa.scalar(j * g.n, pa.int32())).cast(pa.int32())
+                        t = t.set_column(t.schema.get_field_index("sample"), "sample", col)
+                    tables.append(t)
+            if tables:
+                pq.write_table(pa.concat_tables(tables), tmp / "logprobs.parquet", compression="zstd")
                 size_bytes = (tmp / "logprobs.parquet").stat().st_size
                 figures["logprob_bytes_per_token"] = size_bytes / max(tokens, 1)
             logprobs = {
@@ -297,22 +416,30 @@ def generate(
                 "mode": g.logprobs_mode,
                 "dtype": "float16",
                 "file": "logprobs.parquet",
-                "available": bool(parts),
+                "available": bool(tables),
             }
+            if ens and ens.merge == "average":
+                logprobs["ensemble_average"] = {"teachers": ensemble_ids(cfg), "weights": ens.weights}
         write_manifest(
             tmp,
             {
                 "kind": "traces",
-                "teacher": tid,
+                "teacher": plans[0][2],
+                "teachers": [p[2] for p in plans] if len(plans) > 1 else None,
+                "ensemble": ens.model_dump() if ens else None,
                 "teacher_revision": cfg.teacher.revision,
                 "backend": g.backend,
                 "sampling": sampling_dict(g),
                 "logprobs": logprobs,
-                "shards": [str(d) for d in dests],
+                "shards": [str(d) for *_, dests in plans for d in dests],
                 "figures": figures,
             },
         )
     return {"path": str(out_dir / "traces.jsonl"), "figures": figures}
+
+
+def ensemble_ids(cfg: Pipeline) -> list[str]:
+    return [teacher_id(m, teacher_path(m)) for m in members(cfg)]
 
 
 @task(name="generate-shard", retries=2, retry_delay_seconds=[5, 30], cache_policy=NO_CACHE)

@@ -150,7 +150,8 @@ def test_every_arm_and_seed_is_a_child_run_of_one_parent(tmp_path, mlflow_uri):
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "methods.json").read_text())
     # those that start from another arm, or take its targets, come after it
-    arms = ["hard", "sft", "logit_kd", "feature", "dpo", "gkd", "on_policy", "sft_more", "ta"]
+    arms = ["hard", "sft", "logit_kd", "feature", "dpo", "kd_teacher_b", "kd_ensemble", "sft_ensemble"]
+    arms += ["gkd", "on_policy", "sft_more", "ta"]
     assert [row["arm"] for row in summary["rows"]] == arms
     for row in summary["rows"]:
         assert row["seeds"] == 2 and row["steps"] >= 2 and 0 < row["mfu"] < 1
@@ -159,6 +160,7 @@ def test_every_arm_and_seed_is_a_child_run_of_one_parent(tmp_path, mlflow_uri):
         assert ("accuracy_minus_sft" in row) == (row["arm"] != "sft")
     assert [(p["pair"], p["seeds"], p["heldout_nll"]["n"]) for p in summary["pairs"]] == [("ta - logit_kd", 2, 2)]
     assert summary["teacher"]["fidelity"] == 1.0 and summary["teacher"]["heldout_nll"] > 0
+    assert summary["other_teachers"]["demo:teacher-b"]["heldout_nll"] > 0  # the second teacher, measured alike
     assert (out / "methods.png").stat().st_size > 10_000
     client = MlflowClient(mlflow_uri)
     parent = client.get_run(summary["mlflow_parent_run"])
@@ -173,7 +175,8 @@ def test_every_arm_and_seed_is_a_child_run_of_one_parent(tmp_path, mlflow_uri):
             assert {"accuracy", "ood_accuracy", "fidelity", "ood_fidelity", "heldout_nll", "mfu"} <= set(
                 run.data.metrics
             ), arm
-            assert run.data.params["method"] == {"sft_more": "sft", "ta": "logit_kd"}.get(arm, arm)
+            method = {"sft_more": "sft", "ta": "logit_kd", "sft_ensemble": "sft"}.get(arm, arm)
+            assert run.data.params["method"] == ("logit_kd" if arm.startswith("kd_") else method)
             assert run.data.params["data_seed"] == seed[-1]
     assert runs["tiny/gkd/init0-data1"].data.params["start_from"] == "sft"
     assert runs["tiny/on_policy/init0-data1"].data.params["start_from"] == "sft"

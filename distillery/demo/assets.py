@@ -12,6 +12,9 @@ from pathlib import Path
 
 ASSETS = Path(__file__).parent / "assets"
 TEACHER_DIR = ASSETS / "teacher"
+# `demo:teacher-b`: a second teacher on the same tokenizer (several-teacher distillation): the demo teacher trained
+# on 250 more steps of other problems at twice the learning rate (demo_teacher.json there says what it gives).
+TEACHER_B_DIR = ASSETS / "teacher-b"
 # The r1 rehearsal's maths problems (distillery/rehearsal.py writes them); pipelines name them `rehearsal:problems`.
 REHEARSAL_PROBLEMS = ASSETS / "r1-rehearsal-problems.jsonl"
 # The model's vocab (embedding rows); the tokenizer has fewer tokens (the tiny corpus runs out of merges), and
@@ -182,6 +185,12 @@ def resolve_model(ref: str, seed: int = 0) -> str:
                 f"demo teacher missing at {TEACHER_DIR}: run `python -m distillery.demo.build_teacher`"
             )
         return str(TEACHER_DIR)
+    if ref == "demo:teacher-b":
+        if not (TEACHER_B_DIR / "config.json").exists():
+            raise FileNotFoundError(
+                f"demo teacher-b missing at {TEACHER_B_DIR}: see distillery/demo/build_teacher.py for its command"
+            )
+        return str(TEACHER_B_DIR)
     if ref == "demo:student":
         return str(demo_student(seed))
     if ref == "demo:student-othertok":

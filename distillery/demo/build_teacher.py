@@ -9,6 +9,11 @@ The committed teacher is the second command run after the first (17 and 10 minut
 learning rate until greedy accuracy on 100 dev problems lies in [0.87, 0.93] (750 steps; 0.915 on the eval split).
 Run to the end, the second phase reaches 0.98, which leaves students no room to differ.
 
+`demo:teacher-b`, the second teacher of several-teacher distillation (same tokenizer), is the committed teacher
+trained on 250 steps of other problems at twice the learning rate:
+    python -m distillery.demo.build_teacher --continue-from distillery/demo/assets/teacher --data-seed 9 --lr 2e-3 \
+    --epochs 1 --max-steps 250 --seed 1 --out distillery/demo/assets/teacher-b
+
 Writes distillery/demo/assets/teacher (safetensors + tokenizer), evals/demo_arith/test.jsonl (in distribution)
 and evals/demo_arith_ood/test.jsonl (names and items training never uses), then prints what the teacher gives
 (`distillery.demo.profile`: accuracy in and out of distribution, entropy and top-1 mass on its own T = 1
@@ -90,6 +95,12 @@ def main(argv: list[str] | None = None) -> None:
         help="stop as soon as greedy accuracy on 100 dev problems is within [LOW, HIGH]",
     )
     ap.add_argument("--check-every", type=int, default=50, help="steps between those checks")
+    ap.add_argument(
+        "--tokenizer-from",
+        type=Path,
+        default=None,
+        help="start from random init on this model's tokenizer (a second teacher that shares the first's vocab)",
+    )
     ap.add_argument("--out", type=Path, default=assets.TEACHER_DIR, help="where the teacher goes")
     args = ap.parse_args(argv)
 
@@ -111,8 +122,13 @@ def main(argv: list[str] | None = None) -> None:
             prior = json.loads(meta.read_text())
             previous = [*prior.pop("previous", []), prior]
     else:
-        tokenizer = assets.build_tokenizer([p.question + p.trace for p in gold[:5000]])
-        tokenizer.chat_template = assets.DEMO_CHAT_TEMPLATE
+        if args.tokenizer_from:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_from)
+        else:
+            tokenizer = assets.build_tokenizer([p.question + p.trace for p in gold[:5000]])
+            tokenizer.chat_template = assets.DEMO_CHAT_TEMPLATE
         init = assets.save_atomic(
             assets.init_model(assets.TEACHER_SHAPE, tokenizer, args.seed), tokenizer, work / "init"
         )
@@ -143,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
                 "seed": args.seed,
                 "data_seed": args.data_seed,
                 "continued_from": str(args.continue_from) if args.continue_from else None,
+                "tokenizer_from": str(args.tokenizer_from) if args.tokenizer_from else None,
                 "stop_in": args.stop_in,
                 "dev_checks": checks,
                 "eval_accuracy_greedy": measured["accuracy"],
