@@ -605,7 +605,8 @@ def run_arms(a, cfg, arms, order, budgets, merged, metrics, peak, work, out) -> 
             teacher = judge.measure(resolve_model(cfg.teacher.path))
             run.log_metrics(teacher)
         others = {}  # the other teachers some arm learns from, measured the same way
-        for ref in dict.fromkeys(m for x in arms.values() for m in x.targets_models + teachers_in(x.traces_overrides)):
+        refs = [m for x in arms.values() for m in (*x.targets_models, *teachers_in(x.traces_overrides))]
+        for ref in dict.fromkeys(refs):
             if ref != cfg.teacher.path:
                 with tracker.stage(f"teacher {ref}", parent.run_id) as run:
                     others[ref] = judge.measure(resolve_model(ref))
