@@ -28,6 +28,12 @@ def preflight(cfg: Pipeline, name: str) -> list[str]:
     problems += [
         f"{at}.{role}.path: {p}" for role in ("teacher", "student") for p in model_problems(getattr(cfg, role).path)
     ]
+    if "generate" in cfg.stages and cfg.generate.ensemble:
+        problems += [
+            f"{at}.generate.ensemble.teachers[{i}].path: {p}"
+            for i, t in enumerate(cfg.generate.ensemble.teachers)
+            for p in model_problems(t.path)
+        ]
     if "evaluate" in cfg.stages:
         problems += [f"{at}.evaluate.tasks: {p}" for p in task_problems(cfg.evaluate.tasks)]
     return problems

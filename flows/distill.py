@@ -83,6 +83,13 @@ def run_stages(cfg: Pipeline, ctx: RunContext, tracker) -> dict:
     student = ModelArtifact(
         label="student", path=model_input(ctx, tracker, "student", cfg.student.path, cfg.train.seed), stage="init"
     )
+    # several teachers (generate.ensemble): each one is an input of generate and evaluated beside `teacher`
+    others = [
+        ModelArtifact(
+            label=f"teacher{i + 2}", path=model_input(ctx, tracker, f"teacher{i + 2}", t.path), stage="reference"
+        )
+        for i, t in enumerate(cfg.generate.ensemble.teachers if cfg.generate.ensemble else [])
+    ]
     models: list[ModelArtifact] = []  # every model a stage makes, in order
     traces = kept = None
 
@@ -90,7 +97,7 @@ def run_stages(cfg: Pipeline, ctx: RunContext, tracker) -> dict:
         return reuse_or_run(stage, cfg, ctx, tracker, inputs, run)
 
     if "generate" in stages:
-        traces = once("generate", [teacher], lambda: generate_task(cfg, ctx))
+        traces = once("generate", [teacher, *others], lambda: generate_task(cfg, ctx))
     if "filter" in stages:
         kept = once("filter", [traces], lambda: filter_task(cfg, ctx, traces))
     if "train" in stages:
@@ -106,7 +113,7 @@ def run_stages(cfg: Pipeline, ctx: RunContext, tracker) -> dict:
         models += once("quantize", [source, heal_on], lambda: quantize_task(cfg, ctx, source, heal_on))
     evals = None
     if "evaluate" in stages:
-        todo = [teacher, *([student] if cfg.evaluate.include_untrained else []), *models]
+        todo = [teacher, *others, *([student] if cfg.evaluate.include_untrained else []), *models]
         heldout = kept.heldout if kept else None
         evals = once("evaluate", [todo, kept], lambda: evaluate_task(cfg, ctx, todo, heldout))
     draft = None

@@ -130,46 +130,6 @@ def test_logit_kd_needs_stored_logprobs():
 
 
 @pytest.mark.slow
-def test_logit_kd_pipeline_through_the_cli(tmp_path):
-    """demo-kd, shrunk, through the real CLI, Prefect and MLflow: the train run used logit KD and finished."""
-    import os
-    import subprocess
-    import sys
-
-    from mlflow.tracking import MlflowClient
-
-    uri = sqlite_store(tmp_path)
-    r = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "distillery"),
-            "run",
-            "demo-kd",
-            "--file",
-            str(REPO / "pipelines.yaml"),
-            "--set",
-            "data.num_prompts=64",
-            "--set",
-            "generate.backend=transformers",
-            "--set",
-            "train.max_steps=5",
-            "--set",
-            "evaluate.limit=8",
-        ],
-        cwd=tmp_path,
-        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert r.returncode == 0, r.stderr[-4000:]
-    client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("distillery").experiment_id])
-    train = next(x for x in runs if x.info.run_name == "train")
-    assert train.info.status == "FINISHED" and train.data.params["method"] == "logit_kd"
-    assert "kd_loss" in train.data.metrics and "ce_loss" in train.data.metrics
-    assert "| student-kd" in r.stdout
-
-
 def test_gkd_on_policy_steps_with_the_live_teacher(tiny_student, gold_records, tmp_path):
     """TRL's GKDTrainer, on-policy half the time, JSD beta 0.5, the demo teacher frozen: a few real steps."""
     import json

@@ -113,6 +113,11 @@ CASES = {
         "pipelines.smoke.teacher.path: ",
         "no weights",
     ),
+    "ensemble teacher without weights": (
+        lambda t: f"generate.ensemble={{teachers: [{{path: {model_dir(t, ('.json', '.jinja'))}}}]}}",
+        "pipelines.smoke.generate.ensemble.teachers[0].path: ",
+        "no weights",
+    ),
     "no such model folder": (lambda t: f"student.path={t}/nope", "pipelines.smoke.student.path: ", "does not exist"),
     "malformed hub id": (
         lambda t: "student.path=not/a/hub",
