@@ -23,12 +23,14 @@ from distillery.checks import DistillationCheckError
 
 def check_same_tokenizer(first, other, where: str) -> None:
     """The ensemble's top-k ids are the first teacher's: every teacher must give each token the same id."""
+    from distillery.checks import _differences
+
     a, b = first.get_vocab(), other.get_vocab()
     if a != b:
-        moved = sum(1 for t, i in a.items() if b.get(t, i) != i)
+        missing, moved = _differences(a, b)
         raise DistillationCheckError(
-            f"{where}: its vocabulary differs from `teacher`'s (sizes {len(b)} vs {len(a)}; {len(set(a) - set(b))} "
-            f"tokens missing, {moved} with other ids); several teachers must share one tokenizer"
+            f"{where}: its vocabulary differs from `teacher`'s (sizes {len(b)} vs {len(a)}; tokens it lacks "
+            f"{missing}; tokens with other ids {moved}); several teachers must share one tokenizer"
         )
 
 

@@ -340,9 +340,11 @@ def generate(
                     on_shard(len(manifests), total)
         finally:
             engine.close()
-    rows = []
+    rows, written = [], []  # written: how many samples each teacher wrote
     for j, (*_, dests) in enumerate(plans):
-        rows += [{**r, "sample": r["sample"] + j * g.n} for d in dests for r in read_jsonl(d / "traces.jsonl")]
+        part = [{**r, "sample": r["sample"] + j * g.n} for d in dests for r in read_jsonl(d / "traces.jsonl")]
+        rows += part
+        written.append(len(part))
     lp_parts = [(j, d / "logprobs.parquet") for j, (*_, dests) in enumerate(plans) for d in dests]
     ens_figures: dict = {}
     if ens and ens.merge == "average" and g.logprobs:
@@ -389,8 +391,7 @@ def generate(
         **ens_figures,
     }
     if len(plans) > 1:  # merge traces: what each teacher wrote
-        for j, (*_, dests) in enumerate(plans):
-            figures[f"teacher{j}_samples"] = sum(1 for d in dests for _ in read_jsonl(d / "traces.jsonl"))
+        figures |= {f"teacher{j}_samples": n for j, n in enumerate(written)}
     with atomic_dir(out_dir) as tmp:
         write_jsonl(tmp / "traces.jsonl", rows)
         logprobs = None
