@@ -125,6 +125,26 @@ def gold_records():
     return [p.as_record() for p in task.problems(seed=99, count=64)]
 
 
+def run_pipeline_cli(pipeline: str, sets: list[str], cwd: Path):
+    """`distillery run <pipeline> --set ...` as a user runs it, in `cwd` with an MLflow store of its own there;
+    returns (the finished process, checked to exit 0, and the store's URI)."""
+    import subprocess
+    import sys
+
+    uri = sqlite_store(cwd)
+    r = subprocess.run(
+        [str(Path(sys.executable).parent / "distillery"), "run", pipeline, "--file", str(REPO / "pipelines.yaml")]
+        + [x for s in sets for x in ("--set", s)],
+        cwd=cwd,
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    return r, uri
+
+
 def chat_teacher(dest: Path, template: str) -> Path:
     """A copy of the demo teacher whose tokenizer has `template` as its chat template."""
     import shutil

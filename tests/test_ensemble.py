@@ -180,32 +180,12 @@ def test_logit_kd_from_two_teachers_through_the_cli(tmp_path):
     """demo-ensemble, shrunk, through the real CLI, Prefect and MLflow: generate averaged both teachers (its run
     logs their disagreement), the train run used logit KD and finished, and the second teacher is evaluated beside
     the first. (The CLI test of logit_kd: one teacher differs only in what generate stores.)"""
-    import os
-    import subprocess
-    import sys
-
     from mlflow.tracking import MlflowClient
 
-    from .conftest import sqlite_store
+    from .conftest import run_pipeline_cli
 
-    uri = sqlite_store(tmp_path)
     sets = ["data.num_prompts=64", "generate.backend=transformers", "train.max_steps=5", "evaluate.limit=8"]
-    r = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "distillery"),
-            "run",
-            "demo-ensemble",
-            "--file",
-            str(REPO / "pipelines.yaml"),
-        ]
-        + [x for s in sets for x in ("--set", s)],
-        cwd=tmp_path,
-        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert r.returncode == 0, r.stderr[-4000:]
+    r, uri = run_pipeline_cli("demo-ensemble", sets, tmp_path)
     client = MlflowClient(uri)
     runs = {x.info.run_name: x for x in client.search_runs([client.get_experiment_by_name("distillery").experiment_id])}
     train = runs["train"]

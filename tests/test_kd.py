@@ -12,7 +12,7 @@ from distillery.artifacts import read_jsonl
 from distillery.config import load_pipeline, parse_overrides
 from distillery.kd import build_examples, load_logprobs, make_trainer
 
-from .conftest import REPO, sqlite_store
+from .conftest import REPO, run_pipeline_cli
 
 
 @pytest.fixture(scope="module")
@@ -330,27 +330,14 @@ def test_feature_layers_out_of_range_are_refused(tiny_student, gold_records, tmp
 def test_demo_heal_pipeline_through_the_cli(tmp_path):
     """demo-heal, shrunk, through the real CLI: NF4, then healing adapters on it distilled from the full-precision
     student; both evaluated, the healed one loaded through its base folder, its adapters counted and measured."""
-    import os
-    import subprocess
-    import sys
 
     from mlflow.tracking import MlflowClient
 
     from distillery.healing import base_of
 
-    uri = sqlite_store(tmp_path)
     sets = ["data.num_prompts=64", "generate.backend=transformers", "train.max_steps=20", "evaluate.limit=8"]
     sets += ["quantize.heal.steps=6", "quantize.heal.batch_size=8", f"output_dir={tmp_path / 'runs'}"]
-    r = subprocess.run(
-        [str(Path(sys.executable).parent / "distillery"), "run", "demo-heal", "--file", str(REPO / "pipelines.yaml")]
-        + [x for s in sets for x in ("--set", s)],
-        cwd=tmp_path,
-        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert r.returncode == 0, r.stderr[-4000:]
+    r, uri = run_pipeline_cli("demo-heal", sets, tmp_path)
     assert "| student-nf4-healed" in r.stdout and "| student-nf4 " in r.stdout
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("distillery").experiment_id])
