@@ -54,8 +54,10 @@ CMD ["--help"]
 
 FROM base AS gpu
 COPY --from=source /app /app
-# [gpu] brings vllm==0.32.0, which pins its CUDA torch.
-RUN uv pip install --system --no-cache -e ".[gpu]"
+# [gpu] brings vllm==0.32.0, which pins its CUDA torch. speculators (draft.kind eagle3) caps datasets below our pin
+# for a data CLI distillery does not use: installed without its dependencies (vllm and the rest bring them all).
+RUN uv pip install --system --no-cache -e ".[gpu]" \
+    && uv pip install --system --no-cache --no-deps "speculators==0.9.0" "hs-connectors==0.9.0"
 USER 1000:1000
 WORKDIR /work
 ENTRYPOINT ["distillery"]

@@ -606,8 +606,54 @@ class DraftDistillConfig(Strict):
     logging_steps: Annotated[int, Field(gt=0)] = 10
 
 
+class Eagle3Config(Strict):
+    """An EAGLE-3 head (Li et al. 2025) trained on the teacher's own hidden states (vLLM's `speculators` library:
+    its model and loss, training loop here), served by vLLM's EAGLE-3 proposer. The head reads three of the
+    teacher's layers plus the token embedding and learns the teacher's next-token distribution over `ttt_steps`
+    steps of its own drafting (training-time test)."""
+
+    steps: Annotated[int, Field(gt=0)] = 300
+    learning_rate: Annotated[float, Field(gt=0)] = 1.0e-3
+    tokens_per_step: Annotated[int, Field(ge=64)] = Field(
+        2048, description="samples are packed into one sequence of at most this many tokens per optimizer step"
+    )
+    num_layers: Annotated[int, Field(ge=1, le=4)] = Field(1, description="decoder layers of the head (EAGLE-3: 1)")
+    ttt_steps: Annotated[int, Field(ge=1, le=8)] = Field(3, description="draft steps unrolled in training")
+    target_layers: list[int] | None = Field(
+        None,
+        description="the teacher's layers the head reads (vLLM's numbering: the input of layer i); default: "
+        "speculators' [2, L/2, L-3], or evenly spaced for a teacher under 6 layers",
+    )
+    loss: Literal["kl_div", "ce", "tv", "js_div"] = Field(
+        "kl_div", description="speculators' loss against the teacher's full distribution (kl_div: forward KL)"
+    )
+    num_samples: Annotated[int, Field(gt=0)] = Field(
+        4000, description="the most teacher samples (from stage generate) it trains on"
+    )
+    draft_vocab_size: Annotated[int, Field(ge=16)] | None = Field(
+        None,
+        description="the head's output vocabulary: the teacher's most emitted tokens (EAGLE-3 uses 32k for a 150k "
+        "vocabulary); default: the teacher's whole vocabulary",
+    )
+    seed: int = 0
+    logging_steps: Annotated[int, Field(gt=0)] = 10
+
+    @field_validator("target_layers")
+    @classmethod
+    def _distinct(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (len(v) != 3 or len(set(v)) != 3 or min(v) < 0):
+            raise ValueError("three distinct layer numbers >= 0 (vLLM's EAGLE-3 reads three)")
+        return v
+
+
 class DraftConfig(Strict):
     backend: Literal["vllm"] = "vllm"
+    kind: Literal["model", "eagle3"] = Field(
+        "model",
+        description="model: the student as a standalone draft; eagle3: an EAGLE-3 head trained on the teacher's "
+        "hidden states over its own samples (draft.eagle3)",
+    )
+    eagle3: Eagle3Config = Eagle3Config()
     source: Literal["latest", "train", "prune"] = "train"
     num_speculative_tokens: Annotated[int, Field(ge=1, le=16)] = 4
     num_prompts: Annotated[int, Field(gt=0)] = 32
@@ -628,6 +674,12 @@ class DraftConfig(Strict):
         description="the most sequences vLLM decodes at once in the draft runs; 1 measures the latency-bound "
         "decoding drafts are for (default: vLLM's)",
     )
+
+    @model_validator(mode="after")
+    def _kind(self) -> DraftConfig:
+        if self.kind == "eagle3" and self.distill is not None:
+            raise ValueError("draft.distill: aligns a standalone draft model; draft.kind eagle3 trains its own head")
+        return self
 
 
 MODEL_STAGES = ("train", "prune", "quantize")
@@ -786,8 +838,12 @@ class Pipeline(Strict):
             self.evaluate = self.evaluate.model_copy(update={"chat_template": self.data.chat_template})
         for name in ("quantize", "draft"):
             src = getattr(self, name).source
+            if name == "draft" and self.draft.kind == "eagle3":  # the head is made from the teacher, not a student
+                continue
             if name in self.stages and src != "latest" and src not in self.stages:
                 raise ValueError(f"{name}.source: stage {src!r} is not in stages")
+        if "draft" in self.stages and self.draft.kind == "eagle3" and "generate" not in self.stages:
+            raise ValueError("draft.kind: eagle3 trains on the teacher's samples and needs stage 'generate'")
         if "quantize" in self.stages and self.quantize.heal is not None:
             if "nf4" not in self.quantize.formats:
                 raise ValueError("quantize.heal: heals the NF4 model; add nf4 to quantize.formats")

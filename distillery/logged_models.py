@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from distillery.eagle3 import is_eagle3
 from distillery.results import Evaluation, ModelArtifact
 
 # the logged model's metric <- the evaluate (or draft) figure it comes from; `recovery` and `heldout_nll` derived
@@ -78,6 +79,8 @@ def log_run_models(
         kind = "reference" if m.stage in ("reference", "init") else ("transformers" if weights else "reference")
         if (Path(m.path) / "adapter_config.json").is_file():  # adapters on a base folder: no transformers flavor
             kind = "reference"
+        if kind == "transformers" and is_eagle3(m.path):  # speculators' format: the folder as vLLM loads it
+            kind = "speculators"
         tags = {
             "distillery.pipeline": pipeline,
             "distillery.parent_run_id": parent_run_id,
@@ -97,6 +100,8 @@ def log_run_models(
                     folder = Path(tmp) / "model"
                     save_flavor(m.path, folder)
                     client.log_model_artifacts(lm.model_id, str(folder))
+            elif kind == "speculators":
+                client.log_model_artifacts(lm.model_id, m.path)
             evaluation = (evals or {}).get(m.label)
             metrics = model_metrics(m, evaluation, teacher_acc)
             measured_by = evaluate_run_id if evaluation is not None and evaluate_run_id else source_run

@@ -2,6 +2,7 @@
 
     distillery serve-model runs/demo/<run>                               # the run's final student on 127.0.0.1:8000
     distillery serve-model demo:teacher --draft runs/demo/<run>/train    # the teacher, the student as its draft
+    distillery serve-model demo:teacher --draft runs/<pipeline>/<run>/draft-eagle3   # an EAGLE-3 head as its draft
     distillery serve-model demo:student --print-command                  # the command, to run on another machine
     distillery serve-model demo:student -- --enforce-eager               # anything after -- goes to vLLM as is
 
@@ -24,6 +25,8 @@ import os
 import shlex
 import sys
 from pathlib import Path
+
+from distillery.eagle3 import is_eagle3
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 KEY_ENV = "VLLM_API_KEY"  # what vLLM reads when --api-key is absent
@@ -76,6 +79,17 @@ def check_draft(target: str, draft: str, trust_remote_code: bool = False) -> Non
     from distillery.checks import DistillationCheckError, check_same_vocab
 
     load = dict(trust_remote_code=trust_remote_code)
+    if is_eagle3(draft):  # a head: no tokenizer of its own, it reads the target's hidden states and embedding
+        head = json.loads((Path(draft) / "config.json").read_text()).get("transformer_layer_config", {})
+        tc = AutoConfig.from_pretrained(target, **load)
+        tc = getattr(tc, "text_config", tc)
+        for field in ("hidden_size", "vocab_size"):
+            if head.get(field) != getattr(tc, field):
+                raise ServeError(
+                    f"--draft {draft}: an EAGLE-3 head for another model ({field} {head.get(field)}, "
+                    f"target {getattr(tc, field)})"
+                )
+        return
     try:
         check_same_vocab(
             AutoTokenizer.from_pretrained(target, **load),
@@ -114,7 +128,8 @@ def server_command(
     if trust_remote_code:
         argv.append("--trust-remote-code")
     if draft:
-        spec = {"method": "draft_model", "model": draft, "num_speculative_tokens": num_speculative_tokens}
+        method = "eagle3" if is_eagle3(draft) else "draft_model"
+        spec = {"method": method, "model": draft, "num_speculative_tokens": num_speculative_tokens}
         argv += ["--speculative-config", json.dumps(spec)]
     return argv + list(vllm_args or [])
 

@@ -118,7 +118,9 @@ def run_stages(cfg: Pipeline, ctx: RunContext, tracker) -> dict:
         evals = once("evaluate", [todo, kept], lambda: evaluate_task(cfg, ctx, todo, heldout))
     draft = None
     draft_source = latest_full_precision(models, cfg.draft.source, student)
-    if "draft" in stages:
+    if "draft" in stages and cfg.draft.kind == "eagle3":  # a head on the teacher, from its samples, not the student
+        draft = once("draft", [teacher, traces], lambda: draft_task(cfg, ctx, teacher, draft_source, traces))
+    elif "draft" in stages:
         draft = once("draft", [teacher, draft_source], lambda: draft_task(cfg, ctx, teacher, draft_source))
     model_ids = log_models(cfg, ctx, tracker, teacher, student, models, evals, draft)
     gate = None
@@ -126,9 +128,10 @@ def run_stages(cfg: Pipeline, ctx: RunContext, tracker) -> dict:
         gate = registry.register_run(
             tracker, ctx, cfg.registry, models, evals, logged=cfg.log_models, model_ids=model_ids
         )
+    draft_label = None if cfg.draft.kind == "eagle3" else draft_source.label
     if cfg.registry and draft:
-        registry.register_draft(tracker, ctx, cfg.registry, draft, draft_source.label, model_ids.get(draft.label))
-    table = report_task(ctx, evals, draft, draft_source.label) if evals else None
+        registry.register_draft(tracker, ctx, cfg.registry, draft, draft_label or "eagle3", model_ids.get(draft.label))
+    table = report_task(ctx, evals, draft, draft_label) if evals else None
     if table:
         publish_report(ctx.pipeline, table, ctx.run_dir)
     return {"models": models, "table": table, "gate": gate}

@@ -13,6 +13,12 @@ decoding must not change them). The vLLM runs are greedy: the CPU build of vLLM 
 sampling (Leviathan et al. 2023, algorithm 1) when `do_sample` is on, at `draft.sample_temperature` (default 1.0;
 null skips it), batch size 1.
 
+`draft.kind: eagle3` makes the draft an EAGLE-3 head instead (distillery/eagle3.py: vLLM's speculators model and
+loss), trained on the teacher's hidden states over its own samples from stage generate (never over the prompts the
+draft is measured on), and served by vLLM's EAGLE-3 proposer (`method: eagle3`); the same two greedy runs measure
+it. transformers cannot run an EAGLE head, so there is no sampled measurement for it (that waits for a GPU, where
+vLLM samples correctly: bench/gpu_check.py).
+
 `draft.distill` (off by default) first aligns the student to the teacher, DistillSpec-style (Zhou et al. 2023):
 the draft samples its own continuations of training prompts and learns the teacher's full next-token
 distribution on them (TRL's DistillationTrainer, forward KL by default); the aligned model becomes the draft.
@@ -31,7 +37,7 @@ from prefect.cache_policies import NO_CACHE
 from distillery.artifacts import atomic_dir, content_hash, read_jsonl, stored_params, write_manifest
 from distillery.checks import check_shared_bpe
 from distillery.config import Pipeline
-from distillery.results import ModelArtifact
+from distillery.results import ModelArtifact, Traces
 from distillery.runtime import RunContext
 from distillery.training import (
     SFTParams,
@@ -303,25 +309,64 @@ def move_row(model, src: int, dst: int) -> None:
             emb.weight[dst] = emb.weight[src]
 
 
+def eagle3_samples(traces: str | Path, measured: list[str], limit: int) -> list[dict]:
+    """The teacher's samples an EAGLE-3 head trains on: stage generate's traces, every sample (the head learns what
+    the teacher writes, right or wrong), none whose prompt the draft is measured on, at most `limit`."""
+    path = Path(traces)
+    rows = read_jsonl(path / "traces.jsonl" if path.is_dir() else path)
+    seen = set(measured)
+    kept = [r for r in rows if r["prompt_text"] not in seen][:limit]
+    if not kept:
+        raise ValueError(f"draft.kind eagle3: no teacher sample in {path} outside the measured prompts")
+    return kept
+
+
+def train_head(teacher: str, traces: str, prompts: list[str], cfg: Pipeline, dest: Path, on_log=None) -> dict:
+    """An EAGLE-3 head for `teacher`, trained on its samples in `traces` (distillery.eagle3), saved to `dest`."""
+    from distillery.eagle3 import train_eagle3
+
+    e = cfg.draft.eagle3
+    return train_eagle3(
+        teacher,
+        eagle3_samples(traces, prompts, e.num_samples),
+        dest,
+        e,
+        max_tokens=cfg.draft.max_model_len or 2048,
+        trust_remote_code=cfg.teacher.trust_remote_code,
+        on_log=on_log,
+    )
+
+
 def measure_draft(
     teacher: str,
-    student: str,
+    student: str | None,
     prompts: list[str],
     cfg: Pipeline,
     out_dir: Path,
     callbacks: list | None = None,
     alone: dict | None = None,
+    traces: str | None = None,
+    on_log=None,
 ) -> dict:
-    """The draft artifact from `student` (after `draft.distill` when set), then its acceptance and speed-up: vLLM
-    greedy, and transformers speculative sampling when `draft.sample_temperature` is set. `alone`: the teacher's
-    own run on these prompts from an earlier call (the result's `alone`), to compare several drafts to one run."""
+    """The draft artifact from `student` (after `draft.distill` when set), or with `draft.kind: eagle3` an EAGLE-3
+    head trained on the teacher's samples in `traces`; then its acceptance and speed-up: vLLM greedy, and
+    transformers speculative sampling when `draft.sample_temperature` is set (standalone drafts only). `alone`: the
+    teacher's own run on these prompts from an earlier call (the result's `alone`), to compare several drafts to one
+    run. `on_log(step, figures)`: the EAGLE-3 head's training figures as they come."""
     from distillery.engines import require_vllm, run_worker
 
     require_vllm()
     d = cfg.draft
     distilled: dict = {}
     distill_dir = None
-    if d.distill:
+    head: dict = {}
+    if d.kind == "eagle3":
+        if not traces:
+            raise ValueError("draft.kind eagle3: needs the teacher's samples (stage generate)")
+        dest = out_dir.parent / f"{out_dir.name}-eagle3"
+        head = train_head(teacher, traces, prompts, cfg, dest, on_log)
+        made = {"path": str(dest), "padded_from": None}
+    elif d.distill:
         distill_dir = out_dir.parent / f"{out_dir.name}-distill"
         distilled = distill_draft(
             teacher,
@@ -334,7 +379,8 @@ def measure_draft(
             cfg.checkpoint,
         )
         student = str(distill_dir)
-    made = make_draft(teacher, student, out_dir.parent / f"{out_dir.name}-model")
+    if d.kind == "model":
+        made = make_draft(teacher, student, out_dir.parent / f"{out_dir.name}-model")
     draft = made["path"]
     base = {
         "model": teacher,
@@ -349,7 +395,9 @@ def measure_draft(
     if alone is None:
         alone = run_worker("tasks.draft", {**base, "draft": None}, kv_cache_gib=cfg.generate.kv_cache_gib)
     spec = run_worker(
-        "tasks.draft", {**base, "draft": draft, "k": d.num_speculative_tokens}, kv_cache_gib=cfg.generate.kv_cache_gib
+        "tasks.draft",
+        {**base, "draft": draft, "k": d.num_speculative_tokens, "method": "eagle3" if head else "draft_model"},
+        kv_cache_gib=cfg.generate.kv_cache_gib,
     )
     m = spec["metrics"]
     proposed, accepted, drafts = m.get("num_draft_tokens", 0), m.get("num_accepted_tokens", 0), m.get("num_drafts", 0)
@@ -368,7 +416,7 @@ def measure_draft(
     figures["speedup"] = figures["teacher_with_draft_tokens_per_s"] / figures["teacher_tokens_per_s"]
     for i, n in enumerate(per_pos):
         figures[f"acceptance_pos_{i + 1}"] = n / drafts if drafts else 0.0
-    if d.sample_temperature:
+    if d.sample_temperature and d.kind == "model":
         figures.update(
             assisted_acceptance(
                 teacher,
@@ -382,6 +430,7 @@ def measure_draft(
     figures.update(
         {f"distill_{k}": v for k, v in distilled.items() if k in ("steps", "train_seconds", "final_loss", "train_loss")}
     )
+    figures.update({f"eagle3_{k}": v for k, v in head.items()})
     with atomic_dir(out_dir) as tmp:
         (tmp / "samples.json").write_text(
             json.dumps(
@@ -399,6 +448,7 @@ def measure_draft(
                 "teacher": teacher,
                 "draft": draft,
                 "student": student,
+                "draft_kind": d.kind,
                 "num_speculative_tokens": d.num_speculative_tokens,
                 "distill": d.distill.model_dump() if d.distill else None,
                 "figures": figures,
@@ -421,7 +471,7 @@ def _worker(spec_file: str) -> None:
     kwargs = {"max_num_seqs": spec["max_num_seqs"]} if spec.get("max_num_seqs") else {}
     if spec["draft"]:
         kwargs["speculative_config"] = {
-            "method": "draft_model",
+            "method": spec.get("method", "draft_model"),
             "model": spec["draft"],
             "num_speculative_tokens": spec["k"],
         }
@@ -466,20 +516,38 @@ def _spec_counters(snapshot, Counter, Vector) -> dict:
 
 
 @task(name="draft", cache_policy=NO_CACHE, log_prints=False)  # datasets prints bytecode when hashing
-def draft_task(cfg: Pipeline, ctx: RunContext, teacher: ModelArtifact, student: ModelArtifact) -> ModelArtifact:
+def draft_task(
+    cfg: Pipeline, ctx: RunContext, teacher: ModelArtifact, student: ModelArtifact, traces: Traces | None = None
+) -> ModelArtifact:
     """`student` made the teacher's speculative draft (the teacher's vocabulary, distilled on its own samples when
-    `draft.distill` is set), with acceptance and speed-up measured against `teacher` as its figures."""
+    `draft.distill` is set), or with `draft.kind: eagle3` an EAGLE-3 head trained on the teacher's samples in
+    `traces`; with acceptance and speed-up measured against `teacher` as its figures."""
+    eagle3 = cfg.draft.kind == "eagle3"
     with ctx.tracker().stage("draft", ctx.parent_run_id) as run:
-        run.log_params({"draft_model": student.path, **cfg.draft.model_dump()})
+        run.log_params({"draft_model": "eagle3" if eagle3 else student.path, **cfg.draft.model_dump()})
+        history: list[dict] = []
+
+        def on_log(step: int, figures: dict) -> None:
+            history.append(figures)
+            run.log_metrics({f"eagle3_{k}": v for k, v in figures.items() if k != "step"}, step=step)
+
         result = measure_draft(
             teacher.path,
-            student.path,
+            None if eagle3 else student.path,
             draft_prompts(cfg, teacher.path),
             cfg,
             ctx.stage_dir("draft"),
             callbacks=[mlflow_callback(run)] if cfg.draft.distill else None,
+            traces=traces.path if (eagle3 and traces) else None,
+            on_log=on_log,
         )
         run.log_metrics(result["figures"])
+        if history:
+            import matplotlib.pyplot as plt
+
+            fig = loss_curve(history, "draft.eagle3: the head's loss to the teacher (summed over draft steps)")
+            run.log_figure(fig, "eagle3_loss_curve.png")
+            plt.close(fig)
         if result["distilled"]:
             import matplotlib.pyplot as plt
 

@@ -95,6 +95,8 @@ def render(rows: list[dict], draft: ModelArtifact | None = None) -> str:
                 f"mean accepted length {f['sampled_mean_accepted_length']:.2f}, speed-up "
                 f"{f['sampled_speedup']:.2f}x"
             )
+        if "eagle3_steps" in f:
+            table += f" (an EAGLE-3 head on the teacher's hidden states, {int(f['eagle3_steps'])} steps)"
         if "distill_steps" in f:
             table += f" (draft aligned to the teacher first: {int(f['distill_steps'])} DistillSpec steps)"
     return table
