@@ -174,6 +174,7 @@ def train_eagle3(
     import torch
     from speculators.losses import resolve_loss_config
     from speculators.models.eagle3 import Eagle3DraftModel
+    from speculators.train.cli import create_transformer_layer_config
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
     from distillery.artifacts import atomic_dir, write_manifest
@@ -198,7 +199,11 @@ def train_eagle3(
     teacher.eval().requires_grad_(False)
     check_teacher_frozen(teacher, where=f"teacher {teacher_path}")
 
-    layer_config = config.__class__.from_dict({**config.to_dict(), "num_hidden_layers": e.num_layers})
+    # speculators' own draft decoder config: a Llama layer of the teacher's width and attention shape (what vLLM's
+    # EAGLE-3 serves), whatever the teacher's architecture (Qwen2 included)
+    layer_config = create_transformer_layer_config(
+        teacher_path, e.num_layers, "llama", None, None, list(range(e.num_layers)), trust_remote_code=trust_remote_code
+    )
     head = Eagle3DraftModel.from_training_args(
         layer_config,
         t2d=t2d,

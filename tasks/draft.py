@@ -411,8 +411,9 @@ def measure_draft(
         "num_draft_tokens": proposed,
         "num_accepted_tokens": accepted,
         "outputs_identical": float(alone["texts"] == spec["texts"]),
-        "vocab_padded": float(made["padded_from"] is not None),
     }
+    if d.kind == "model":
+        figures["vocab_padded"] = float(made["padded_from"] is not None)
     figures["speedup"] = figures["teacher_with_draft_tokens_per_s"] / figures["teacher_tokens_per_s"]
     for i, n in enumerate(per_pos):
         figures[f"acceptance_pos_{i + 1}"] = n / drafts if drafts else 0.0

@@ -180,3 +180,65 @@ def test_demo_eagle3_through_the_cli_served_by_vllm(tmp_path):
     head = Path(json.loads((run_dir / "draft" / "manifest.json").read_text())["draft"])
     check_draft(str(TEACHER), str(head))
     assert '"method": "eagle3"' in server_command(str(TEACHER), draft=str(head))[-1]
+
+
+def test_draft_bench_pairs_arms_over_seeds():
+    """bench/draft.py --seeds: each arm's mean over seeds and its difference to the first arm, paired by seed (the
+    seed-to-seed spread both arms share cancels)."""
+    import statistics
+
+    from bench.draft import render_seeds, summarize
+
+    base = [0.50, 0.60, 0.70]
+
+    def row(arm, seed, a):
+        return {"arm": arm, "seed": seed, "acceptance_rate": a, "mean_accepted_length": 1 + 4 * a}
+
+    rows = [row("distilled", s, a) for s, a in enumerate(base)]
+    rows += [row("eagle3", s, a + d) for s, (a, d) in enumerate(zip(base, [0.10, 0.12, 0.08], strict=True))]
+    summary = summarize(rows, ["distilled", "eagle3"])
+    diff = summary[1]["acceptance_rate_minus_distilled"]
+    assert diff["mean"] == pytest.approx(0.10) and diff["n"] == 3
+    assert diff["high"] - diff["low"] < 0.1  # paired: the 0.1-wide spread across seeds is gone
+    assert summary[0]["acceptance_rate"]["mean"] == pytest.approx(statistics.mean(base))
+    assert "acceptance_rate_minus_distilled" not in summary[0]
+    assert "0.100 ± " in render_seeds(summary)
+
+
+def test_a_head_for_a_qwen2_teacher_at_151k_with_a_pruned_vocabulary(gold_records, tmp_path):
+    """Real shapes: the rehearsal teacher (Qwen2 architecture, R1-Distill's 151k vocabulary and chat template). The
+    head is speculators' Llama layer of the teacher's width; its output vocabulary keeps the tokens the samples use
+    (all of them, when they fit), mapped back to the teacher's ids."""
+    import torch
+    from speculators.models.eagle3 import Eagle3DraftModel
+    from transformers import AutoTokenizer
+
+    from distillery.config import Eagle3Config
+    from distillery.demo.assets import resolve_model
+    from distillery.eagle3 import tokenize_samples, train_eagle3
+
+    teacher = resolve_model("rehearsal:teacher")
+    tok = AutoTokenizer.from_pretrained(teacher)
+    rows = [
+        {
+            "prompt_text": tok.apply_chat_template(
+                [{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True
+            ),
+            "completion": r["completion"],
+            "finish_reason": "stop",
+        }
+        for r in gold_records[:16]
+    ]
+    e = Eagle3Config(steps=2, tokens_per_step=256, logging_steps=1, draft_vocab_size=1024)
+    figures = train_eagle3(teacher, rows, tmp_path / "head", e)
+    assert figures["steps"] == 2
+    config = json.loads((tmp_path / "head" / "config.json").read_text())
+    assert config["transformer_layer_config"]["model_type"] == "llama"
+    assert config["transformer_layer_config"]["vocab_size"] == 152064 and config["draft_vocab_size"] == 1024
+    head = Eagle3DraftModel.from_pretrained(tmp_path / "head")
+    tokenized = tokenize_samples(tok, rows, 2048)
+    used = {t for r in tokenized for t, m in zip(r["input_ids"], r["loss_mask"], strict=True) if m}
+    assert len(used) < 1024
+    kept = set(torch.nonzero(head.t2d).flatten().tolist())
+    assert used <= kept  # every token the teacher wrote can be drafted
+    assert (torch.arange(1024) + head.d2t).tolist() == sorted(kept)  # draft id -> teacher id, as vLLM reads it
