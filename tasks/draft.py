@@ -17,7 +17,7 @@ null skips it), batch size 1.
 loss), trained on the teacher's hidden states over its own samples from stage generate (never over the prompts the
 draft is measured on), and served by vLLM's EAGLE-3 proposer (`method: eagle3`); the same two greedy runs measure
 it. transformers cannot run an EAGLE head, so there is no sampled measurement for it (that waits for a GPU, where
-vLLM samples correctly: bench/gpu_check.py).
+vLLM's sampled speculative decoding is sound; the CPU build's is not).
 
 `draft.distill` (off by default) first aligns the student to the teacher, DistillSpec-style (Zhou et al. 2023):
 the draft samples its own continuations of training prompts and learns the teacher's full next-token
