@@ -18,7 +18,6 @@ with `speculative_config={"method": "eagle3", "model": <folder>}`.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from pathlib import Path
@@ -269,7 +268,7 @@ def train_eagle3(
     return {
         "steps": e.steps,
         "train_seconds": seconds,
-        "final_loss": last["loss"] if math.isfinite(last["loss"]) else float("nan"),
+        "final_loss": last["loss"],  # finite: a non-finite step loss stops training
         "samples": len(rows),
         "trainable_params": sum(p.numel() for p in trainable),
         **{k: v for k, v in last.items() if k.startswith("accuracy_pos_")},

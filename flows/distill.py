@@ -118,10 +118,9 @@ def run_stages(cfg: Pipeline, ctx: RunContext, tracker) -> dict:
         evals = once("evaluate", [todo, kept], lambda: evaluate_task(cfg, ctx, todo, heldout))
     draft = None
     draft_source = latest_full_precision(models, cfg.draft.source, student)
-    if "draft" in stages and cfg.draft.kind == "eagle3":  # a head on the teacher, from its samples, not the student
-        draft = once("draft", [teacher, traces], lambda: draft_task(cfg, ctx, teacher, draft_source, traces))
-    elif "draft" in stages:
-        draft = once("draft", [teacher, draft_source], lambda: draft_task(cfg, ctx, teacher, draft_source))
+    if "draft" in stages:  # an EAGLE-3 head is made from the teacher's samples, not from the student
+        made_from = traces if cfg.draft.kind == "eagle3" else draft_source
+        draft = once("draft", [teacher, made_from], lambda: draft_task(cfg, ctx, teacher, draft_source, traces))
     model_ids = log_models(cfg, ctx, tracker, teacher, student, models, evals, draft)
     gate = None
     if cfg.registry and models:

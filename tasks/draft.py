@@ -312,12 +312,10 @@ def move_row(model, src: int, dst: int) -> None:
 def eagle3_samples(traces: str | Path, measured: list[str], limit: int) -> list[dict]:
     """The teacher's samples an EAGLE-3 head trains on: stage generate's traces, every sample (the head learns what
     the teacher writes, right or wrong), none whose prompt the draft is measured on, at most `limit`."""
-    path = Path(traces)
-    rows = read_jsonl(path / "traces.jsonl" if path.is_dir() else path)
     seen = set(measured)
-    kept = [r for r in rows if r["prompt_text"] not in seen][:limit]
+    kept = [r for r in read_jsonl(Path(traces)) if r["prompt_text"] not in seen][:limit]
     if not kept:
-        raise ValueError(f"draft.kind eagle3: no teacher sample in {path} outside the measured prompts")
+        raise ValueError(f"draft.kind eagle3: no teacher sample in {traces} outside the measured prompts")
     return kept
 
 
@@ -539,7 +537,7 @@ def draft_task(
             cfg,
             ctx.stage_dir("draft"),
             callbacks=[mlflow_callback(run)] if cfg.draft.distill else None,
-            traces=traces.path if (eagle3 and traces) else None,
+            traces=traces.path if traces else None,
             on_log=on_log,
         )
         run.log_metrics(result["figures"])
